@@ -1,0 +1,67 @@
+"""The storage interface the server and the learner program against."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dynamiccl.schemas import Context, Fabric, Measurement, NcclConfig
+
+
+@dataclass(frozen=True)
+class StoredMeasurement:
+    """A measurement as stored: `id` grows with insertion order, so readers can page by it."""
+
+    id: int
+    context: Context
+    config: NcclConfig
+    latency_us: float
+    count: int
+    source: str
+    job_id: str | None
+    suggestion_id: str | None
+    client: str | None
+    ts: float | None
+
+
+class Store(ABC):
+    """Fabrics, measurements and pins (answers that must be identical on every replica)."""
+
+    @abstractmethod
+    def put_fabric(self, fabric_id: str, fabric: Fabric) -> bool:
+        """Create or replace a fabric; True when it was created."""
+
+    @abstractmethod
+    def get_fabric(self, fabric_id: str) -> Fabric | None: ...
+
+    @abstractmethod
+    def list_fabrics(self) -> dict[str, Fabric]: ...
+
+    @abstractmethod
+    def fabric_counts(self, fabric_id: str) -> tuple[int, int]:
+        """(measurements stored, distinct contexts seen) for a fabric."""
+
+    @abstractmethod
+    def add_batch(
+        self,
+        fabric_id: str,
+        batch_id: str,
+        measurements: Sequence[Measurement],
+        client: str | None = None,
+    ) -> bool:
+        """Store a batch whole or not at all; False (and nothing stored) when the batch id was
+        seen before for this fabric. Idempotency rests on a unique constraint, so it holds
+        across server replicas sharing one database."""
+
+    @abstractmethod
+    def measurements(self, fabric_id: str, after_id: int = 0, limit: int | None = None) -> list[StoredMeasurement]:
+        """Measurements of a fabric with id > after_id, in id order."""
+
+    @abstractmethod
+    def pin(self, key: str, value: str, replace: bool = False) -> str:
+        """Store `value` under `key` unless a value is there already (or `replace`), and return
+        the value now stored. The first writer wins across replicas."""
+
+    @abstractmethod
+    def close(self) -> None: ...

@@ -1,0 +1,266 @@
+"""What the server knows about one fabric, kept current from the store in the background.
+
+The store is the only source of truth (replicas share it), so each replica
+reads new measurements incrementally by id, folds them into per-cell
+statistics and refits the surrogate on a worker thread. Requests read an
+immutable snapshot and never wait for a refit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from dynamiccl.nccl.space import gpu_generation
+from dynamiccl.schemas import Context, Fabric, NcclConfig
+from dynamiccl.server.learner.prior import NcclPrior
+from dynamiccl.server.learner.stats import Cell, CellKey, ContextKey, cell_key, pooled_noise
+from dynamiccl.server.learner.surrogate import Example, ResidualModel
+from dynamiccl.server.storage.base import Store
+
+log = logging.getLogger(__name__)
+
+#: Weight of a cell measured on a fabric with the same hardware, when learning another.
+TRANSFER_WEIGHT = 0.3
+#: Extra spread (log scale) of evidence transferred from another fabric.
+TRANSFER_STD = 0.05
+#: A snapshot older than this triggers a background refresh (other replicas may have ingested).
+STALE_AFTER_S = 5.0
+READ_PAGE = 50_000
+
+
+def hardware_signature(fabric: Fabric) -> tuple:
+    """Fabrics with the same signature are expected to behave alike."""
+    return (
+        gpu_generation(fabric.gpu),
+        fabric.gpus_per_node,
+        fabric.intra_node,
+        fabric.inter_node,
+        fabric.nics_per_node,
+        fabric.sharp,
+    )
+
+
+@dataclass(frozen=True)
+class CellSummary:
+    location: float
+    std_error: float
+    n: int
+    mean_nbytes: int
+    clients: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Posterior log latency of one config in one context."""
+
+    mean: float
+    std: float
+    samples: int  # own samples in this context's bucket
+    transferred: bool  # evidence from another bucket or a similar fabric backs it
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An immutable view of a fabric's knowledge; safe to read from any request thread."""
+
+    prior: NcclPrior
+    cells: dict[CellKey, CellSummary]
+    donor_cells: dict[CellKey, CellSummary]
+    model: ResidualModel
+    noise: float
+    measurements_seen: int
+    built_at: float = field(default_factory=time.monotonic)
+
+    def estimates(self, requests: list[tuple[Context, list[NcclConfig]]]) -> list[list[Estimate]]:
+        """Posterior per config of each context: the surrogate's prediction combined with the
+        config's own samples (precision-weighted). One batched model call for all of them."""
+        pairs = [(context, config) for context, configs in requests for config in configs]
+        means, stds = self.model.predict(pairs)
+        flat = []
+        for (context, config), mean, std in zip(pairs, means, stds):
+            key = ContextKey.of(context)
+            cell = self.cells.get((key, config.key()))
+            precision, weighted = 1.0 / std**2, mean / std**2
+            if cell is not None:
+                precision += 1.0 / cell.std_error**2
+                weighted += cell.location / cell.std_error**2
+            flat.append(
+                Estimate(
+                    mean=weighted / precision,
+                    std=math.sqrt(1.0 / precision),
+                    samples=cell.n if cell else 0,
+                    transferred=self._transferred(key, config),
+                )
+            )
+        results, start = [], 0
+        for _, configs in requests:
+            results.append(flat[start : start + len(configs)])
+            start += len(configs)
+        return results
+
+    def _transferred(self, key: ContextKey, config: NcclConfig) -> bool:
+        """Measured (twice or more) in the neighbouring buckets or on a fabric like this one."""
+        config_key = config.key()
+        donor = self.donor_cells.get((key, config_key))
+        if donor is not None and donor.n >= 2:
+            return True
+        for delta in (-2, -1, 1, 2):
+            near = ContextKey(key.collective, key.bucket + delta, key.nranks, key.nnodes)
+            cell = self.cells.get((near, config_key))
+            if cell is not None and cell.n >= 2:
+                return True
+        return False
+
+
+class FabricKnowledge:
+    """Statistics and surrogate of one fabric; `refresh` is called from the worker thread only."""
+
+    def __init__(self, fabric_id: str, fabric: Fabric) -> None:
+        self.fabric_id = fabric_id
+        self.fabric = fabric
+        self.signature = hardware_signature(fabric)
+        self.prior = NcclPrior(fabric)
+        self._cells: dict[CellKey, Cell] = {}
+        self._last_id = 0
+        self._seen = 0
+        self._lock = threading.Lock()
+        self.snapshot = Snapshot(self.prior, {}, {}, ResidualModel(self.prior, []), 0.05, 0)
+
+    def refresh(self, store: Store, donors: Iterable[FabricKnowledge], fit: bool = True) -> bool:
+        """Fold in new measurements and rebuild the snapshot; False when nothing changed."""
+        with self._lock:
+            new = self._read_new(store)
+            donor_cells = {k: v for d in donors for k, v in d.snapshot.cells.items()}
+            if not new and not fit:
+                return False
+            noise = pooled_noise(list(self._cells.values()))
+            cells = {key: self._summary(cell, noise) for key, cell in self._cells.items()}
+            model = self.snapshot.model
+            if fit:
+                model = ResidualModel(self.prior, self._examples(cells, donor_cells))
+            self.snapshot = Snapshot(self.prior, cells, donor_cells, model, noise, self._seen)
+            return bool(new)
+
+    def _read_new(self, store: Store) -> int:
+        count = 0
+        while True:
+            rows = store.measurements(self.fabric_id, after_id=self._last_id, limit=READ_PAGE)
+            for row in rows:
+                key = cell_key(row.context, row.config)
+                cell = self._cells.get(key)
+                if cell is None:
+                    cell = self._cells[key] = Cell()
+                cell.add(row.context.nbytes, row.latency_us, row.client or row.job_id)
+                self._last_id = row.id
+            count += len(rows)
+            if len(rows) < READ_PAGE:
+                break
+        self._seen += count
+        return count
+
+    @staticmethod
+    def _summary(cell: Cell, noise: float) -> CellSummary:
+        return CellSummary(cell.location(), cell.std_error(noise), cell.n, cell.mean_nbytes, len(cell.clients))
+
+    def _examples(
+        self, cells: dict[CellKey, CellSummary], donor_cells: dict[CellKey, CellSummary]
+    ) -> list[Example]:
+        examples = []
+        for source, scale in ((cells, 1.0), (donor_cells, TRANSFER_WEIGHT)):
+            for (context_key, config_key), summary in source.items():
+                if source is donor_cells and (context_key, config_key) in cells:
+                    continue
+                context = Context(
+                    collective=context_key.collective,
+                    nbytes=summary.mean_nbytes,
+                    nranks=context_key.nranks,
+                    nnodes=context_key.nnodes,
+                )
+                algo, proto, channels = config_key
+                config = NcclConfig(algo=algo or None, proto=proto or None, nchannels=channels or None)
+                examples.append(Example(context, config, summary.location, scale * min(summary.n, 6)))
+        return examples
+
+
+class KnowledgeBase:
+    """All fabrics' knowledge, with one worker thread that refreshes what `observe` marks."""
+
+    def __init__(self, store: Store, on_refit: Callable[[float], None] | None = None) -> None:
+        self._store = store
+        self._on_refit = on_refit
+        self._fabrics: dict[str, FabricKnowledge] = {}
+        self._pending: set[str] = set()
+        self._wake = threading.Condition()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stopped = False
+        self._worker = threading.Thread(target=self._run, name="dynamiccl-refit", daemon=True)
+        self._worker.start()
+
+    def get(self, fabric_id: str, fabric: Fabric) -> FabricKnowledge:
+        """The fabric's knowledge; loaded synchronously (statistics only) on first use."""
+        knowledge = self._fabrics.get(fabric_id)
+        if knowledge is None or knowledge.signature != hardware_signature(fabric):
+            knowledge = FabricKnowledge(fabric_id, fabric)
+            knowledge.refresh(self._store, self._donors(knowledge), fit=False)
+            self._fabrics[fabric_id] = knowledge
+            self.mark(fabric_id)
+        elif time.monotonic() - knowledge.snapshot.built_at > STALE_AFTER_S:
+            self.mark(fabric_id)
+        return knowledge
+
+    def mark(self, fabric_id: str) -> None:
+        with self._wake:
+            self._pending.add(fabric_id)
+            self._idle.clear()
+            self._wake.notify()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no refresh is pending (for tests and in-process benchmarks)."""
+        return self._idle.wait(timeout)
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._worker.join(timeout=5)
+
+    def _donors(self, knowledge: FabricKnowledge) -> list[FabricKnowledge]:
+        """Other fabrics with the same hardware, loaded (statistics only) when first needed."""
+        donors = []
+        for fabric_id, fabric in self._store.list_fabrics().items():
+            if fabric_id == knowledge.fabric_id or hardware_signature(fabric) != knowledge.signature:
+                continue
+            other = self._fabrics.get(fabric_id)
+            if other is None or other.signature != knowledge.signature:
+                other = self._fabrics[fabric_id] = FabricKnowledge(fabric_id, fabric)
+                other.refresh(self._store, [], fit=False)
+            donors.append(other)
+        return donors
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._stopped:
+                    self._idle.set()
+                    self._wake.wait()
+                if self._stopped:
+                    return
+                fabric_id = self._pending.pop()
+            knowledge = self._fabrics.get(fabric_id)
+            if knowledge is None:
+                continue
+            started = time.perf_counter()
+            try:
+                knowledge.refresh(self._store, self._donors(knowledge))
+            except Exception:  # a failed refit keeps the last snapshot; the next one retries
+                log.exception("refit of fabric %s failed", fabric_id)
+                continue
+            if self._on_refit is not None:
+                self._on_refit(time.perf_counter() - started)
+

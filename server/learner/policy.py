@@ -1,0 +1,90 @@
+"""Decisions from estimates: what to try next, and what is safe to recommend.
+
+Both work on posterior log latencies (`Estimate`), so a difference of 0.01 is
+about 1% of time.
+
+*Suggest* explores a config only when what it may teach is worth what it may
+cost: its expected improvement over the best known config, times the number
+of future calls that would profit (`HORIZON`), must exceed its expected extra
+time now. A config the evidence says is slow is never tried; a config the
+model cannot rule out gets tried once, and tuning pays for itself.
+
+*Recommend* keeps the NCCL default unless a measured config is faster with
+high probability (`CONFIDENCE`) by a margin (`MIN_GAIN`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import norm
+
+from dynamiccl.server.learner.knowledge import Estimate
+
+#: Future uses of a context that an exploration's finding would speed up.
+HORIZON = 8.0
+#: Probability that a recommended config beats the default, required to recommend it.
+CONFIDENCE = 0.95
+#: Smallest predicted gain (log scale) worth changing NCCL's choice for.
+MIN_GAIN = math.log(1.01)
+#: Samples of a config in a context before it can be recommended there.
+MIN_SAMPLES = 2
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    explore: bool
+
+
+def expected_improvement(best: float, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """E[max(best - X, 0)] for X ~ N(mean, std), per candidate."""
+    z = (best - mean) / std
+    return (best - mean) * norm.cdf(z) + std * norm.pdf(z)
+
+
+def choose_suggestion(estimates: list[Estimate], rng: np.random.Generator) -> Choice:
+    """Index 0 is the NCCL default; it is measured first, as the baseline everything is judged by."""
+    if estimates[0].samples == 0:
+        return Choice(0, explore=False)
+    mean = np.array([e.mean for e in estimates])
+    std = np.array([e.std for e in estimates])
+    measured = np.array([e.samples > 0 for e in estimates])
+    best = int(np.flatnonzero(measured)[np.argmin(mean[measured])])
+    value = HORIZON * expected_improvement(mean[best], mean, std) - np.maximum(mean - mean[best], 0.0)
+    value[best] = 0.0
+    top = float(value.max())
+    if top <= 0.0:
+        return Choice(best, explore=False)
+    ties = np.flatnonzero(value >= top - 1e-12)
+    return Choice(int(rng.choice(ties)), explore=True)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    index: int
+    confidence: float
+
+
+def choose_recommendation(estimates: list[Estimate]) -> Verdict:
+    """The fastest eligible config that confidently beats the default (index 0), else the default.
+
+    Confidence is the probability that the config is faster than the default by MIN_GAIN."""
+    default = estimates[0]
+    best, best_mean, best_probability, closest = 0, default.mean, 0.0, 0.0
+    for index, estimate in enumerate(estimates[1:], start=1):
+        eligible = estimate.samples >= MIN_SAMPLES or (estimate.samples == 0 and estimate.transferred)
+        if not eligible:
+            continue
+        gain = default.mean - estimate.mean
+        probability = float(norm.cdf((gain - MIN_GAIN) / math.hypot(default.std, estimate.std)))
+        closest = max(closest, probability)
+        if probability >= CONFIDENCE and estimate.mean < best_mean:
+            best, best_mean, best_probability = index, estimate.mean, probability
+    if best:
+        return Verdict(best, confidence=best_probability)
+    if default.samples == 0 and closest == 0.0:
+        return Verdict(0, confidence=0.0)
+    return Verdict(0, confidence=1.0 - closest)

@@ -1,0 +1,113 @@
+"""The surrogate: how a fabric departs from NCCL's cost model, learned across contexts.
+
+One model per fabric predicts the log-latency residual (measured minus NCCL's
+prediction) from features of the call and of the config NCCL would run. A
+tree ensemble shares what it learns across sizes, rank counts and
+collectives; the spread of its trees plus a term that shrinks with nearby
+evidence is its uncertainty, so a region nobody measured stays uncertain.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.ensemble import ExtraTreesRegressor
+
+from dynamiccl.schemas import Algo, Collective, Context, NcclConfig, Proto
+from dynamiccl.server.learner.prior import NcclPrior
+
+#: Prior spread of NCCL's cost model error (log scale, ~15%) where nothing was measured nearby.
+UNSEEN_RESIDUAL_STD = 0.15
+#: The tree ensemble needs this many cells before it says more than the prior.
+MIN_ROWS_TO_FIT = 24
+
+_COLLECTIVES = list(Collective)
+_ALGOS = list(Algo)
+_PROTOS = list(Proto)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training row: a measured cell with its robust location."""
+
+    context: Context
+    config: NcclConfig
+    log_latency: float
+    weight: float
+
+
+def _one_hot(value: object, options: list) -> list[float]:
+    return [1.0 if value == option else 0.0 for option in options]
+
+
+def _support_key(context: Context, resolved: NcclConfig) -> tuple:
+    """Cells that inform each other directly: same call shape and pair, similar size and channels."""
+    return (
+        context.collective,
+        context.nnodes > 1,
+        resolved.algo,
+        resolved.proto,
+        round(math.log2(context.nbytes + 1) / 2),
+        round(math.log2(resolved.nchannels or 1)),
+    )
+
+
+class ResidualModel:
+    """Predicts log latency as NCCL's prior plus a learned residual, with a standard deviation."""
+
+    def __init__(self, prior: NcclPrior, examples: list[Example], seed: int = 0) -> None:
+        self.prior = prior
+        self._support: Counter[tuple] = Counter()
+        self._forest: ExtraTreesRegressor | None = None
+        if not examples:
+            return
+        features, targets, weights = [], [], []
+        for example in examples:
+            resolved = prior.resolve(example.context, example.config)
+            self._support[_support_key(example.context, resolved)] += 1
+            features.append(self.features(example.context, example.config))
+            targets.append(example.log_latency - prior.log_time(example.context, example.config))
+            weights.append(example.weight)
+        if len(examples) >= MIN_ROWS_TO_FIT:
+            self._forest = ExtraTreesRegressor(
+                n_estimators=48, min_samples_leaf=2, max_features=0.7, random_state=seed, n_jobs=1
+            )
+            self._forest.fit(np.asarray(features), np.asarray(targets), sample_weight=np.asarray(weights))
+
+    def features(self, context: Context, config: NcclConfig) -> list[float]:
+        resolved = self.prior.resolve(context, config)
+        default = self.prior.resolve(context, NcclConfig())
+        channels = resolved.nchannels or 1
+        return [
+            *_one_hot(context.collective, _COLLECTIVES),
+            *_one_hot(resolved.algo, _ALGOS),
+            *_one_hot(resolved.proto, _PROTOS),
+            math.log2(context.nbytes + 1),
+            math.log2(context.nranks),
+            math.log2(context.nnodes),
+            math.log2(context.nranks / context.nnodes),
+            math.log2(channels),
+            math.log2(channels) - math.log2(default.nchannels or 1),
+            self.prior.log_time(context, config) - self.prior.log_time(context, NcclConfig()),
+        ]
+
+    def _neighbour_support(self, context: Context, config: NcclConfig) -> int:
+        key = _support_key(context, self.prior.resolve(context, config))
+        *head, size, channels = key
+        return sum(
+            self._support[(*head, size + ds, channels + dc)] for ds in (-1, 0, 1) for dc in (-1, 0, 1)
+        )
+
+    def predict(self, pairs: list[tuple[Context, NcclConfig]]) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) of log latency for each (context, config), in one batch."""
+        prior = np.array([self.prior.log_time(c, k) for c, k in pairs])
+        support = np.array([self._neighbour_support(c, k) for c, k in pairs])
+        unseen_var = UNSEEN_RESIDUAL_STD**2 / (1.0 + support)
+        if self._forest is None or not pairs:
+            return prior, np.sqrt(unseen_var)
+        features = np.asarray([self.features(c, k) for c, k in pairs])
+        per_tree = np.stack([tree.predict(features) for tree in self._forest.estimators_])
+        return prior + per_tree.mean(axis=0), np.sqrt(per_tree.var(axis=0) + unseen_var)

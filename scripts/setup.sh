@@ -12,6 +12,8 @@ stamp=.venv/.dynamiccl-installed
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[test]"
+    # The CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
+    .venv/bin/python -m pip install --quiet "torch==${DYNAMICCL_TORCH_VERSION:-2.13.0}"
+    .venv/bin/python -m pip install --quiet -e ".[test,torch]"
     echo "$want" > "$stamp"
 fi

@@ -1,0 +1,6 @@
+"""The simulated fabric: the embedded default that stands in for a GPU cluster."""
+
+from dynamiccl.sim.fabric import SimulatedFabric
+from dynamiccl.sim.presets import PRESETS, Preset, get_preset
+
+__all__ = ["PRESETS", "Preset", "SimulatedFabric", "get_preset"]

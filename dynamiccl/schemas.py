@@ -112,6 +112,7 @@ class FabricOut(Fabric):
 class FabricStatus(FabricOut):
     measurements: int
     contexts: int
+    learner: dict[str, int] = Field(default_factory=dict, description="how far the learner has caught up")
 
 
 class Context(WireModel):

@@ -47,3 +47,10 @@ class Tuner(ABC):
         self, fabric_id: str, fabric: Fabric, contexts: Sequence[WeightedContext]
     ) -> RecommendResponse:
         """Per-context recommendations (never exploring), one process-wide env and tuner rules."""
+
+    def describe(self, fabric_id: str, fabric: Fabric) -> dict[str, int]:
+        """What the tuner knows of a fabric, for its status page (nothing by default)."""
+        return {}
+
+    def close(self) -> None:
+        """Stop background work."""

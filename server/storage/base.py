@@ -64,4 +64,8 @@ class Store(ABC):
         the value now stored. The first writer wins across replicas."""
 
     @abstractmethod
+    def pinned(self, key: str) -> str | None:
+        """The value pinned under `key`, if any."""
+
+    @abstractmethod
     def close(self) -> None: ...

@@ -1,0 +1,96 @@
+"""The FastAPI application factory (`uvicorn --factory dynamiccl.server.app:create_app`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request, Response
+
+from dynamiccl import __version__
+from dynamiccl.server import errors
+from dynamiccl.server.auth import TokenAuth, load_tokens
+from dynamiccl.server.learner import Tuner, make_tuner
+from dynamiccl.server.metrics import ServerMetrics
+from dynamiccl.server.routes import router
+from dynamiccl.server.storage import Store, open_store
+
+log = logging.getLogger("dynamiccl.server")
+DEFAULT_DATABASE_URL = "sqlite:///dynamiccl.db"
+
+
+def database_url_from_env() -> str:
+    return os.environ.get("DYNAMICCL_DATABASE_URL", DEFAULT_DATABASE_URL)
+
+
+def masked(url: str) -> str:
+    """The URL with any password hidden, for logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def create_app(
+    store: Store | None = None,
+    tuner: Tuner | None = None,
+    tokens: Mapping[str, str] | None = None,
+    database_url: str | None = None,
+) -> FastAPI:
+    """Build the server. Without arguments it reads DYNAMICCL_DATABASE_URL, DYNAMICCL_TOKENS_FILE
+    and DYNAMICCL_TOKENS, and opens `dynamiccl.db` in the working directory by default."""
+    if store is None:
+        store = open_store(database_url or database_url_from_env())
+    if tokens is None:
+        tokens_file = os.environ.get("DYNAMICCL_TOKENS_FILE")
+        tokens = load_tokens(Path(tokens_file) if tokens_file else None)
+    metrics = ServerMetrics()
+    if tuner is None:
+        tuner = make_tuner(store, on_refit=metrics.observe_refit)
+    auth = TokenAuth(tokens)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if auth.enabled:
+            log.info("auth on: %d token(s) accepted for /v1", len(tokens))
+        else:
+            log.warning("auth off: no tokens configured, the /v1 API is open to anyone who can reach it")
+        yield
+        tuner.close()
+        store.close()
+
+    def authenticate(request: Request) -> None:
+        request.state.client = auth(request)
+
+    app = FastAPI(title="DynamICCL tuning server", version=__version__, lifespan=lifespan)
+    app.state.store, app.state.tuner, app.state.metrics = store, tuner, metrics
+    app.include_router(router, dependencies=[Depends(authenticate)])
+    errors.install(app)
+
+    @app.middleware("http")
+    async def record(request: Request, call_next) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = _route_template(request)
+        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        metrics.request_duration.labels(route, request.method).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def _route_template(request: Request) -> str:
+    """The matched route's path template (never the raw path: label cardinality stays bounded)."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")

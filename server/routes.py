@@ -1,0 +1,171 @@
+"""The v1 endpoints (shared/design/API.md). Handlers stay thin: store, tuner and pins do the work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+
+from dynamiccl.nccl.space import InvalidConfig, check_config
+from dynamiccl.schemas import (
+    FABRIC_ID_PATTERN,
+    BatchAccepted,
+    Context,
+    Fabric,
+    FabricOut,
+    FabricStatus,
+    MeasurementBatch,
+    RecommendRequest,
+    RecommendResponse,
+    Suggestion,
+    SuggestionKind,
+    SuggestRequest,
+    SuggestResponse,
+)
+from dynamiccl.server.learner import Tuner
+from dynamiccl.server.metrics import ServerMetrics
+from dynamiccl.server.storage import Store
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1")
+FabricIdPath = Annotated[str, Path(pattern=FABRIC_ID_PATTERN, description="1 to 128 of [A-Za-z0-9._:-]")]
+
+
+def store_of(request: Request) -> Store:
+    return request.app.state.store
+
+
+def tuner_of(request: Request) -> Tuner:
+    return request.app.state.tuner
+
+
+def metrics_of(request: Request) -> ServerMetrics:
+    return request.app.state.metrics
+
+
+def client_of(request: Request) -> str | None:
+    return request.state.client
+
+
+StoreDep = Annotated[Store, Depends(store_of)]
+TunerDep = Annotated[Tuner, Depends(tuner_of)]
+MetricsDep = Annotated[ServerMetrics, Depends(metrics_of)]
+
+
+def _fabric_or_404(store: Store, fabric_id: str) -> Fabric:
+    fabric = store.get_fabric(fabric_id)
+    if fabric is None:
+        raise HTTPException(status_code=404, detail=f"unknown fabric {fabric_id!r}: PUT /v1/fabrics/{fabric_id} first")
+    return fabric
+
+
+@router.put("/fabrics/{fabric_id}", response_model=FabricOut, status_code=200)
+def put_fabric(fabric_id: FabricIdPath, fabric: Fabric, response: Response, store: StoreDep, metrics: MetricsDep) -> FabricOut:
+    if store.put_fabric(fabric_id, fabric):
+        response.status_code = status.HTTP_201_CREATED
+    metrics.fabrics.set(len(store.list_fabrics()))
+    return FabricOut(**fabric.model_dump(), fabric_id=fabric_id)
+
+
+@router.get("/fabrics/{fabric_id}", response_model=FabricStatus)
+def get_fabric(fabric_id: FabricIdPath, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> FabricStatus:
+    fabric = _fabric_or_404(store, fabric_id)
+    count, contexts = store.fabric_counts(fabric_id)
+    metrics.contexts.labels(fabric_id).set(contexts)
+    return FabricStatus(
+        **fabric.model_dump(), fabric_id=fabric_id, measurements=count, contexts=contexts,
+        learner=tuner.describe(fabric_id, fabric),
+    )
+
+
+@router.post("/measurements", response_model=BatchAccepted, status_code=202)
+def post_measurements(
+    batch: MeasurementBatch, request: Request, store: StoreDep, tuner: TunerDep, metrics: MetricsDep
+) -> BatchAccepted:
+    fabric = _fabric_or_404(store, batch.fabric_id)
+    _check_configs(fabric, batch, metrics)
+    stored = store.add_batch(batch.fabric_id, batch.batch_id, batch.measurements, client_of(request))
+    if not stored:
+        metrics.batches.labels("duplicate").inc()
+        return BatchAccepted(accepted=0, duplicate_batch=True)
+    metrics.batches.labels("accepted").inc()
+    metrics.measurements_ingested.inc(len(batch.measurements))
+    try:
+        tuner.observe(batch.fabric_id, fabric, batch.measurements)
+    except Exception:  # the batch is stored; learning from it later is the tuner's business
+        metrics.observe_errors.inc()
+        log.exception("tuner failed to observe batch %s", batch.batch_id)
+    return BatchAccepted(accepted=len(batch.measurements), duplicate_batch=False)
+
+
+def _check_configs(fabric: Fabric, batch: MeasurementBatch, metrics: ServerMetrics) -> None:
+    """A measurement of a config the fabric cannot run is a client error: refuse the batch."""
+    errors = []
+    for index, measurement in enumerate(batch.measurements):
+        try:
+            check_config(fabric, measurement.context, measurement.config)
+        except InvalidConfig as error:
+            errors.append({"type": "invalid_config", "loc": ("body", "measurements", index, "config"), "msg": str(error)})
+    if errors:
+        metrics.batches.labels("rejected").inc()
+        raise RequestValidationError(errors[:20])
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=12).hexdigest()
+
+
+def _context_key(context: Context) -> str:
+    return ":".join(map(str, context.key()))
+
+
+@router.post("/suggest", response_model=SuggestResponse)
+def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> SuggestResponse:
+    fabric = _fabric_or_404(store, body.fabric_id)
+    pinned = body.job_id is not None and body.round is not None
+    seed = int(_digest(body.fabric_id, body.job_id, body.round), 16) if pinned else secrets.randbits(64)
+    picks = tuner.suggest(body.fabric_id, fabric, body.contexts, seed)
+    suggestions = []
+    for context, pick in zip(body.contexts, picks):
+        if pinned:
+            key = f"suggest|{body.fabric_id}|{body.job_id}|{body.round}|{_context_key(context)}"
+            proposal = {"config": pick.config.model_dump(mode="json"), "kind": pick.kind.value,
+                        "suggestion_id": f"s-{_digest(key)}"}
+            stored = json.loads(store.pin(key, json.dumps(proposal)))
+            suggestion = Suggestion(context=context, **stored)
+        else:
+            suggestion = Suggestion(context=context, config=pick.config, kind=pick.kind,
+                                    suggestion_id=f"s-{secrets.token_hex(8)}")
+        metrics.suggestions.labels(suggestion.kind.value).inc()
+        suggestions.append(suggestion)
+    explored = sum(s.kind is SuggestionKind.explore for s in suggestions)
+    metrics.exploration_share.set(explored / len(suggestions))
+    return SuggestResponse(suggestions=suggestions)
+
+
+@router.post("/recommend", response_model=RecommendResponse)
+def recommend(body: RecommendRequest, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> RecommendResponse:
+    fabric = _fabric_or_404(store, body.fabric_id)
+    key = f"recommend|{body.fabric_id}|{body.job_id}"
+    if body.job_id is not None and not body.refresh and (pinned := store.pinned(key)) is not None:
+        return RecommendResponse.model_validate_json(pinned)
+    answer = tuner.recommend(body.fabric_id, fabric, body.contexts)
+    if body.job_id is not None:
+        answer = RecommendResponse.model_validate_json(store.pin(key, answer.model_dump_json(), replace=body.refresh))
+    metrics.predicted_speedup.labels(body.fabric_id).set(_weighted_speedup(body, answer))
+    return answer
+
+
+def _weighted_speedup(body: RecommendRequest, answer: RecommendResponse) -> float:
+    weights = [c.weight for c in body.contexts]
+    total = sum(weights)
+    if total <= 0:
+        return 1.0
+    logs = sum(w * math.log(max(r.speedup, 1e-9)) for w, r in zip(weights, answer.recommendations))
+    return math.exp(logs / total)

@@ -1,0 +1,178 @@
+"""The one `Store` implementation: SQLAlchemy over SQLite (default) or PostgreSQL, by URL."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from dynamiccl.schemas import Context, Fabric, Measurement, NcclConfig
+from dynamiccl.server.storage.base import Store, StoredMeasurement
+from dynamiccl.server.storage.tables import batches, fabrics, measurements, pins
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the database to the newest schema (a newer server opens an older database)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+class SqlStore(Store):
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        upgrade(self.engine)
+        self._dialect = self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def put_fabric(self, fabric_id: str, fabric: Fabric) -> bool:
+        body, now = fabric.model_dump_json(), time.time()
+        with self.engine.begin() as conn:
+            statement = self._insert(fabrics).values(fabric_id=fabric_id, body=body, created_at=now, updated_at=now)
+            created = conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["fabric_id"], set_={"body": body, "updated_at": now}
+                ).returning(fabrics.c.created_at)
+            ).scalar_one()
+        return created == now
+
+    def get_fabric(self, fabric_id: str) -> Fabric | None:
+        with self.engine.connect() as conn:
+            body = conn.execute(select(fabrics.c.body).where(fabrics.c.fabric_id == fabric_id)).scalar()
+        return Fabric.model_validate_json(body) if body is not None else None
+
+    def list_fabrics(self) -> dict[str, Fabric]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(fabrics.c.fabric_id, fabrics.c.body)).all()
+        return {fabric_id: Fabric.model_validate_json(body) for fabric_id, body in rows}
+
+    def fabric_counts(self, fabric_id: str) -> tuple[int, int]:
+        where = measurements.c.fabric_id == fabric_id
+        contexts = (
+            select(measurements.c.collective, measurements.c.nbytes, measurements.c.nranks, measurements.c.nnodes)
+            .where(where)
+            .distinct()
+            .subquery()
+        )
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(measurements).where(where)).scalar_one()
+            distinct = conn.execute(select(func.count()).select_from(contexts)).scalar_one()
+        return total, distinct
+
+    def add_batch(
+        self, fabric_id: str, batch_id: str, items: Sequence[Measurement], client: str | None = None
+    ) -> bool:
+        try:
+            with self.engine.begin() as conn:
+                batch_pk = conn.execute(
+                    insert(batches)
+                    .values(fabric_id=fabric_id, batch_id=batch_id, client=client,
+                            received_at=time.time(), count=len(items))
+                    .returning(batches.c.id)
+                ).scalar_one()
+                if items:
+                    conn.execute(insert(measurements), [_row(fabric_id, batch_pk, m, client) for m in items])
+        except IntegrityError:
+            if self._batch_exists(fabric_id, batch_id):
+                return False
+            raise
+        return True
+
+    def _batch_exists(self, fabric_id: str, batch_id: str) -> bool:
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                select(batches.c.id).where(batches.c.fabric_id == fabric_id, batches.c.batch_id == batch_id)
+            ).first()
+        return found is not None
+
+    def measurements(self, fabric_id: str, after_id: int = 0, limit: int | None = None) -> list[StoredMeasurement]:
+        query = (
+            select(measurements)
+            .where(measurements.c.fabric_id == fabric_id, measurements.c.id > after_id)
+            .order_by(measurements.c.id)
+        )
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_stored(row) for row in rows]
+
+    def pin(self, key: str, value: str, replace: bool = False) -> str:
+        now = time.time()
+        with self.engine.begin() as conn:
+            statement = self._insert(pins).values(key=key, value=value, created_at=now)
+            if replace:
+                statement = statement.on_conflict_do_update(
+                    index_elements=["key"], set_={"value": value, "created_at": now}
+                )
+            else:
+                statement = statement.on_conflict_do_nothing(index_elements=["key"])
+            conn.execute(statement)
+            return conn.execute(select(pins.c.value).where(pins.c.key == key)).scalar_one()
+
+    def pinned(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(pins.c.value).where(pins.c.key == key)).scalar()
+
+    def _insert(self, table):
+        """The dialect's INSERT, which knows ON CONFLICT."""
+        return (postgresql if self._dialect == "postgresql" else sqlite).insert(table)
+
+
+def _row(fabric_id: str, batch_pk: int, m: Measurement, client: str | None) -> dict:
+    c, k = m.context, m.config
+    return {
+        "fabric_id": fabric_id, "batch_pk": batch_pk,
+        "collective": c.collective.value, "nbytes": c.nbytes, "nranks": c.nranks, "nnodes": c.nnodes,
+        "algo": k.algo.value if k.algo else None, "proto": k.proto.value if k.proto else None,
+        "nchannels": k.nchannels, "latency_us": m.latency_us, "count": m.count, "source": m.source,
+        "job_id": m.job_id, "suggestion_id": m.suggestion_id, "client": client, "ts": m.ts,
+    }
+
+
+def _stored(row) -> StoredMeasurement:
+    return StoredMeasurement(
+        id=row["id"],
+        context=Context(
+            collective=row["collective"], nbytes=row["nbytes"], nranks=row["nranks"], nnodes=row["nnodes"]
+        ),
+        config=NcclConfig(algo=row["algo"], proto=row["proto"], nchannels=row["nchannels"]),
+        latency_us=row["latency_us"],
+        count=row["count"],
+        source=row["source"],
+        job_id=row["job_id"],
+        suggestion_id=row["suggestion_id"],
+        client=row["client"],
+        ts=row["ts"],
+    )
+

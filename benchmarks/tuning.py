@@ -60,7 +60,7 @@ from dynamiccl.sim import PRESETS, Preset, SimulatedFabric
 COLLECTIVES = (Collective.allreduce, Collective.allgather, Collective.reducescatter, Collective.broadcast)
 SIZES = tuple(1024 * 4**i for i in range(11))  # 1 KiB .. 1 GiB
 FABRIC_ID = "bench"
-console = Console()
+console = Console(width=150)
 
 
 def contexts_for(preset: Preset) -> list[Context]:

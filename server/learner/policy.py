@@ -24,13 +24,15 @@ from scipy.stats import norm
 from dynamiccl.server.learner.knowledge import Estimate
 
 #: Future uses of a context that an exploration's finding would speed up.
-HORIZON = 8.0
+HORIZON = 25.0
 #: Probability that a recommended config beats the default, required to recommend it.
 CONFIDENCE = 0.95
 #: Smallest predicted gain (log scale) worth changing NCCL's choice for.
 MIN_GAIN = math.log(1.01)
 #: Samples of a config in a context before it can be recommended there.
 MIN_SAMPLES = 2
+#: Samples of the NCCL default, the baseline of every comparison, before anything else is tried.
+DEFAULT_SAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,9 @@ def expected_improvement(best: float, mean: np.ndarray, std: np.ndarray) -> np.n
 
 
 def choose_suggestion(estimates: list[Estimate], rng: np.random.Generator) -> Choice:
-    """Index 0 is the NCCL default; it is measured first, as the baseline everything is judged by."""
-    if estimates[0].samples == 0:
+    """Index 0 is the NCCL default; it is measured first (DEFAULT_SAMPLES times, so that one
+    straggler cannot make everything else look fast), as the baseline everything is judged by."""
+    if estimates[0].samples < DEFAULT_SAMPLES:
         return Choice(0, explore=False)
     mean = np.array([e.mean for e in estimates])
     std = np.array([e.std for e in estimates])
@@ -73,6 +76,8 @@ def choose_recommendation(estimates: list[Estimate]) -> Verdict:
 
     Confidence is the probability that the config is faster than the default by MIN_GAIN."""
     default = estimates[0]
+    if default.samples < MIN_SAMPLES:
+        return Verdict(0, confidence=0.0)
     best, best_mean, best_probability, closest = 0, default.mean, 0.0, 0.0
     for index, estimate in enumerate(estimates[1:], start=1):
         eligible = estimate.samples >= MIN_SAMPLES or (estimate.samples == 0 and estimate.transferred)
@@ -85,6 +90,4 @@ def choose_recommendation(estimates: list[Estimate]) -> Verdict:
             best, best_mean, best_probability = index, estimate.mean, probability
     if best:
         return Verdict(best, confidence=best_probability)
-    if default.samples == 0 and closest == 0.0:
-        return Verdict(0, confidence=0.0)
     return Verdict(0, confidence=1.0 - closest)

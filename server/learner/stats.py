@@ -21,6 +21,10 @@ from dynamiccl.schemas import Collective, Context, NcclConfig
 MAX_SAMPLES_PER_CELL = 64
 #: Noise assumed before a fabric has repeated samples to estimate it from (log scale).
 DEFAULT_NOISE = 0.05
+#: Least standard error of a cell with one sample: the size of a straggler's slowdown.
+SINGLE_SAMPLE_STD = 0.15
+#: Two samples further apart than this (log scale, ~15%) are taken as one straggler and one not.
+STRAGGLER_GAP = 0.15
 
 
 def size_bucket(nbytes: int) -> int:
@@ -70,18 +74,21 @@ class Cell:
         return max(0, round(2 ** (self.log_nbytes_sum / self.samples_seen) - 1))
 
     def location(self) -> float:
-        """Robust log-latency estimate of the cell."""
+        """Robust log-latency estimate of the cell: the median; of two samples that disagree by
+        more than noise can explain, the lower (the other is likely a straggler)."""
         values = self.log_latencies
         if len(values) == 2:
-            return min(values)
+            low, high = sorted(values)
+            return low if high - low > STRAGGLER_GAP else (low + high) / 2
         return float(np.median(values))
 
     def std_error(self, noise: float) -> float:
         """Standard error of `location` for a fabric with per-sample noise `noise` (log scale).
 
-        One sample may be a straggler, so it counts for less than its noise says."""
+        One sample may be a straggler (a whole sample slowed by tens of percent), so alone it
+        counts for little: it cannot rule a config out, only call for a second look."""
         if self.n == 1:
-            return 2.0 * noise
+            return max(3.0 * noise, SINGLE_SAMPLE_STD)
         return 1.25 * noise / math.sqrt(self.n)
 
 

@@ -97,9 +97,7 @@ class ResidualModel:
     def _neighbour_support(self, context: Context, config: NcclConfig) -> int:
         key = _support_key(context, self.prior.resolve(context, config))
         *head, size, channels = key
-        return sum(
-            self._support[(*head, size + ds, channels + dc)] for ds in (-1, 0, 1) for dc in (-1, 0, 1)
-        )
+        return sum(self._support[(*head, size + ds, channels)] for ds in (-1, 0, 1))
 
     def predict(self, pairs: list[tuple[Context, NcclConfig]]) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) of log latency for each (context, config), in one batch."""

@@ -4,7 +4,8 @@
   protocol, one channel count) that minimises the weighted predicted time of
   the job's calls, as NCCL would apply it. Configs a setting makes NCCL run
   are judged pessimistically (upper bound) unless they are what NCCL runs
-  anyway, so the setting is never predicted worse than the default.
+  anyway, and a setting that may slow any call by more than `MAX_CALL_LOSS`
+  is refused: never worse than the default, for the workload or for a call.
 * `tuner_rules`: per-size rules for the tuner plugin, one per recommended
   context, adjacent sizes with the same choice merged.
 """
@@ -23,6 +24,8 @@ from dynamiccl.server.learner.policy import MIN_GAIN
 
 #: Upper-bound factor (in standard deviations) for configs a setting forces on a call.
 PESSIMISM = 1.645
+#: Largest slowdown (pessimistic) a process-wide setting may cause to any one call.
+MAX_CALL_LOSS = 1.02
 MAX_BYTES = (1 << 63) - 1
 
 
@@ -51,23 +54,19 @@ def choose_env(
     cache: dict[tuple[int, NcclConfig], float] = {}
 
     def total(setting: EnvSetting) -> float:
+        """Weighted pessimistic time of the workload under `setting`; inf if it may hurt a call."""
         env = render_env(setting)
-        forced: list[tuple[int, NcclConfig]] = []
-        cost = 0.0
-        for i, context in enumerate(contexts):
-            resolved = prior.resolve_env(context, env)
-            if resolved == defaults[i]:
-                cost += weights[i] * baseline[i]
-            elif (i, resolved) in cache:
-                cost += weights[i] * cache[(i, resolved)]
-            else:
-                forced.append((i, resolved))
-        if forced:
-            estimates = snapshot.estimates([(contexts[i], [config]) for i, config in forced])
-            for (i, config), (estimate,) in zip(forced, estimates):
-                cache[(i, config)] = math.exp(estimate.mean + PESSIMISM * estimate.std)
-                cost += weights[i] * cache[(i, config)]
-        return cost
+        runs = [(i, prior.resolve_env(context, env)) for i, context in enumerate(contexts)]
+        forced = [(i, config) for i, config in runs if config != defaults[i]]
+        unknown = [(i, config) for i, config in forced if (i, config) not in cache]
+        if unknown:
+            estimates = snapshot.estimates([(contexts[i], [config]) for i, config in unknown])
+            for key, (estimate,) in zip(unknown, estimates):
+                cache[key] = math.exp(estimate.mean + PESSIMISM * estimate.std)
+        if any(cache[(i, config)] > MAX_CALL_LOSS * baseline[i] for i, config in forced):
+            return math.inf
+        changed = {i: cache[(i, config)] for i, config in forced}
+        return sum(w * changed.get(i, baseline[i]) for i, w in enumerate(weights))
 
     best = EnvSetting()
     best_cost = base_cost = total(best)

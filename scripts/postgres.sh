@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure a PostgreSQL server answers on 127.0.0.1:5432 with a `dynamiccl_test` database for
 # the storage tests: installs Debian's postgresql and starts a cluster when none is running.
-# Idempotent and quiet when all is already in place.
+# Idempotent and quiet when all is already in place; prints the database URL for the tests
+# (DYNAMICCL_TEST_POSTGRES_URL) on stdout.
 set -euo pipefail
 
 HOST=127.0.0.1
@@ -36,3 +37,5 @@ ready || { echo "postgres.sh: PostgreSQL does not answer on $HOST:$PORT" >&2; ex
 if ! psql -h "$HOST" -p "$PORT" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$DB'" | grep -q 1; then
     psql -h "$HOST" -p "$PORT" -U postgres -qc "CREATE DATABASE $DB" >/dev/null
 fi
+
+echo "postgresql+psycopg://postgres@$HOST:$PORT/$DB"

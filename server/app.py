@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response
 
 from dynamiccl import __version__
 from dynamiccl.server import errors
@@ -62,22 +62,25 @@ def create_app(
         tuner.close()
         store.close()
 
-    def authenticate(request: Request) -> None:
-        request.state.client = auth(request)
-
     app = FastAPI(title="DynamICCL tuning server", version=__version__, lifespan=lifespan)
-    app.state.store, app.state.tuner, app.state.metrics = store, tuner, metrics
-    app.include_router(router, dependencies=[Depends(authenticate)])
+    app.state.store, app.state.tuner, app.state.metrics, app.state.auth = store, tuner, metrics, auth
+    metrics.fabrics.set_function(lambda: len(store.list_fabrics()))
+    app.include_router(router)
     errors.install(app)
 
     @app.middleware("http")
     async def record(request: Request, call_next) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = _route_template(request)
-        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
-        metrics.request_duration.labels(route, request.method).observe(time.perf_counter() - started)
-        return response
+        started, status = time.perf_counter(), 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = _route_template(request)
+            metrics.requests.labels(route, request.method, str(status)).inc()
+            if route == "/v1/measurements" and 400 <= status < 500:  # refused whole, nothing stored
+                metrics.batches.labels("rejected").inc()
+            metrics.request_duration.labels(route, request.method).observe(time.perf_counter() - started)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

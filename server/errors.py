@@ -35,11 +35,6 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse(status_code=422, content={"detail": errors})
 
 
-async def unparseable_body(request: Request, exc: Exception) -> JSONResponse:
-    """JSON nested too deep for the parser, or numbers too long to convert."""
-    return JSONResponse(status_code=400, content={"detail": f"request body could not be parsed: {type(exc).__name__}"})
-
-
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse(status_code=500, content={"detail": "internal server error"})
@@ -83,7 +78,5 @@ class _TooLarge(Exception):
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(RecursionError, unparseable_body)
-    app.add_exception_handler(ValueError, unparseable_body)
     app.add_exception_handler(Exception, internal_error)
     app.add_middleware(BodySizeLimit)

@@ -30,10 +30,11 @@ from dynamiccl.schemas import (
 )
 from dynamiccl.server.learner import Tuner
 from dynamiccl.server.metrics import ServerMetrics
+from dynamiccl.server.routing import V1Route
 from dynamiccl.server.storage import Store
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=V1Route)
 FabricIdPath = Annotated[str, Path(pattern=FABRIC_ID_PATTERN, description="1 to 128 of [A-Za-z0-9._:-]")]
 
 
@@ -66,10 +67,9 @@ def _fabric_or_404(store: Store, fabric_id: str) -> Fabric:
 
 
 @router.put("/fabrics/{fabric_id}", response_model=FabricOut, status_code=200)
-def put_fabric(fabric_id: FabricIdPath, fabric: Fabric, response: Response, store: StoreDep, metrics: MetricsDep) -> FabricOut:
+def put_fabric(fabric_id: FabricIdPath, fabric: Fabric, response: Response, store: StoreDep) -> FabricOut:
     if store.put_fabric(fabric_id, fabric):
         response.status_code = status.HTTP_201_CREATED
-    metrics.fabrics.set(len(store.list_fabrics()))
     return FabricOut(**fabric.model_dump(), fabric_id=fabric_id)
 
 
@@ -89,7 +89,7 @@ def post_measurements(
     batch: MeasurementBatch, request: Request, store: StoreDep, tuner: TunerDep, metrics: MetricsDep
 ) -> BatchAccepted:
     fabric = _fabric_or_404(store, batch.fabric_id)
-    _check_configs(fabric, batch, metrics)
+    _check_configs(fabric, batch)
     stored = store.add_batch(batch.fabric_id, batch.batch_id, batch.measurements, client_of(request))
     if not stored:
         metrics.batches.labels("duplicate").inc()
@@ -104,7 +104,7 @@ def post_measurements(
     return BatchAccepted(accepted=len(batch.measurements), duplicate_batch=False)
 
 
-def _check_configs(fabric: Fabric, batch: MeasurementBatch, metrics: ServerMetrics) -> None:
+def _check_configs(fabric: Fabric, batch: MeasurementBatch) -> None:
     """A measurement of a config the fabric cannot run is a client error: refuse the batch."""
     errors = []
     for index, measurement in enumerate(batch.measurements):
@@ -113,7 +113,6 @@ def _check_configs(fabric: Fabric, batch: MeasurementBatch, metrics: ServerMetri
         except InvalidConfig as error:
             errors.append({"type": "invalid_config", "loc": ("body", "measurements", index, "config"), "msg": str(error)})
     if errors:
-        metrics.batches.labels("rejected").inc()
         raise RequestValidationError(errors[:20])
 
 

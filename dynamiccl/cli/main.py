@@ -6,12 +6,16 @@ from pathlib import Path
 
 import typer
 
+from dynamiccl.cli import bench
+
 app = typer.Typer(
     name="dynamiccl",
     help="DynamICCL: learns which NCCL configuration is fastest on your fabric, and applies it.",
     no_args_is_help=True,
     add_completion=False,
 )
+app.command("fabrics")(bench.fabrics)
+app.command("bench")(bench.bench)
 
 
 @app.command()

@@ -62,9 +62,10 @@ def test_env_restricts_algorithm_protocol_and_channels_like_nccl():
     big = H100.resolve_env(ctx(1 << 30), env)
     assert big == NcclConfig(algo="ring", proto="simple", nchannels=8)
     assert H100.resolve_env(ctx(1024), env).nchannels < 8, "small calls still get fewer channels"
-    allgather, default = H100.resolve_env(ctx(1 << 30, "allgather"), env), H100.default(ctx(1 << 30, "allgather"))
-    assert (allgather.algo, allgather.proto) == (default.algo, default.proto), "other collectives keep NCCL's pick"
+    allgather = H100.resolve_env(ctx(1 << 30, "allgather"), env)
     assert allgather.nchannels == 8, "the channel count is process-wide"
+    unrestricted = H100.resolve_env(ctx(1 << 30, "allgather"), render_env(EnvSetting(nchannels=8)))
+    assert allgather == unrestricted, "NCCL_ALGO for allreduce leaves allgather to NCCL"
 
 
 def test_rules_apply_by_size_and_fall_back_to_nccl():

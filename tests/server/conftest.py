@@ -1,0 +1,163 @@
+"""Fixtures of the server tests: a database per test (SQLite file or PostgreSQL schema), stores,
+apps with a scripted tuner, and the example bodies of shared/design/API.md."""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections.abc import Iterator, Sequence
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from dynamiccl.nccl.space import candidate_configs
+from dynamiccl.schemas import (
+    Context,
+    Fabric,
+    Measurement,
+    Recommendation,
+    RecommendResponse,
+    SuggestionKind,
+    WeightedContext,
+)
+from dynamiccl.server.app import create_app
+from dynamiccl.server.learner import Pick, Tuner
+from dynamiccl.server.storage import SqlStore
+
+POSTGRES_URL = os.environ.get(
+    "DYNAMICCL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/dynamiccl_test"
+)
+
+FABRIC = {"gpu": "H100-SXM", "gpus_per_node": 8, "intra_node": "nvswitch",
+          "inter_node": "ib-ndr400", "nics_per_node": 8, "nccl_version": "2.28.9"}
+CONTEXT = {"collective": "allreduce", "nbytes": 67108864, "nranks": 16, "nnodes": 2}
+CONFIG = {"algo": "ring", "proto": "ll128", "nchannels": 16}
+MEASUREMENT = {"context": CONTEXT, "config": CONFIG, "latency_us": 812.5, "count": 20,
+               "source": "inspector", "job_id": "llama8b-0412", "ts": 1764000000.0,
+               "suggestion_id": "s-91f2"}
+
+
+def measurement(nbytes: int = 1 << 20, latency_us: float = 100.0, **config: object) -> dict:
+    """A valid measurement body for FABRIC (config defaults to ring/ll128/16)."""
+    return {**MEASUREMENT, "context": {**CONTEXT, "nbytes": nbytes}, "latency_us": latency_us,
+            "config": config or CONFIG}
+
+
+def batch(batch_id: str = "agent7-000123", n: int = 3, fabric_id: str = "dgx-h100-a") -> dict:
+    return {"fabric_id": fabric_id, "batch_id": batch_id,
+            "measurements": [measurement(nbytes=1024 << i) for i in range(n)]}
+
+
+def measurements(n: int, nbytes: int = 1 << 20) -> list[Measurement]:
+    return [Measurement.model_validate(measurement(nbytes=nbytes + i, latency_us=10.0 + i)) for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The test server's URL, checked once: unreachable is a failure unless DYNAMICCL_SKIP_POSTGRES=1."""
+    try:
+        engine = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except sa.exc.OperationalError as error:
+        message = (f"PostgreSQL is not reachable at {POSTGRES_URL} ({error.orig}). "
+                   "Run scripts/postgres.sh, set DYNAMICCL_TEST_POSTGRES_URL, "
+                   "or set DYNAMICCL_SKIP_POSTGRES=1 to skip the PostgreSQL tests.")
+        if os.environ.get("DYNAMICCL_SKIP_POSTGRES") == "1":
+            pytest.skip(message)
+        pytest.fail(message, pytrace=False)
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def postgres_schema_url(postgres_url: str) -> Iterator[str]:
+    """A URL whose connections work in a fresh schema of their own, dropped afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    admin = sa.create_engine(postgres_url)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield sa.make_url(postgres_url).update_query_dict(
+            {"options": f"-csearch_path={schema}"}
+        ).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'dynamiccl.db'}"
+    return request.getfixturevalue("postgres_schema_url")
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[SqlStore]:
+    store = SqlStore(database_url)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'api.db'}"
+
+
+class ScriptedTuner(Tuner):
+    """A stand-in for the learner: picks valid configs from the seed, records what it observes,
+    and recommends `recommended` (or the first non-default candidate) with a set speedup."""
+
+    def __init__(self, speedup: float = 1.25) -> None:
+        self.observed: list[tuple[str, int]] = []
+        self.seeds: list[int] = []
+        self.fail_observe = False
+        self.speedup = speedup
+
+    def observe(self, fabric_id: str, fabric: Fabric, measurements: Sequence[Measurement]) -> None:
+        if self.fail_observe:
+            raise RuntimeError("learner broke")
+        self.observed.append((fabric_id, len(measurements)))
+
+    def suggest(self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context], seed: int) -> list[Pick]:
+        self.seeds.append(seed)
+        rng = random.Random(seed)
+        picks = []
+        for context in contexts:
+            config = rng.choice(candidate_configs(fabric, context))
+            picks.append(Pick(config, SuggestionKind.default if config.is_default else SuggestionKind.explore))
+        return picks
+
+    def recommend(self, fabric_id: str, fabric: Fabric, contexts: Sequence[WeightedContext]) -> RecommendResponse:
+        recommendations = []
+        for weighted in contexts:
+            context = weighted.context()
+            recommendations.append(Recommendation(
+                context=context, config=candidate_configs(fabric, context)[-1],
+                predicted_latency_us=100.0 / self.speedup, default_latency_us=100.0,
+                speedup=self.speedup, confidence=0.9, samples=5,
+            ))
+        return RecommendResponse(recommendations=recommendations, env={"NCCL_ALGO": "allreduce:ring"},
+                                 tuner_config="")
+
+
+@pytest.fixture
+def tuner() -> ScriptedTuner:
+    return ScriptedTuner()
+
+
+@pytest.fixture
+def client(sqlite_url: str, tuner: ScriptedTuner) -> Iterator[TestClient]:
+    """An open (no tokens) API over a fresh SQLite database, with fabric `dgx-h100-a` created.
+    Server exceptions propagate, so a test that provokes a 500 fails loudly."""
+    with TestClient(create_app(store=SqlStore(sqlite_url), tuner=tuner, tokens={})) as client:
+        assert client.put("/v1/fabrics/dgx-h100-a", json=FABRIC).status_code == 201
+        yield client
+
+
+def stored_count(client: TestClient, fabric_id: str = "dgx-h100-a") -> int:
+    return client.app.state.store.fabric_counts(fabric_id)[0]

@@ -1,0 +1,96 @@
+"""The learner in a closed loop on a simulated fabric: it gains where there is headroom, never
+regresses, never suggests what the fabric cannot run, and carries what it learned to a twin fabric."""
+
+import numpy as np
+import pytest
+
+from dynamiccl.nccl import is_valid
+from dynamiccl.schemas import Context, Measurement, NcclConfig, SuggestionKind, WeightedContext
+from dynamiccl.server.learner.tuner import DynamicclTuner
+from dynamiccl.sim import PRESETS, SimulatedFabric
+
+PRESET = PRESETS["h100-ib-2n"]
+CONTEXTS = [
+    Context(collective=c, nbytes=s, nranks=16, nnodes=2)
+    for c in ("allreduce", "allgather", "broadcast")
+    for s in (1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28)
+]
+
+
+def run_loop(tuner, store, fabric_id, sim, rounds):
+    store.put_fabric(fabric_id, sim.fabric)
+    kinds = []
+    for round_index in range(rounds):
+        tuner.knowledge.get(fabric_id, sim.fabric)
+        tuner.knowledge.wait_idle(timeout=30)
+        picks = tuner.suggest(fabric_id, sim.fabric, CONTEXTS, seed=round_index)
+        assert all(is_valid(sim.fabric, c, p.config) for c, p in zip(CONTEXTS, picks))
+        kinds.append([p.kind for p in picks])
+        batch = [Measurement(context=c, config=p.config, latency_us=sim.run(c, p.config), count=20, source="sim")
+                 for c, p in zip(CONTEXTS, picks)]
+        store.add_batch(fabric_id, f"round-{round_index}", batch)
+        tuner.observe(fabric_id, sim.fabric, batch)
+    tuner.knowledge.wait_idle(timeout=30)
+    return kinds
+
+
+@pytest.fixture
+def tuner(sqlite_store):
+    tuner = DynamicclTuner(sqlite_store)
+    yield tuner
+    tuner.close()
+
+
+def recommend(tuner, fabric_id, fabric):
+    return tuner.recommend(fabric_id, fabric, [WeightedContext(**c.model_dump()) for c in CONTEXTS])
+
+
+def true_times(sim, configs):
+    return np.array([sim.true_latency_us(c, k) for c, k in zip(CONTEXTS, configs)])
+
+
+def test_without_measurements_everything_stays_the_nccl_default(tuner, sqlite_store):
+    sqlite_store.put_fabric("fresh", PRESET.fabric)
+    answer = recommend(tuner, "fresh", PRESET.fabric)
+    assert all(r.config.is_default and r.speedup == 1.0 for r in answer.recommendations)
+    assert answer.env == {}
+
+
+def test_closed_loop_gains_where_there_is_headroom_and_never_regresses(tuner, sqlite_store):
+    sim = SimulatedFabric(PRESET, seed=7)
+    kinds = run_loop(tuner, sqlite_store, "dgx", sim, rounds=14)
+    assert set(kinds[0]) == {SuggestionKind.default}, "the baseline is measured first"
+    assert SuggestionKind.explore in {k for round_kinds in kinds for k in round_kinds}
+
+    answer = recommend(tuner, "dgx", sim.fabric)
+    recommended = true_times(sim, [r.config for r in answer.recommendations])
+    default = true_times(sim, [NcclConfig()] * len(CONTEXTS))
+    oracle = np.array([sim.oracle(c)[1] for c in CONTEXTS])
+    assert np.all(recommended <= default * 1.02), "no context is made slower"
+    headroom = default / oracle > 1.1
+    assert headroom.any()
+    assert np.exp(np.mean(np.log(default[headroom] / recommended[headroom]))) > 1.05
+    for r in answer.recommendations:
+        if not r.config.is_default:
+            assert r.samples >= 2 and r.confidence >= 0.95 and r.speedup > 1.0
+
+    under_rules = np.array([sim.latency_under_rules(c, answer.tuner_config) for c in CONTEXTS])
+    assert np.allclose(under_rules, recommended), "the tuner rules apply the recommendations as given"
+    under_env = np.array([sim.latency_under_env(c, answer.env) for c in CONTEXTS])
+    assert np.all(under_env <= default * 1.02), "the process-wide env slows no call"
+    assert tuner.describe("dgx", sim.fabric)["measurements_learned"] == 14 * len(CONTEXTS)
+
+
+def test_a_new_fabric_with_the_same_hardware_starts_from_what_its_twin_learned(tuner, sqlite_store):
+    run_loop(tuner, sqlite_store, "cluster-a", SimulatedFabric(PRESET, seed=1), rounds=12)
+    sqlite_store.put_fabric("cluster-b", PRESET.fabric)
+    tuner.knowledge.get("cluster-b", PRESET.fabric)
+    tuner.knowledge.wait_idle(timeout=30)
+    answer = recommend(tuner, "cluster-b", PRESET.fabric)
+    assert all(r.config.is_default for r in answer.recommendations), "no baseline of its own yet"
+    picks = tuner.suggest("cluster-b", PRESET.fabric, CONTEXTS, seed=0)
+    assert all(p.kind is SuggestionKind.default for p in picks)
+    estimates = tuner.knowledge.get("cluster-b", PRESET.fabric).snapshot.estimates(
+        [(c, [NcclConfig(algo="ring", proto="ll", nchannels=8)]) for c in CONTEXTS]
+    )
+    assert any(e[0].transferred for e in estimates), "the twin's measurements back its configs"

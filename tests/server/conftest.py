@@ -30,28 +30,48 @@ POSTGRES_URL = os.environ.get(
     "DYNAMICCL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/dynamiccl_test"
 )
 
-FABRIC = {"gpu": "H100-SXM", "gpus_per_node": 8, "intra_node": "nvswitch",
-          "inter_node": "ib-ndr400", "nics_per_node": 8, "nccl_version": "2.28.9"}
-CONTEXT = {"collective": "allreduce", "nbytes": 67108864, "nranks": 16, "nnodes": 2}
-CONFIG = {"algo": "ring", "proto": "ll128", "nchannels": 16}
-MEASUREMENT = {"context": CONTEXT, "config": CONFIG, "latency_us": 812.5, "count": 20,
-               "source": "inspector", "job_id": "llama8b-0412", "ts": 1764000000.0,
-               "suggestion_id": "s-91f2"}
+class Examples:
+    """The example bodies of shared/design/API.md and builders of valid variants of them
+    (a fixture, since test modules cannot import conftest)."""
+
+    FABRIC = {"gpu": "H100-SXM", "gpus_per_node": 8, "intra_node": "nvswitch",
+              "inter_node": "ib-ndr400", "nics_per_node": 8, "nccl_version": "2.28.9"}
+    CONTEXT = {"collective": "allreduce", "nbytes": 67108864, "nranks": 16, "nnodes": 2}
+    CONFIG = {"algo": "ring", "proto": "ll128", "nchannels": 16}
+    MEASUREMENT = {"context": CONTEXT, "config": CONFIG, "latency_us": 812.5, "count": 20,
+                   "source": "inspector", "job_id": "llama8b-0412", "ts": 1764000000.0,
+                   "suggestion_id": "s-91f2"}
+    FABRIC_ID = "dgx-h100-a"
+
+    @classmethod
+    def measurement(cls, nbytes: int = 1 << 20, latency_us: float = 100.0, **config: object) -> dict:
+        """A valid measurement body for FABRIC (config defaults to ring/ll128/16)."""
+        return {**cls.MEASUREMENT, "context": {**cls.CONTEXT, "nbytes": nbytes},
+                "latency_us": latency_us, "config": config or cls.CONFIG}
+
+    @classmethod
+    def batch(cls, batch_id: str = "agent7-000123", n: int = 3, fabric_id: str = FABRIC_ID) -> dict:
+        return {"fabric_id": fabric_id, "batch_id": batch_id,
+                "measurements": [cls.measurement(nbytes=1024 << i) for i in range(n)]}
+
+    @classmethod
+    def suggest(cls, **extra: object) -> dict:
+        return {"fabric_id": cls.FABRIC_ID, "contexts": [cls.CONTEXT], **extra}
+
+    @classmethod
+    def recommend(cls, **extra: object) -> dict:
+        return {"fabric_id": cls.FABRIC_ID, "contexts": [{**cls.CONTEXT, "weight": 120.0}], **extra}
+
+    @classmethod
+    def measurements(cls, n: int, nbytes: int = 1 << 20) -> list[Measurement]:
+        """n valid Measurement models, each of a distinct context."""
+        return [Measurement.model_validate(cls.measurement(nbytes=nbytes + i, latency_us=10.0 + i))
+                for i in range(n)]
 
 
-def measurement(nbytes: int = 1 << 20, latency_us: float = 100.0, **config: object) -> dict:
-    """A valid measurement body for FABRIC (config defaults to ring/ll128/16)."""
-    return {**MEASUREMENT, "context": {**CONTEXT, "nbytes": nbytes}, "latency_us": latency_us,
-            "config": config or CONFIG}
-
-
-def batch(batch_id: str = "agent7-000123", n: int = 3, fabric_id: str = "dgx-h100-a") -> dict:
-    return {"fabric_id": fabric_id, "batch_id": batch_id,
-            "measurements": [measurement(nbytes=1024 << i) for i in range(n)]}
-
-
-def measurements(n: int, nbytes: int = 1 << 20) -> list[Measurement]:
-    return [Measurement.model_validate(measurement(nbytes=nbytes + i, latency_us=10.0 + i)) for i in range(n)]
+@pytest.fixture
+def examples() -> type[Examples]:
+    return Examples
 
 
 @pytest.fixture(scope="session")
@@ -155,9 +175,6 @@ def client(sqlite_url: str, tuner: ScriptedTuner) -> Iterator[TestClient]:
     """An open (no tokens) API over a fresh SQLite database, with fabric `dgx-h100-a` created.
     Server exceptions propagate, so a test that provokes a 500 fails loudly."""
     with TestClient(create_app(store=SqlStore(sqlite_url), tuner=tuner, tokens={})) as client:
-        assert client.put("/v1/fabrics/dgx-h100-a", json=FABRIC).status_code == 201
+        assert client.put("/v1/fabrics/dgx-h100-a", json=Examples.FABRIC).status_code == 201
         yield client
 
-
-def stored_count(client: TestClient, fabric_id: str = "dgx-h100-a") -> int:
-    return client.app.state.store.fabric_counts(fabric_id)[0]

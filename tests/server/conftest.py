@@ -132,7 +132,8 @@ class ScriptedTuner(Tuner):
     """A stand-in for the learner: picks valid configs from the seed, records what it observes,
     and recommends `recommended` (or the first non-default candidate) with a set speedup."""
 
-    def __init__(self, speedup: float = 1.25) -> None:
+    def __init__(self, speedup: float = 1.25, seed_offset: int = 0) -> None:
+        self.seed_offset = seed_offset
         self.observed: list[tuple[str, int]] = []
         self.seeds: list[int] = []
         self.fail_observe = False
@@ -145,7 +146,7 @@ class ScriptedTuner(Tuner):
 
     def suggest(self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context], seed: int) -> list[Pick]:
         self.seeds.append(seed)
-        rng = random.Random(seed)
+        rng = random.Random(seed + self.seed_offset)
         picks = []
         for context in contexts:
             config = rng.choice(candidate_configs(fabric, context))
@@ -163,6 +164,11 @@ class ScriptedTuner(Tuner):
             ))
         return RecommendResponse(recommendations=recommendations, env={"NCCL_ALGO": "allreduce:ring"},
                                  tuner_config="")
+
+
+@pytest.fixture
+def tuner_class() -> type[ScriptedTuner]:
+    return ScriptedTuner
 
 
 @pytest.fixture

@@ -31,6 +31,8 @@ TRANSFER_STD = 0.05
 #: A snapshot older than this triggers a background refresh (other replicas may have ingested).
 STALE_AFTER_S = 5.0
 READ_PAGE = 50_000
+#: Contexts whose estimates a snapshot remembers (bounds memory under many distinct contexts).
+MEMO_LIMIT = 20_000
 
 
 def hardware_signature(fabric: Fabric) -> tuple:
@@ -75,13 +77,26 @@ class Snapshot:
     noise: float
     measurements_seen: int
     built_at: float = field(default_factory=time.monotonic)
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def estimates(self, requests: list[tuple[Context, list[NcclConfig]]]) -> list[list[Estimate]]:
         """Posterior per config of each context: the surrogate's prediction combined with the
-        config's own samples (precision-weighted). One batched model call for all of them."""
-        pairs = [(context, config) for context, configs in requests for config in configs]
-        means, stds = self.model.predict(pairs)
-        flat = []
+        config's own samples (precision-weighted). Misses are computed in one batched model call
+        and memoised: a snapshot never changes, so neither do its answers."""
+        keys = [(context, tuple(configs)) for context, configs in requests]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._memo))
+        if len(self._memo) + len(missing) > MEMO_LIMIT:
+            self._memo.clear()
+        if missing:
+            pairs = [(context, config) for context, configs in missing for config in configs]
+            means, stds = self.model.predict(pairs)
+            flat = iter(self._combine(pairs, means, stds))
+            for key in missing:
+                self._memo[key] = [next(flat) for _ in key[1]]
+        return [self._memo[key] for key in keys]
+
+    def _combine(self, pairs, means, stds) -> list[Estimate]:
+        results = []
         for (context, config), mean, std in zip(pairs, means, stds):
             key = ContextKey.of(context)
             cell = self.cells.get((key, config.key()))
@@ -89,7 +104,7 @@ class Snapshot:
             if cell is not None:
                 precision += 1.0 / cell.std_error**2
                 weighted += cell.location / cell.std_error**2
-            flat.append(
+            results.append(
                 Estimate(
                     mean=weighted / precision,
                     std=math.sqrt(1.0 / precision),
@@ -97,10 +112,6 @@ class Snapshot:
                     transferred=self._transferred(key, config),
                 )
             )
-        results, start = [], 0
-        for _, configs in requests:
-            results.append(flat[start : start + len(configs)])
-            start += len(configs)
         return results
 
     def _transferred(self, key: ContextKey, config: NcclConfig) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import lru_cache
 
 from dynamiccl.schemas import Algo, Collective, Context, Fabric, NcclConfig, Proto
 
@@ -41,6 +42,7 @@ _GENERATION_PATTERNS: tuple[tuple[str, GpuGeneration], ...] = (
 )
 
 
+@lru_cache(maxsize=1024)
 def gpu_generation(gpu: str) -> GpuGeneration:
     """NCCL's class for a GPU model name; unknown names count as the oldest (the safe side)."""
     name = gpu.lower().replace("-", " ").replace("_", " ")
@@ -59,9 +61,10 @@ class FabricTraits:
     nvlink_class: bool
     sharp: bool
 
-    @classmethod
-    def of(cls, fabric: Fabric) -> FabricTraits:
-        return cls(
+    @staticmethod
+    @lru_cache(maxsize=1024)
+    def of(fabric: Fabric) -> FabricTraits:
+        return FabricTraits(
             generation=gpu_generation(fabric.gpu),
             nvswitch=fabric.intra_node == "nvswitch",
             nvlink_class=fabric.intra_node in ("nvswitch", "nvlink"),
@@ -73,6 +76,7 @@ class FabricTraits:
         return self.nvswitch and self.generation >= GpuGeneration.hopper
 
 
+@lru_cache(maxsize=65536)
 def valid_algorithms(fabric: Fabric, context: Context) -> tuple[Algo, ...]:
     """Algorithms NCCL can run for this call on this fabric (empty for point-to-point)."""
     traits = FabricTraits.of(fabric)
@@ -97,6 +101,7 @@ def valid_algorithms(fabric: Fabric, context: Context) -> tuple[Algo, ...]:
     return (Algo.ring,)  # broadcast, reduce
 
 
+@lru_cache(maxsize=4096)
 def valid_protocols(fabric: Fabric, algo: Algo) -> tuple[Proto, ...]:
     if algo in _SIMPLE_ONLY:
         return (Proto.simple,)
@@ -137,18 +142,19 @@ def is_valid(fabric: Fabric, context: Context, config: NcclConfig) -> bool:
     return True
 
 
+@lru_cache(maxsize=65536)
 def candidate_configs(
     fabric: Fabric, context: Context, channels: tuple[int, ...] = CHANNEL_GRID
-) -> list[NcclConfig]:
+) -> tuple[NcclConfig, ...]:
     """Every configuration the tuner may try for this call, the NCCL default first."""
     configs = [NcclConfig()]
     if context.nranks == 1:
-        return configs
+        return tuple(configs)
     channel_options: list[int | None] = [None, *channels]
     if context.collective.is_p2p:
         configs += [NcclConfig(nchannels=c) for c in channels]
-        return configs
+        return tuple(configs)
     for algo in valid_algorithms(fabric, context):
         for proto in valid_protocols(fabric, algo):
             configs += [NcclConfig(algo=algo, proto=proto, nchannels=c) for c in channel_options]
-    return configs
+    return tuple(configs)

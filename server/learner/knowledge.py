@@ -31,6 +31,10 @@ TRANSFER_STD = 0.05
 #: A snapshot older than this triggers a background refresh (other replicas may have ingested).
 STALE_AFTER_S = 5.0
 READ_PAGE = 50_000
+#: A fabric is refit at most this often, in multiples of its last refit's duration: under a
+#: stream of batches, refits take a bounded share of the CPU and requests keep theirs.
+REFIT_SPACING = 3.0
+MIN_REFIT_INTERVAL_S = 0.2
 #: Contexts whose estimates a snapshot remembers (bounds memory under many distinct contexts).
 MEMO_LIMIT = 20_000
 
@@ -215,6 +219,7 @@ class KnowledgeBase:
         self._idle = threading.Event()
         self._idle.set()
         self._stopped = False
+        self._next_refit: dict[str, float] = {}
         self._worker = threading.Thread(target=self._run, name="dynamiccl-refit", daemon=True)
         self._worker.start()
 
@@ -271,12 +276,15 @@ class KnowledgeBase:
             knowledge = self._fabrics.get(fabric_id)
             if knowledge is None:
                 continue
+            time.sleep(max(0.0, self._next_refit.get(fabric_id, 0.0) - time.monotonic()))
             started = time.perf_counter()
             try:
                 knowledge.refresh(self._store, self._donors(knowledge))
             except Exception:  # a failed refit keeps the last snapshot; the next one retries
                 log.exception("refit of fabric %s failed", fabric_id)
                 continue
+            elapsed = time.perf_counter() - started
+            self._next_refit[fabric_id] = time.monotonic() + max(MIN_REFIT_INTERVAL_S, REFIT_SPACING * elapsed)
             if self._on_refit is not None:
-                self._on_refit(time.perf_counter() - started)
+                self._on_refit(elapsed)
 

@@ -24,6 +24,7 @@ class NcclPrior:
         self._model = NcclCostModel(fabric)
         self.resolve = lru_cache(maxsize=65536)(self._model.resolve)
         self.log_time = lru_cache(maxsize=65536)(self._log_time)
+        self._resolve_env = lru_cache(maxsize=65536)(self._resolve_env_uncached)
 
     def _log_time(self, context: Context, config: NcclConfig) -> float:
         resolved = self.resolve(context, config)
@@ -31,4 +32,7 @@ class NcclPrior:
         return math.log(max(time_us, 1e-3)) if math.isfinite(time_us) else math.log(1e12)
 
     def resolve_env(self, context: Context, env: dict[str, str]) -> NcclConfig:
-        return self._model.resolve_env(context, env)
+        return self._resolve_env(context, tuple(sorted(env.items())))
+
+    def _resolve_env_uncached(self, context: Context, env: tuple[tuple[str, str], ...]) -> NcclConfig:
+        return self._model.resolve_env(context, dict(env))

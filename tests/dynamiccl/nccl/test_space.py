@@ -81,7 +81,7 @@ def test_point_to_point_takes_only_channels():
 
 def test_one_rank_communicator_only_takes_the_default():
     single = ctx(nranks=1, nnodes=1)
-    assert candidate_configs(H100, single) == [NcclConfig()]
+    assert candidate_configs(H100, single) == (NcclConfig(),)
     assert not is_valid(H100, single, NcclConfig(nchannels=2))
 
 

@@ -1,18 +1,22 @@
 """The simulated fabric's true performance: NCCL's cost model with the departures real clusters show.
 
-Starting point: the latency and bandwidth terms of `dynamiccl.nccl.cost_model`.
-Each effect below multiplies one term; all are smooth in size and channel count.
+Starting point: the latency and bandwidth terms of `dynamiccl.nccl.cost_model` (NCCL's own
+model). Each effect multiplies one term; all are smooth in size and channel count, none is larger
+than about 1.4x on its own.
 
 | effect | size | source or reason |
 | --- | --- | --- |
-| channel saturation | bandwidth grows as 1 - exp(-n / (full/3)) instead of linearly: half the channels keep ~80% of the bandwidth | links and NICs saturate with a few CTAs each (nccl-tests sweeps of NCCL_MAX_NCHANNELS; AutoCCL, NSDI'25) |
-| compute interference | +0.25% time per channel above 8 on large calls | CTAs taken by NCCL slow the compute overlapping it, and the collective back (AutoCCL; NCCL.md "the model ignores compute running alongside") |
-| protocol efficiency by hardware | Hopper LL128 +8% bandwidth; Ampere LL128 across nodes -12%; LL -5% everywhere | NCCL's caps are per generation averages; LL128's gain depends on NVLink generation and NIC path |
-| tree at mid sizes across nodes | tree bandwidth -25% from 64 KiB to 16 MiB when nnodes > 1 | trees are "not perfectly sticking to the model for medium sizes" (NCCL tuning.cc comment); reports of tree slower than ring across nodes (NVIDIA/nccl issue 1368) |
-| NVLS small-message overhead | +10 us latency for NVLS and NVLS tree | multicast object setup and memory-ordering cost not in the model |
-| PAT | +15% bandwidth | PAT is newer than its model entry |
+| channel saturation | n channels work like n_eff = n (1 + k) / (1 + k n / full), k = 1.5, in NCCL's formula: one CTA moves ~2.3x what NCCL's per-channel share says, half the channels keep ~71% | links and NICs saturate with a few CTAs each (nccl-tests sweeps of NCCL_MAX_NCHANNELS; AutoCCL, NSDI'25) |
+| NIC queue depth | across nodes a NIC reaches line rate with ~4 channels on it, not NCCL's 2: bandwidth x(1 - 0.3 exp(-(c - 1) / 1.5)) for c channels per NIC, relative to the default | uccl-project/uccl issue 205 (32 channels needed on 8-NIC H100 nodes, 8 "significantly reduced" busbw); NCCL issue 652 ("use enough channels") |
+| channel contention | -0.6% bandwidth per channel above the fabric's link count (4 per NIC across nodes, 16 on NVSwitch, 4 on PCIe) | more CTAs than links queue on the same NIC / PCIe switch (NCCL issue 652: "performance should add up" per NIC, not per channel) |
+| compute interference | +0.2% time per channel above 8, on calls of 1 MiB and more | CTAs taken by NCCL slow the overlapping compute and the collective back (AutoCCL; NCCL.md: "the model ignores compute running alongside") |
+| protocol efficiency | LL -5% bandwidth; LL128 +8% on Hopper, -12% across Ampere nodes | NCCL's caps are per-generation averages; LL128's gain depends on NVLink generation and NIC path |
+| tree at mid sizes across nodes | tree bandwidth -25% from 64 KiB to 16 MiB, multi-node | "trees are not perfectly sticking to the model for medium sizes" (tuning.cc); tree slower than ring across nodes (NCCL issue 1368) |
+| NVLS overheads | +8 us latency; NVLS bandwidth x0.9 (single node) | multicast setup and memory ordering not in the model; measured NVLS busbw ~470-480 GB/s on 8x H100 vs NCCL's ~590 upper bound |
+| network efficiency at scale | inter-node bandwidth x(0.97 - 0.045 log2(nodes)) | congestion, adaptive routing and rail imbalance (AWS p5: 477.7 GB/s at 2 nodes, 274.5 at 8 for 1 GB) |
 | seeded per-fabric variation | +-6% bandwidth per (algo, proto), +-4% per size octave, +-10% latency per algo | two clusters of the same parts are never alike: firmware, cabling, switch topology |
 
+Point-to-point calls take NCCL-like p2p time with the same channel effects.
 The simulator only produces measurements; nothing outside `dynamiccl.sim` reads this model.
 """
 
@@ -26,11 +30,14 @@ from dynamiccl.nccl.cost_model import NcclCostModel
 from dynamiccl.nccl.space import GpuGeneration
 from dynamiccl.schemas import Algo, Context, NcclConfig, Proto
 
-SATURATION_FRACTION = 1.0 / 3.0
-INTERFERENCE_PER_CHANNEL = 0.0025
-NVLS_EXTRA_LATENCY_US = 10.0
+SATURATION_K = 1.5
+CONTENTION_PER_CHANNEL = 0.006
+INTERFERENCE_PER_CHANNEL = 0.002
+NVLS_EXTRA_LATENCY_US = 8.0
+NVLS_BANDWIDTH_EFFICIENCY = 0.9
 TREE_MID_SIZE_PENALTY = 0.75
-PAT_GAIN = 1.15
+NET_EFFICIENCY = (0.97, 0.045)  # at 2 nodes, loss per doubling
+NIC_DEPTH = (0.3, 1.5)  # shortfall with one channel per NIC, channels per NIC to recover 1/e of it
 
 
 class TrueModel:
@@ -45,43 +52,64 @@ class TrueModel:
         self._octave_variation = np.exp(rng.normal(0.0, 0.04, size=64))
         self._latency_variation = {algo: float(np.exp(rng.normal(0.0, 0.10))) for algo in Algo}
         self._p2p_variation = float(np.exp(rng.normal(0.0, 0.06)))
+        fabric = nccl.fabric
+        self._nics = max(1, min(fabric.nics_per_node, fabric.gpus_per_node))
+        self._links = {
+            1: 16 if fabric.intra_node == "nvswitch" else 8 if fabric.intra_node == "nvlink" else 4,
+            2: 4 * self._nics,
+        }
 
     def latency_us(self, context: Context, config: NcclConfig) -> float:
+        """True time (us) of one call run with a resolved `config` (algo, proto and channels set)."""
         if context.nranks == 1:
             return 1.0
+        nch = config.nchannels
         if context.collective.is_p2p:
-            return self._p2p_latency_us(context, config.nchannels)
-        algo, proto, nch = config.algo, config.proto, config.nchannels
-        latency, bandwidth = self.nccl.terms(context, algo, proto, nch)
+            effective, contention = self._channels(context, nch, None)
+            latency = self.nccl.time_us(context.model_copy(update={"nbytes": 0}), None, None, effective)
+            transfer = (self.nccl.time_us(context, None, None, effective) - latency) / contention
+            return (latency + transfer) * self._p2p_variation * self._interference(context, nch)
+        algo, proto = config.algo, config.proto
+        effective, contention = self._channels(context, nch, algo)
+        latency, bandwidth = self.nccl.terms(context, algo, proto, effective)
         if bandwidth <= 0:
             return math.inf
-        full = self.nccl.default_channels(algo)
-        bandwidth *= self._saturation(nch, full) / (min(nch, full) / full)
+        bandwidth *= contention
         bandwidth *= self._protocol_efficiency(context, proto)
         bandwidth *= self._pair_variation[(algo, proto)] * self._octave(context.nbytes)
+        if context.nnodes > 1:
+            bandwidth *= NET_EFFICIENCY[0] - NET_EFFICIENCY[1] * math.log2(context.nnodes / 2)
         if algo is Algo.tree and context.nnodes > 1 and (1 << 16) <= context.nbytes <= (1 << 24):
             bandwidth *= TREE_MID_SIZE_PENALTY
-        if algo is Algo.pat:
-            bandwidth *= PAT_GAIN
         latency *= self._latency_variation[algo]
         if algo in (Algo.nvls, Algo.nvls_tree):
             latency += NVLS_EXTRA_LATENCY_US
-        transfer = context.nbytes / (1000.0 * bandwidth)
-        interference = 1.0 + INTERFERENCE_PER_CHANNEL * max(nch - 8, 0) * self._large(context.nbytes)
-        return (latency + transfer) * interference
+            if context.nnodes == 1:
+                bandwidth *= NVLS_BANDWIDTH_EFFICIENCY
+        return (latency + context.nbytes / (1000.0 * bandwidth)) * self._interference(context, nch)
 
-    def _p2p_latency_us(self, context: Context, nchannels: int | None) -> float:
-        full = self.nccl.topology.channels
-        nch = nchannels or full
-        base = self.nccl.time_us(context, None, None, full)
-        saturation = self._saturation(nch, full)
-        return base * self._p2p_variation / saturation * (1 + INTERFERENCE_PER_CHANNEL * max(nch - 8, 0))
+    def _channels(self, context: Context, nchannels: int, algo: Algo | None) -> tuple[float, float]:
+        """(effective channel count for NCCL's formula, contention factor on bandwidth).
+
+        Both are 1:1 with NCCL at its full channel count, so the default runs as NCCL models it
+        apart from the other effects."""
+        full = self.nccl.default_channels(algo, context.nnodes)
+        effective = nchannels * (1 + SATURATION_K) / (1 + SATURATION_K * nchannels / full)
+        links = self._links[min(context.nnodes, 2)]
+        contention = 1.0 - CONTENTION_PER_CHANNEL * (max(nchannels - links, 0) - max(full - links, 0))
+        if context.nnodes > 1:
+            contention *= self._nic_depth(nchannels) / self._nic_depth(full)
+        return effective, contention
+
+    def _nic_depth(self, nchannels: int) -> float:
+        shortfall, scale = NIC_DEPTH
+        per_nic = max(nchannels / self._nics, 1.0)  # fewer channels than NICs: one NIC each
+        return 1.0 - shortfall * math.exp(-(per_nic - 1) / scale)
 
     @staticmethod
-    def _saturation(nchannels: int, full: int) -> float:
-        """Share of the full-channel bandwidth `nchannels` reach (saturating, not linear)."""
-        scale = full * SATURATION_FRACTION
-        return (1 - math.exp(-nchannels / scale)) / (1 - math.exp(-full / scale))
+    def _interference(context: Context, nchannels: int) -> float:
+        large = min(1.0, max(0.0, (math.log2(context.nbytes + 1) - 16) / 4))
+        return 1.0 + INTERFERENCE_PER_CHANNEL * max(nchannels - 8, 0) * large
 
     def _protocol_efficiency(self, context: Context, proto: Proto) -> float:
         generation = self.nccl.topology.generation
@@ -100,9 +128,3 @@ class TrueModel:
         weight = position - low
         table = self._octave_variation
         return float(table[low % 64] * (1 - weight) + table[(low + 1) % 64] * weight)
-
-    @staticmethod
-    def _large(nbytes: int) -> float:
-        """0 for small calls (latency-bound, short), rising to 1 from 16 MiB up."""
-        return min(1.0, max(0.0, (math.log2(nbytes + 1) - 16) / 8))
-

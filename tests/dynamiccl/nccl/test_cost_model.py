@@ -2,9 +2,11 @@
 
 import math
 
+import pytest
+
 from dynamiccl.nccl.cost_model import NcclCostModel, bus_bandwidth_gbs
 from dynamiccl.nccl.env import EnvSetting, render_env
-from dynamiccl.nccl.space import is_valid
+from dynamiccl.nccl.space import InvalidConfig, is_valid
 from dynamiccl.schemas import Algo, Collective, Context, Fabric, NcclConfig, Proto
 
 H100 = NcclCostModel(Fabric(gpu="H100-SXM", gpus_per_node=8, intra_node="nvswitch",
@@ -23,7 +25,7 @@ def test_large_single_node_allreduce_on_hopper_nvswitch_uses_nvls():
 def test_small_messages_use_ll_and_fewer_channels():
     small = H100.default(ctx(4096))
     assert small.proto is Proto.ll
-    assert small.nchannels < H100.default_channels(small.algo)
+    assert small.nchannels < H100.default_channels(small.algo, nnodes=1)
 
 
 def test_across_nodes_small_allreduce_prefers_tree():
@@ -68,14 +70,31 @@ def test_env_restricts_algorithm_protocol_and_channels_like_nccl():
     assert allgather == unrestricted, "NCCL_ALGO for allreduce leaves allgather to NCCL"
 
 
-def test_rules_apply_by_size_and_fall_back_to_nccl():
+def test_rules_apply_by_size_and_otherwise_the_example_plugin_answers_one_channel():
+    # plugins/tuner/example/plugin.c starts with `*nChannels = 1` and NCCL (enqueue.cc) uses any
+    # non-zero answer: despite its README, channels -1 and unmatched calls run on ONE channel.
     rules = "allreduce,0,65536,ring,ll,4,-1,-1\nallreduce,65537,1099511627776,tree,simple,-1,-1,-1\n"
     assert H100.resolve_rules(ctx(1024), rules) == NcclConfig(algo="ring", proto="ll", nchannels=4)
-    assert H100.resolve_rules(ctx(1 << 30), rules).algo is Algo.tree
-    assert H100.resolve_rules(ctx(1024, "broadcast"), rules) == H100.default(ctx(1024, "broadcast"))
-    nvls_rule = "allgather,0,1099511627776,nvls,simple,-1,-1,-1\n"
-    across = ctx(1 << 20, "allgather", nranks=16, nnodes=2)  # NVLS cannot run it: NCCL decides
-    assert H100.resolve_rules(across, nvls_rule) == H100.default(across)
+    assert H100.resolve_rules(ctx(1 << 30), rules) == NcclConfig(algo="tree", proto="simple", nchannels=1)
+    unmatched = ctx(1024, "broadcast")
+    assert H100.resolve_rules(unmatched, rules) == H100.default(unmatched).model_copy(update={"nchannels": 1})
+    nvls_rule = "allgather,0,1099511627776,nvls,simple,16,-1,-1\nallgather,0,1099511627776,ring,simple,8,-1,-1\n"
+    across = ctx(1 << 20, "allgather", nranks=16, nnodes=2)  # NVLS cannot run it: the plugin tries the next rule
+    assert H100.resolve_rules(across, nvls_rule) == NcclConfig(algo="ring", proto="simple", nchannels=8)
+
+
+def test_env_nccl_cannot_satisfy_fails_the_call():
+    env = render_env(EnvSetting(algos={Collective.allreduce: Algo.nvls}))
+    assert H100.resolve_env(ctx(1 << 30), env).algo is Algo.nvls
+    with pytest.raises(InvalidConfig, match="NCCL fails allreduce"):
+        H100.resolve_env(ctx(1 << 30, nranks=16, nnodes=2), env)  # NVLS across nodes needs CollNet
+
+
+def test_default_channel_counts_follow_the_topology_search():
+    assert H100.topology.channels(1) == 32  # 16 search channels at 22.5 GB/s, duplicated
+    assert H100.topology.channels(2) == 16  # one search channel per NIC, duplicated
+    assert H100.default_channels(Algo.nvls, 1) == 16
+    assert L40S.topology.channels(2) == 2
 
 
 def test_bus_bandwidth_follows_nccl_tests_factors():

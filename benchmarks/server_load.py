@@ -29,9 +29,8 @@ from sqlalchemy import create_engine, text
 from dynamiccl.schemas import Context, Measurement, NcclConfig, WeightedContext
 from dynamiccl.sim import PRESETS
 
-POSTGRES_URL = os.environ.get(
-    "DYNAMICCL_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/dynamiccl_test"
-)
+POSTGRES_SERVER = os.environ.get("DYNAMICCL_BENCH_POSTGRES_SERVER", "postgresql+psycopg://postgres@127.0.0.1:5432")
+POSTGRES_URL = f"{POSTGRES_SERVER}/dynamiccl_bench"
 PRESET = PRESETS["h100-ib-4n"]
 console = Console(width=120)
 
@@ -78,11 +77,12 @@ def start_server(database_url: str, workdir: str) -> tuple[subprocess.Popen, str
 
 
 def fresh_postgres() -> str:
-    engine = create_engine(POSTGRES_URL)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
+    """An empty database of the benchmark's own (scripts/postgres.sh starts the server)."""
+    admin = create_engine(f"{POSTGRES_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("DROP DATABASE IF EXISTS dynamiccl_bench WITH (FORCE)"))
+        conn.execute(text("CREATE DATABASE dynamiccl_bench"))
+    admin.dispose()
     return POSTGRES_URL
 
 

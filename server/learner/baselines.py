@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from itertools import groupby
 
+from dynamiccl.nccl.cost_model import NcclCostModel
 from dynamiccl.nccl.space import CHANNEL_GRID, candidate_configs
 from dynamiccl.nccl.tuner_rules import render_rules
 from dynamiccl.schemas import (
@@ -48,7 +49,7 @@ class NcclDefaultTuner(Tuner):
     def recommend(
         self, fabric_id: str, fabric: Fabric, contexts: Sequence[WeightedContext]
     ) -> RecommendResponse:
-        return _response([c.context() for c in contexts], [DEFAULT_CONFIG] * len(contexts), {})
+        return _response(fabric, [c.context() for c in contexts], [DEFAULT_CONFIG] * len(contexts), {})
 
 
 class _SearchingTuner(Tuner):
@@ -73,10 +74,8 @@ class _SearchingTuner(Tuner):
         self, fabric_id: str, fabric: Fabric, contexts: Sequence[WeightedContext]
     ) -> RecommendResponse:
         plain = [c.context() for c in contexts]
-        return _response(plain, [self._best(fabric_id, c) for c in plain], self._medians_for(fabric_id, plain))
-
-    def _medians_for(self, fabric_id: str, contexts: list[Context]) -> dict[int, dict[NcclConfig, float]]:
-        return {i: self._medians(fabric_id, c) for i, c in enumerate(contexts)}
+        medians = {i: self._medians(fabric_id, c) for i, c in enumerate(plain)}
+        return _response(fabric, plain, [self._best(fabric_id, c) for c in plain], medians)
 
 
 class ExhaustiveSweepTuner(_SearchingTuner):
@@ -129,6 +128,7 @@ class CoordinateDescentTuner(_SearchingTuner):
 
 
 def _response(
+    fabric: Fabric,
     contexts: list[Context],
     configs: list[NcclConfig],
     medians: dict[int, dict[NcclConfig, float]],
@@ -145,9 +145,8 @@ def _response(
                 default_latency_us=default,
                 speedup=default / chosen if default and chosen else 1.0,
                 confidence=0.0,
-                samples=0,
+                samples=len(seen),
             )
         )
-    return RecommendResponse(
-        recommendations=recommendations, env={}, tuner_config=render_rules(tuner_rules(contexts, configs))
-    )
+    rules = tuner_rules(contexts, configs, NcclCostModel(fabric).resolve)
+    return RecommendResponse(recommendations=recommendations, env={}, tuner_config=render_rules(rules))

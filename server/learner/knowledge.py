@@ -37,6 +37,8 @@ REFIT_SPACING = 3.0
 MIN_REFIT_INTERVAL_S = 0.2
 #: Contexts whose estimates a snapshot remembers (bounds memory under many distinct contexts).
 MEMO_LIMIT = 20_000
+#: Recently requested contexts each new snapshot is computed for before it is swapped in.
+RECENT_LIMIT = 4_000
 
 
 def hardware_signature(fabric: Fabric) -> tuple:
@@ -82,22 +84,24 @@ class Snapshot:
     measurements_seen: int
     built_at: float = field(default_factory=time.monotonic)
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
+    _memo_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     def estimates(self, requests: list[tuple[Context, list[NcclConfig]]]) -> list[list[Estimate]]:
         """Posterior per config of each context: the surrogate's prediction combined with the
         config's own samples (precision-weighted). Misses are computed in one batched model call
         and memoised: a snapshot never changes, so neither do its answers."""
         keys = [(context, tuple(configs)) for context, configs in requests]
-        missing = list(dict.fromkeys(k for k in keys if k not in self._memo))
-        if len(self._memo) + len(missing) > MEMO_LIMIT:
-            self._memo.clear()
-        if missing:
-            pairs = [(context, config) for context, configs in missing for config in configs]
-            means, stds = self.model.predict(pairs)
-            flat = iter(self._combine(pairs, means, stds))
-            for key in missing:
-                self._memo[key] = [next(flat) for _ in key[1]]
-        return [self._memo[key] for key in keys]
+        with self._memo_lock:  # one thread computes, concurrent requests for the same wait
+            missing = list(dict.fromkeys(k for k in keys if k not in self._memo))
+            if len(self._memo) + len(missing) > MEMO_LIMIT:
+                self._memo.clear()
+            if missing:
+                pairs = [(context, config) for context, configs in missing for config in configs]
+                means, stds = self.model.predict(pairs)
+                flat = iter(self._combine(pairs, means, stds))
+                for key in missing:
+                    self._memo[key] = [next(flat) for _ in key[1]]
+            return [self._memo[key] for key in keys]
 
     def _combine(self, pairs, means, stds) -> list[Estimate]:
         results = []
@@ -144,6 +148,7 @@ class FabricKnowledge:
         self._last_id = 0
         self._seen = 0
         self._lock = threading.Lock()
+        self._recent: dict[tuple[Context, tuple[NcclConfig, ...]], None] = {}
         self.snapshot = Snapshot(self.prior, {}, {}, ResidualModel(self.prior, []), 0.05, 0)
 
     def refresh(self, store: Store, donors: Iterable[FabricKnowledge], fit: bool = True) -> bool:
@@ -158,8 +163,19 @@ class FabricKnowledge:
             model = self.snapshot.model
             if fit:
                 model = ResidualModel(self.prior, self._examples(cells, donor_cells))
-            self.snapshot = Snapshot(self.prior, cells, donor_cells, model, noise, self._seen)
+            snapshot = Snapshot(self.prior, cells, donor_cells, model, noise, self._seen)
+            snapshot.estimates(list(self._recent))  # requests find the new snapshot warm
+            self.snapshot = snapshot
             return bool(new)
+
+    def estimates(self, requests: list[tuple[Context, list[NcclConfig]]]) -> list[list[Estimate]]:
+        """The current snapshot's estimates; what was asked is remembered, so the next snapshot
+        is computed for it before it replaces this one."""
+        for context, configs in requests:
+            self._recent[(context, tuple(configs))] = None
+        while len(self._recent) > RECENT_LIMIT:
+            self._recent.pop(next(iter(self._recent)))
+        return self.snapshot.estimates(requests)
 
     def _read_new(self, store: Store) -> int:
         count = 0

@@ -45,11 +45,11 @@ class DynamicclTuner(Tuner):
     def suggest(
         self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context], seed: int
     ) -> list[Pick]:
-        snapshot = self.knowledge.get(fabric_id, fabric).snapshot
+        knowledge = self.knowledge.get(fabric_id, fabric)
         candidates = [candidate_configs(fabric, c) for c in contexts]
         rng = np.random.default_rng(seed)
         picks = []
-        for configs, estimates in zip(candidates, snapshot.estimates(list(zip(contexts, candidates)))):
+        for configs, estimates in zip(candidates, knowledge.estimates(list(zip(contexts, candidates)))):
             choice = choose_suggestion(estimates, rng)
             config = configs[choice.index]
             if config.is_default:
@@ -62,12 +62,13 @@ class DynamicclTuner(Tuner):
     def recommend(
         self, fabric_id: str, fabric: Fabric, contexts: Sequence[WeightedContext]
     ) -> RecommendResponse:
-        snapshot = self.knowledge.get(fabric_id, fabric).snapshot
+        knowledge = self.knowledge.get(fabric_id, fabric)
+        snapshot = knowledge.snapshot
         plain = [c.context() for c in contexts]
         candidates = [candidate_configs(fabric, c) for c in plain]
         recommendations = []
         for context, configs, estimates in zip(
-            plain, candidates, snapshot.estimates(list(zip(plain, candidates)))
+            plain, candidates, knowledge.estimates(list(zip(plain, candidates)))
         ):
             verdict = choose_recommendation(estimates)
             chosen, default = estimates[verdict.index], estimates[0]
@@ -87,5 +88,5 @@ class DynamicclTuner(Tuner):
         return RecommendResponse(
             recommendations=recommendations,
             env=choose_env(snapshot, plain, weights, configs),
-            tuner_config=render_rules(tuner_rules(plain, configs)),
+            tuner_config=render_rules(tuner_rules(plain, configs, snapshot.prior.resolve)),
         )

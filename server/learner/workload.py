@@ -7,13 +7,17 @@
   anyway, and a setting that may slow any call by more than `MAX_CALL_LOSS`
   is refused: never worse than the default, for the workload or for a call.
 * `tuner_rules`: per-size rules for the tuner plugin, one per recommended
-  context, adjacent sizes with the same choice merged.
+  context, adjacent sizes with the same choice merged. Every rule names the
+  config in full (what NCCL would pick, where the recommendation leaves it to
+  NCCL): with NCCL's example plugin loaded, a call no rule matches, or a rule
+  with channels -1, runs on one channel.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import groupby
 
 from dynamiccl.nccl.env import EnvSetting, render_env
@@ -89,14 +93,18 @@ def choose_env(
     return render_env(best)
 
 
-def tuner_rules(contexts: Sequence[Context], recommended: Sequence[NcclConfig]) -> list[TunerRule]:
+def tuner_rules(
+    contexts: Sequence[Context],
+    recommended: Sequence[NcclConfig],
+    resolve: Callable[[Context, NcclConfig], NcclConfig],
+) -> list[TunerRule]:
     """One rule per size range; each recommended size owns up to the geometric midpoints to its
     neighbours, so sizes between two measured ones follow the nearer (in log scale)."""
     rows = sorted(
         (
-            (c.collective, c.nnodes, c.nranks, c.nbytes, config)
+            (c.collective, c.nnodes, c.nranks, c.nbytes, resolve(c, config))
             for c, config in zip(contexts, recommended)
-            if c.collective in RULE_COLLECTIVES
+            if c.collective in RULE_COLLECTIVES and c.nranks > 1
         ),
         key=lambda row: (RULE_COLLECTIVES.index(row[0]), row[1], row[2], row[3]),
     )
@@ -105,10 +113,9 @@ def tuner_rules(contexts: Sequence[Context], recommended: Sequence[NcclConfig]) 
         sized = [(nbytes, config) for *_, nbytes, config in group]
         sized = [s for i, s in enumerate(sized) if i == 0 or s[0] != sized[i - 1][0]]
         for i, (nbytes, config) in enumerate(sized):
-            if config.algo is None or config.proto is None:
-                continue  # NCCL decides: no rule, the plugin falls back to NCCL's choice
             low = 0 if i == 0 else math.isqrt(sized[i - 1][0] * nbytes) + 1
             high = MAX_BYTES if i == len(sized) - 1 else math.isqrt(nbytes * sized[i + 1][0])
+            rule = TunerRule(collective, low, high, config.algo, config.proto, config.nchannels, nnodes, nranks)
             previous = rules[-1] if rules else None
             if (
                 previous is not None
@@ -116,10 +123,7 @@ def tuner_rules(contexts: Sequence[Context], recommended: Sequence[NcclConfig]) 
                 and previous.config == config
                 and previous.max_bytes + 1 == low
             ):
-                rules[-1] = TunerRule(collective, previous.min_bytes, high, config.algo, config.proto,
-                                      config.nchannels, nnodes, nranks)
-                continue
-            rules.append(
-                TunerRule(collective, low, high, config.algo, config.proto, config.nchannels, nnodes, nranks)
-            )
+                rule = dataclasses.replace(previous, max_bytes=high)
+                rules.pop()
+            rules.append(rule)
     return rules

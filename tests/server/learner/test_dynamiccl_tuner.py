@@ -4,8 +4,9 @@ regresses, never suggests what the fabric cannot run, and carries what it learne
 import numpy as np
 import pytest
 
-from dynamiccl.nccl import is_valid
+from dynamiccl.nccl import candidate_configs, is_valid
 from dynamiccl.schemas import Context, Measurement, NcclConfig, SuggestionKind, WeightedContext
+from dynamiccl.server.learner.stats import cell_key
 from dynamiccl.server.learner.tuner import DynamicclTuner
 from dynamiccl.sim import PRESETS, SimulatedFabric
 
@@ -90,7 +91,10 @@ def test_a_new_fabric_with_the_same_hardware_starts_from_what_its_twin_learned(t
     assert all(r.config.is_default for r in answer.recommendations), "no baseline of its own yet"
     picks = tuner.suggest("cluster-b", PRESET.fabric, CONTEXTS, seed=0)
     assert all(p.kind is SuggestionKind.default for p in picks)
-    estimates = tuner.knowledge.get("cluster-b", PRESET.fabric).snapshot.estimates(
-        [(c, [NcclConfig(algo="ring", proto="ll", nchannels=8)]) for c in CONTEXTS]
-    )
-    assert any(e[0].transferred for e in estimates), "the twin's measurements back its configs"
+    twin = tuner.knowledge.get("cluster-a", PRESET.fabric).snapshot
+    explored = [(context, config) for context in CONTEXTS for config in candidate_configs(PRESET.fabric, context)
+                if not config.is_default and (cell := twin.cells.get(cell_key(context, config))) and cell.n >= 2]
+    assert explored
+    fresh = tuner.knowledge.get("cluster-b", PRESET.fabric).snapshot
+    estimates = fresh.estimates([(context, [config]) for context, config in explored])
+    assert all(e.transferred and e.samples == 0 for (e,) in estimates), "the twin's measurements back its configs"

@@ -100,7 +100,7 @@ class SqlStore(Store):
                             received_at=time.time(), count=len(items))
                     .returning(batches.c.id)
                 ).scalar_one()
-                if items:
+                if items:  # one executemany: SQLite's and psycopg's bulk paths
                     conn.execute(insert(measurements), [_row(fabric_id, batch_pk, m, client) for m in items])
         except IntegrityError:
             if self._batch_exists(fabric_id, batch_id):

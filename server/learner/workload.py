@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from itertools import groupby
 
 from dynamiccl.nccl.env import EnvSetting, render_env
+from dynamiccl.nccl.space import InvalidConfig
 from dynamiccl.nccl.tuner_rules import RULE_COLLECTIVES, TunerRule
 from dynamiccl.schemas import Collective, Context, NcclConfig
 from dynamiccl.server.learner.knowledge import Snapshot
@@ -60,7 +61,10 @@ def choose_env(
     def total(setting: EnvSetting) -> float:
         """Weighted pessimistic time of the workload under `setting`; inf if it may hurt a call."""
         env = render_env(setting)
-        runs = [(i, prior.resolve_env(context, env)) for i, context in enumerate(contexts)]
+        try:
+            runs = [(i, prior.resolve_env(context, env)) for i, context in enumerate(contexts)]
+        except InvalidConfig:  # NCCL would fail a call: nothing it could run is left allowed
+            return math.inf
         forced = [(i, config) for i, config in runs if config != defaults[i]]
         unknown = [(i, config) for i, config in forced if (i, config) not in cache]
         if unknown:

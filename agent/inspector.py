@@ -1,0 +1,213 @@
+"""Follows NCCL Inspector's JSON-lines dumps (NCCL_INSPECTOR_DUMP_DIR) and yields Measurements.
+
+Which records count: every rank of a communicator writes its own record of
+the same collective call. Only the records of rank 0 are used: each
+communicator has exactly one rank 0, on exactly one node, so across the whole
+cluster every call is counted once (de-duplicating by (communicator id,
+coll_sn) on each node would still count it once per node, and would need
+memory per call). For point-to-point operations the Send side is used, from
+every rank: each transfer has exactly one sender, so it too is counted once.
+
+Reading is resumable and safe against a writer in progress: a file is read up
+to its last complete line (a partial last line is read again next time), a
+file whose inode changed or that shrank below the saved offset (rotated or
+truncated) is read again from the start, and the offsets are kept in a JSON
+state file replaced atomically, so an agent restart resumes where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from dynamiccl.schemas import DEFAULT_CONFIG, Context, Measurement, NcclConfig
+
+log = logging.getLogger("dynamiccl.agent.inspector")
+
+MAX_READ_BYTES = 16 << 20  # per file and poll: bounds memory for a huge backlog
+_COLLECTIVES = {
+    "allreduce": "allreduce",
+    "allgather": "allgather",
+    "reducescatter": "reducescatter",
+    "broadcast": "broadcast",
+    "reduce": "reduce",
+    "alltoall": "alltoall",
+}
+
+
+def record_to_measurement(record: dict[str, Any], config: NcclConfig, job_id: str | None) -> Measurement | None:
+    """One Inspector record as a Measurement, or None when it is not counted (see module docstring)."""
+    header = record.get("header") or {}
+    if "coll_perf" in record:
+        perf = record["coll_perf"]
+        collective = _COLLECTIVES.get(str(perf.get("coll", "")).lower())
+        if collective is None or header.get("rank") != 0:
+            return None
+        nbytes, exec_us = perf.get("coll_msg_size_bytes"), perf.get("coll_exec_time_us")
+    elif "p2p_perf" in record:
+        perf = record["p2p_perf"]
+        if str(perf.get("p2p", "")).lower() != "send":
+            return None
+        collective = "sendrecv"
+        nbytes, exec_us = perf.get("p2p_msg_size_bytes"), perf.get("p2p_exec_time_us")
+    else:
+        return None
+    if not isinstance(exec_us, int | float) or exec_us <= 0:
+        return None  # no timing (the plugin writes 0 when it has none)
+    dump_us = (record.get("metadata") or {}).get("dump_timestamp_us")
+    return Measurement(
+        context=Context(
+            collective=collective,
+            nbytes=nbytes,
+            nranks=header.get("n_ranks"),
+            nnodes=header.get("nnodes") or 1,
+        ),
+        config=config,
+        latency_us=float(exec_us),
+        count=1,
+        source="inspector",
+        job_id=job_id,
+        ts=dump_us / 1e6 if isinstance(dump_us, int | float) else None,
+    )
+
+
+class InspectorReader:
+    """Reads new complete records from every file under `dump_dir`; see the module docstring."""
+
+    def __init__(
+        self,
+        dump_dir: Path,
+        state_file: Path,
+        config: NcclConfig = DEFAULT_CONFIG,
+        job_id: str | None = None,
+    ) -> None:
+        self.dump_dir = dump_dir
+        self.state_file = state_file
+        self.config = config
+        self.job_id = job_id
+        self.skipped = 0  # malformed or invalid lines
+        self._offsets: dict[str, dict[str, int]] = self._load_state()
+
+    def _load_state(self) -> dict[str, dict[str, int]]:
+        try:
+            state = json.loads(self.state_file.read_text())
+            return {str(p): {"inode": int(v["inode"]), "offset": int(v["offset"])} for p, v in state.items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("inspector state %s unreadable; reading dumps from the start", self.state_file)
+            return {}
+
+    def _save_state(self) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=".inspector-state-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._offsets, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _files(self) -> list[Path]:
+        if not self.dump_dir.is_dir():
+            return []
+        state = self.state_file.resolve()
+        return sorted(
+            p for p in self.dump_dir.rglob("*")
+            if p.is_file() and not p.name.startswith(".") and p.resolve() != state
+        )
+
+    def poll(self) -> list[Measurement]:
+        """New measurements since the last poll; the offsets are saved before returning."""
+        out: list[Measurement] = []
+        seen: set[str] = set()
+        changed = False
+        for path in self._files():
+            key = str(path)
+            seen.add(key)
+            try:
+                changed |= self._read(path, key, out)
+            except OSError as error:  # vanished or unreadable meanwhile: try again next poll
+                log.debug("skipping %s: %s", path, error)
+        for gone in set(self._offsets) - seen:
+            del self._offsets[gone]
+            changed = True
+        if changed:
+            self._save_state()
+        return out
+
+    def _read(self, path: Path, key: str, out: list[Measurement]) -> bool:
+        with path.open("rb") as f:
+            stat = os.fstat(f.fileno())
+            saved = self._offsets.get(key)
+            offset = saved["offset"] if saved and saved["inode"] == stat.st_ino else 0
+            if stat.st_size < offset:  # truncated in place
+                offset = 0
+            if saved == {"inode": stat.st_ino, "offset": offset} and stat.st_size == offset:
+                return False
+            f.seek(offset)
+            chunk = f.read(MAX_READ_BYTES)
+        end = chunk.rfind(b"\n") + 1  # complete lines only; a partial tail is read again next time
+        if end == 0 and len(chunk) == MAX_READ_BYTES:  # one line longer than any record: skip it
+            self.skipped += 1
+            end = len(chunk)
+        for line in chunk[:end].splitlines():
+            self._parse(line, out)
+        self._offsets[key] = {"inode": stat.st_ino, "offset": offset + end}
+        return True
+
+    def _parse(self, line: bytes, out: list[Measurement]) -> None:
+        if not line.strip():
+            return
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+            measurement = record_to_measurement(record, self.config, self.job_id)
+        except (ValueError, ValidationError, TypeError, AttributeError) as error:
+            self.skipped += 1
+            log.debug("skipping an inspector line: %s", error)
+            return
+        if measurement is not None:
+            out.append(measurement)
+
+
+class InspectorFollower:
+    """Polls an InspectorReader on a thread and hands what it reads to `sink`."""
+
+    def __init__(
+        self, reader: InspectorReader, sink: Callable[[list[Measurement]], None], interval_s: float = 1.0
+    ) -> None:
+        self.reader = reader
+        self.sink = sink
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dynamiccl-inspector", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                measurements = self.reader.poll()
+                if measurements:
+                    self.sink(measurements)
+            except Exception:  # never let a bad dump stop the follower
+                log.exception("reading inspector dumps failed")

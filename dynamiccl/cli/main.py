@@ -35,5 +35,38 @@ def server(
     run_server(host=host, port=port, database=database, tokens_file=tokens_file)
 
 
+@app.command()
+def agent(
+    server: str = typer.Option(..., envvar="DYNAMICCL_SERVER", help="URL of the tuning server"),
+    listen: str = typer.Option("127.0.0.1:7461", help="host:port of the local API"),
+    spool: Path | None = typer.Option(
+        None, envvar="DYNAMICCL_SPOOL", help="spool directory (default ~/.cache/dynamiccl/agent)"
+    ),
+    fabric_id: str | None = typer.Option(None, help="fabric id (default: derived from the hardware)"),
+    token: str | None = typer.Option(None, envvar="DYNAMICCL_TOKEN", help="bearer token for the server"),
+    window: float = typer.Option(10.0, min=0.05, help="aggregation window in seconds"),
+    inspector_dir: Path | None = typer.Option(
+        None, envvar="NCCL_INSPECTOR_DUMP_DIR", help="follow NCCL Inspector dumps in this directory"
+    ),
+    gpu: str | None = typer.Option(None, help="override the detected GPU model"),
+    gpus_per_node: int | None = typer.Option(None, min=1, help="override the GPU count"),
+    intra_node: str | None = typer.Option(None, help="override: nvswitch | nvlink | pcie"),
+    inter_node: str | None = typer.Option(None, help="override: ib-ndr400 | ib-hdr200 | roce-400 | ... | none"),
+    nics_per_node: int | None = typer.Option(None, min=0, help="override the NIC count"),
+    nccl_version: str | None = typer.Option(None, help="override the NCCL version"),
+    sharp: bool | None = typer.Option(None, "--sharp/--no-sharp", help="override: in-network reduction"),
+) -> None:
+    """Run the node agent: collects measurements, spools and sends them, serves recommendations."""
+    from dynamiccl.agent.cli import run_agent
+    from dynamiccl.agent.fabric_detect import FabricOverrides
+
+    overrides = FabricOverrides(
+        gpu=gpu, gpus_per_node=gpus_per_node, intra_node=intra_node, inter_node=inter_node,
+        nics_per_node=nics_per_node, nccl_version=nccl_version, sharp=sharp,
+    )
+    run_agent(server=server, listen=listen, spool=spool, fabric_id=fabric_id, token=token,
+              window_s=window, inspector_dir=inspector_dir, overrides=overrides)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,96 @@
+"""The agent's local API, used by the torch hook and the launcher on the same node.
+
+`POST /local/v1/measurements`, `POST /local/v1/recommend`, `GET /healthz`,
+`GET /metrics`. Malformed input is a 422 naming the field (and counted);
+nothing a caller sends can stop the agent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+
+from dynamiccl import __version__
+from dynamiccl.schemas import (
+    MAX_BATCH_MEASUREMENTS,
+    MAX_CONTEXTS,
+    Measurement,
+    OptionalId,
+    RecommendResponse,
+    WeightedContext,
+)
+
+from dynamiccl.agent.daemon import Agent
+
+
+class LocalMeasurements(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: OptionalId | None = None
+    measurements: Annotated[list[Measurement], Field(max_length=MAX_BATCH_MEASUREMENTS)]
+
+
+class LocalAccepted(BaseModel):
+    accepted: int
+
+
+class LocalRecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: OptionalId
+    contexts: Annotated[list[WeightedContext], Field(min_length=1, max_length=MAX_CONTEXTS)] | None = None
+    refresh: bool = False
+
+
+class LocalRecommendResponse(RecommendResponse):
+    source: Literal["server", "cache", "default"]
+    reason: str
+
+
+def create_app(agent: Agent, manage_agent: bool = True) -> FastAPI:
+    """The local app; with `manage_agent` its lifespan starts and stops the agent's threads."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_agent:
+            agent.start()
+        try:
+            yield
+        finally:
+            if manage_agent:
+                agent.stop()
+
+    app = FastAPI(title="DynamICCL node agent", version=__version__, lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, error: RequestValidationError) -> Response:
+        agent.metrics.bad_requests.inc()
+        return await request_validation_exception_handler(request, error)
+
+    @app.post("/local/v1/measurements", status_code=202)
+    def measurements(body: LocalMeasurements) -> LocalAccepted:
+        return LocalAccepted(accepted=agent.ingest(body.measurements, job_id=body.job_id))
+
+    @app.post("/local/v1/recommend")
+    def recommend(body: LocalRecommendRequest) -> LocalRecommendResponse:
+        answer = agent.recommend(body.job_id, body.contexts, body.refresh)
+        return LocalRecommendResponse(
+            **answer.response.model_dump(), source=answer.source, reason=answer.reason
+        )
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, object]:
+        return agent.health()
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(agent.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -9,10 +9,13 @@ memory per call). For point-to-point operations the Send side is used, from
 every rank: each transfer has exactly one sender, so it too is counted once.
 
 Reading is resumable and safe against a writer in progress: a file is read up
-to its last complete line (a partial last line is read again next time), a
-file whose inode changed or that shrank below the saved offset (rotated or
-truncated) is read again from the start, and the offsets are kept in a JSON
-state file replaced atomically, so an agent restart resumes where it was.
+to its last complete line (a partial last line is read again next time).
+Offsets belong to a file's identity (device and inode), not its name: a path
+that now names a new file (rotation: inode changed) is read from the start,
+the renamed old file keeps its offset (no record read twice), and a file that
+shrank below its offset (truncated in place) is read again from the start.
+The offsets live in a JSON state file replaced atomically, so an agent
+restart resumes where it was.
 """
 
 from __future__ import annotations
@@ -94,12 +97,14 @@ class InspectorReader:
         self.config = config
         self.job_id = job_id
         self.skipped = 0  # malformed or invalid lines
-        self._offsets: dict[str, dict[str, int]] = self._load_state()
+        # Keyed by file identity (device:inode), not path: a file rotated by renaming keeps its
+        # offset, so its records are not read twice; a path that now names a new file starts at 0.
+        self._offsets: dict[str, dict[str, int | str]] = self._load_state()
 
-    def _load_state(self) -> dict[str, dict[str, int]]:
+    def _load_state(self) -> dict[str, dict[str, int | str]]:
         try:
             state = json.loads(self.state_file.read_text())
-            return {str(p): {"inode": int(v["inode"]), "offset": int(v["offset"])} for p, v in state.items()}
+            return {str(k): {"path": str(v["path"]), "offset": int(v["offset"])} for k, v in state.items()}
         except FileNotFoundError:
             return {}
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -134,27 +139,27 @@ class InspectorReader:
         seen: set[str] = set()
         changed = False
         for path in self._files():
-            key = str(path)
-            seen.add(key)
             try:
-                changed |= self._read(path, key, out)
+                changed |= self._read(path, seen, out)
             except OSError as error:  # vanished or unreadable meanwhile: try again next poll
                 log.debug("skipping %s: %s", path, error)
-        for gone in set(self._offsets) - seen:
+        for gone in set(self._offsets) - seen:  # deleted files
             del self._offsets[gone]
             changed = True
         if changed:
             self._save_state()
         return out
 
-    def _read(self, path: Path, key: str, out: list[Measurement]) -> bool:
+    def _read(self, path: Path, seen: set[str], out: list[Measurement]) -> bool:
         with path.open("rb") as f:
             stat = os.fstat(f.fileno())
+            key = f"{stat.st_dev}:{stat.st_ino}"
+            seen.add(key)
             saved = self._offsets.get(key)
-            offset = saved["offset"] if saved and saved["inode"] == stat.st_ino else 0
+            offset = int(saved["offset"]) if saved else 0
             if stat.st_size < offset:  # truncated in place
                 offset = 0
-            if saved == {"inode": stat.st_ino, "offset": offset} and stat.st_size == offset:
+            if saved == {"path": str(path), "offset": offset} and stat.st_size == offset:
                 return False
             f.seek(offset)
             chunk = f.read(MAX_READ_BYTES)
@@ -164,7 +169,7 @@ class InspectorReader:
             end = len(chunk)
         for line in chunk[:end].splitlines():
             self._parse(line, out)
-        self._offsets[key] = {"inode": stat.st_ino, "offset": offset + end}
+        self._offsets[key] = {"path": str(path), "offset": offset + end}
         return True
 
     def _parse(self, line: bytes, out: list[Measurement]) -> None:

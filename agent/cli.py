@@ -40,6 +40,7 @@ def run_agent(
     window_s: float = 10.0,
     inspector_dir: Path | None = None,
     overrides: FabricOverrides = FabricOverrides(),
+    max_backoff_s: float = 30.0,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = parse_listen(listen)
@@ -58,6 +59,7 @@ def run_agent(
         token=token,
         window_s=window_s,
         inspector_dir=inspector_dir,
+        max_backoff_s=max_backoff_s,
     )
     log.info("local API on http://%s:%d", host, port)
     uvicorn.run(create_app(Agent(config)), host=host, port=port, log_level="warning")

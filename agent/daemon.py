@@ -43,6 +43,7 @@ class AgentConfig:
     inspector_dir: Path | None = None
     inspector_config: NcclConfig = DEFAULT_CONFIG  # the NCCL config the Inspector-observed job runs
     inspector_job_id: str | None = None
+    inspector_interval_s: float = 1.0
     max_spool_bytes: int = DEFAULT_MAX_BYTES
     max_spool_batches: int = DEFAULT_MAX_BATCHES
     max_backoff_s: float = 30.0
@@ -97,7 +98,7 @@ class Agent:
                 config=config.inspector_config,
                 job_id=config.inspector_job_id,
             )
-            self.inspector = InspectorFollower(reader, self.ingest)
+            self.inspector = InspectorFollower(reader, self.ingest, interval_s=config.inspector_interval_s)
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="dynamiccl-window", daemon=True)
 

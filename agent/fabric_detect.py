@@ -14,7 +14,6 @@ intra_node "pcie", inter_node "none") and a note saying so.
 from __future__ import annotations
 
 import glob
-import logging
 import re
 import shutil
 import subprocess
@@ -24,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynamiccl.schemas import Fabric
-
-log = logging.getLogger("dynamiccl.agent.fabric")
 
 Runner = Callable[[Sequence[str]], str | None]
 """Runs a command; its stdout, or None when the command is missing or fails."""

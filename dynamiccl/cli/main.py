@@ -55,6 +55,7 @@ def agent(
     nics_per_node: int | None = typer.Option(None, min=0, help="override the NIC count"),
     nccl_version: str | None = typer.Option(None, help="override the NCCL version"),
     sharp: bool | None = typer.Option(None, "--sharp/--no-sharp", help="override: in-network reduction"),
+    max_backoff: float = typer.Option(30.0, min=0.01, help="longest wait between retries to the server (s)"),
 ) -> None:
     """Run the node agent: collects measurements, spools and sends them, serves recommendations."""
     from dynamiccl.agent.cli import run_agent
@@ -65,7 +66,7 @@ def agent(
         nics_per_node=nics_per_node, nccl_version=nccl_version, sharp=sharp,
     )
     run_agent(server=server, listen=listen, spool=spool, fabric_id=fabric_id, token=token,
-              window_s=window, inspector_dir=inspector_dir, overrides=overrides)
+              window_s=window, inspector_dir=inspector_dir, overrides=overrides, max_backoff_s=max_backoff)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -134,3 +135,17 @@ def test_recommend_bad_input(make_agent):
     assert client.post("/local/v1/recommend", json={"contexts": None}).status_code == 422
     response = client.post("/local/v1/recommend", json={"job_id": "j", "contexts": []})
     assert response.status_code == 422 and "contexts" in response.json()["detail"][0]["loc"]
+
+
+def test_inspector_dumps_flow_to_the_server(make_agent, fake_server, tmp_path):
+    dumps = tmp_path / "inspector"
+    dumps.mkdir()
+    agent, client = make_agent(inspector_dir=dumps, inspector_interval_s=0.05, inspector_job_id="job-i")
+    record = {"header": {"id": "0x1", "rank": 0, "n_ranks": 4, "nnodes": 1},
+              "metadata": {"dump_timestamp_us": 1748030377748202, "hostname": "n", "pid": 1},
+              "coll_perf": {"coll": "ReduceScatter", "coll_sn": 1, "coll_msg_size_bytes": 1 << 20,
+                            "coll_exec_time_us": 80, "coll_timing_source": "kernel_gpu",
+                            "coll_algobw_gbs": 1.0, "coll_busbw_gbs": 1.0}}
+    (dumps / "rank0.log").write_text((json.dumps(record) + "\n") * 3)
+    assert wait_for(lambda: fake_server.measurements == 1)  # three calls of one context: one row, count 3
+    assert 'dynamiccl_agent_measurements_received_total{source="inspector"} 3.0' in client.get("/metrics").text

@@ -1,0 +1,132 @@
+"""End to end against the real server: agent SIGKILLed and restarted, server down for a while;
+afterwards every aggregated measurement is stored exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+FABRIC_ID = "e2e-cpu"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+class Processes:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.server_port, self.agent_port = free_port(), free_port()
+        self.server_url = f"http://127.0.0.1:{self.server_port}"
+        self.agent_url = f"http://127.0.0.1:{self.agent_port}"
+        self.running: dict[str, subprocess.Popen] = {}
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = open(self.tmp_path / f"{name}.log", "ab")
+        self.running[name] = subprocess.Popen(
+            [sys.executable, "-m", "dynamiccl.cli.main", *args], stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "DYNAMICCL_TOKENS": ""},
+        )
+
+    def start_server(self) -> None:
+        self._start("server", ["server", "--port", str(self.server_port),
+                               "--database", f"sqlite:///{self.tmp_path}/server.db"])
+        wait_for(lambda: httpx.get(f"{self.server_url}/healthz").status_code == 200)
+
+    def start_agent(self) -> None:
+        self._start("agent", ["agent", "--server", self.server_url, "--listen", f"127.0.0.1:{self.agent_port}",
+                              "--spool", str(self.tmp_path / "spool"), "--fabric-id", FABRIC_ID,
+                              "--window", "0.2", "--max-backoff", "0.5"])
+        wait_for(lambda: httpx.get(f"{self.agent_url}/healthz").status_code == 200)
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        process = self.running.pop(name)
+        process.send_signal(sig)
+        process.wait(timeout=15)
+
+    def close(self) -> None:
+        for name in list(self.running):
+            self.stop(name, signal.SIGKILL)
+
+
+@pytest.fixture
+def procs(tmp_path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    yield procs
+    procs.close()
+
+
+def post(procs: Processes, start: int, n: int) -> None:
+    """n measurements of distinct contexts, so that each is one stored row."""
+    measurements = [
+        {"context": {"collective": "allreduce", "nbytes": 1024 * (start + i + 1), "nranks": 2, "nnodes": 1},
+         "config": {}, "latency_us": 50.0 + i, "count": 3, "source": "torch"}
+        for i in range(n)
+    ]
+    response = httpx.post(f"{procs.agent_url}/local/v1/measurements",
+                          json={"job_id": "e2e-job", "measurements": measurements})
+    assert response.status_code == 202
+
+
+def stored(procs: Processes) -> int:
+    response = httpx.get(f"{procs.server_url}/v1/fabrics/{FABRIC_ID}")
+    return response.json()["measurements"] if response.status_code == 200 else -1
+
+
+def agent_health(procs: Processes) -> dict:
+    return httpx.get(f"{procs.agent_url}/healthz").json()
+
+
+def test_crash_and_outage_lose_nothing_and_count_nothing_twice(procs):
+    procs.start_server()
+    procs.start_agent()
+    post(procs, 0, 40)
+    wait_for(lambda: stored(procs) == 40)
+
+    procs.stop("server")
+    post(procs, 40, 40)
+    wait_for(lambda: agent_health(procs)["spool_depth"] >= 1)  # spooled, not sent
+    procs.stop("agent", signal.SIGKILL)
+
+    procs.start_agent()
+    assert agent_health(procs)["spool_depth"] >= 1  # the spool survived the kill
+    post(procs, 80, 40)
+    wait_for(lambda: agent_health(procs)["spool_depth"] >= 2)
+
+    procs.start_server()
+    wait_for(lambda: stored(procs) == 120 and agent_health(procs)["spool_depth"] == 0)
+    time.sleep(1.0)  # any straggling duplicate would show up now
+    assert stored(procs) == 120
+    status = httpx.get(f"{procs.server_url}/v1/fabrics/{FABRIC_ID}").json()
+    assert status["contexts"] == 120
+
+    answer = httpx.post(f"{procs.agent_url}/local/v1/recommend", json={"job_id": "e2e-job"}).json()
+    assert answer["source"] == "server"
+    procs.stop("server")
+    again = httpx.post(f"{procs.agent_url}/local/v1/recommend", json={"job_id": "e2e-job"}).json()
+    assert again["source"] == "cache" and again["env"] == answer["env"]

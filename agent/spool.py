@@ -88,7 +88,8 @@ class Spool:
                     agent_id = row[0]
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
         return agent_id
 
@@ -122,7 +123,8 @@ class Spool:
             self._conn.execute("UPDATE meta SET value=? WHERE key='next_seq'", (str(seq + 1),))
             self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:  # SQLite already rolled back on some errors (disk full)
+                self._conn.execute("ROLLBACK")
             raise
         return batch_id
 

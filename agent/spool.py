@@ -14,6 +14,7 @@ the learner, and the agent must keep accepting data whatever the disk does.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynamiccl.schemas import Measurement
+
+log = logging.getLogger("dynamiccl.agent.spool")
 
 DEFAULT_MAX_BYTES = 256 << 20
 DEFAULT_MAX_BATCHES = 100_000
@@ -94,7 +97,10 @@ class Spool:
         return agent_id
 
     def put(self, fabric_id: str, measurements: Sequence[Measurement]) -> str | None:
-        """Spool one batch; returns its id, or None if it could not be kept (counted as dropped)."""
+        """Spool one batch; returns its id, or None if it could not be kept (counted as dropped).
+
+        Never raises for a storage failure: the agent keeps accepting data whatever the disk does.
+        """
         payload = json.dumps([m.model_dump(mode="json", exclude_none=True) for m in measurements])
         with self._lock:
             for attempt in range(2):
@@ -104,10 +110,14 @@ class Spool:
                     return batch_id
                 except sqlite3.OperationalError as error:
                     if not _is_disk_full(error):
-                        raise
+                        log.error("spool %s unwritable, batch dropped: %s", self.path, error)
+                        break
                     # Disk full: free room by dropping the oldest batch, then try once more.
                     if attempt == 0 and self._drop_oldest(1) == 0:
                         break
+                except sqlite3.Error as error:
+                    log.error("spool %s failed, batch dropped: %s", self.path, error)
+                    break
             self._count_drop(1)
             return None
 

@@ -31,6 +31,9 @@ TRANSFER_STD = 0.05
 #: A snapshot older than this triggers a background refresh (other replicas may have ingested).
 STALE_AFTER_S = 5.0
 READ_PAGE = 50_000
+#: Least spread of the surrogate where a cell has samples of its own: the model was fit to
+#: those samples, so as a prior for them it must not outweigh them.
+MODEL_STD_WITH_DATA = 0.05
 #: A fabric is refit at most this often, in multiples of its last refit's duration: under a
 #: stream of batches, refits take a bounded share of the CPU and requests keep theirs.
 REFIT_SPACING = 3.0
@@ -108,6 +111,8 @@ class Snapshot:
         for (context, config), mean, std in zip(pairs, means, stds):
             key = ContextKey.of(context)
             cell = self.cells.get((key, config.key()))
+            if cell is not None:  # the model learned from this very cell: do not count it twice
+                std = max(std, MODEL_STD_WITH_DATA)
             precision, weighted = 1.0 / std**2, mean / std**2
             if cell is not None:
                 precision += 1.0 / cell.std_error**2

@@ -32,7 +32,7 @@ MIN_GAIN = math.log(1.01)
 #: Samples of a config in a context before it can be recommended there.
 MIN_SAMPLES = 2
 #: Samples of the NCCL default, the baseline of every comparison, before anything else is tried.
-DEFAULT_SAMPLES = 3
+DEFAULT_SAMPLES = 5
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,25 @@ def choose_suggestion(estimates: list[Estimate], rng: np.random.Generator) -> Ch
     value[best] = 0.0
     top = float(value.max())
     if top <= 0.0:
-        return Choice(best, explore=False)
+        return Choice(_confirm(estimates, best), explore=False)
     ties = np.flatnonzero(value >= top - 1e-12)
     return Choice(int(rng.choice(ties)), explore=True)
+
+
+def _confirm(estimates: list[Estimate], best: int) -> int:
+    """Exploiting the best known config, or the default where the default is the less certain
+    of the two and the gain is not yet confident enough to recommend: a gain that cannot be
+    confirmed is never used."""
+    default = estimates[0]
+    if best == 0 or default.std <= estimates[best].std:
+        return best
+    return 0 if _probability_of_gain(default, estimates[best]) < CONFIDENCE else best
+
+
+def _probability_of_gain(default: Estimate, candidate: Estimate) -> float:
+    """P(candidate is faster than the default by at least MIN_GAIN)."""
+    gain = default.mean - candidate.mean
+    return float(norm.cdf((gain - MIN_GAIN) / math.hypot(default.std, candidate.std)))
 
 
 @dataclass(frozen=True)
@@ -83,8 +99,7 @@ def choose_recommendation(estimates: list[Estimate]) -> Verdict:
         eligible = estimate.samples >= MIN_SAMPLES or (estimate.samples == 0 and estimate.transferred)
         if not eligible:
             continue
-        gain = default.mean - estimate.mean
-        probability = float(norm.cdf((gain - MIN_GAIN) / math.hypot(default.std, estimate.std)))
+        probability = _probability_of_gain(default, estimate)
         closest = max(closest, probability)
         if probability >= CONFIDENCE and estimate.mean < best_mean:
             best, best_mean, best_probability = index, estimate.mean, probability

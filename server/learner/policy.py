@@ -30,7 +30,7 @@ CONFIDENCE = 0.95
 #: Smallest predicted gain (log scale) worth changing NCCL's choice for.
 MIN_GAIN = math.log(1.01)
 #: Samples of a config in a context before it can be recommended there.
-MIN_SAMPLES = 2
+MIN_SAMPLES = 3
 #: Samples of the NCCL default, the baseline of every comparison, before anything else is tried.
 DEFAULT_SAMPLES = 5
 

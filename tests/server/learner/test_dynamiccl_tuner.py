@@ -59,7 +59,7 @@ def test_without_measurements_everything_stays_the_nccl_default(tuner, sqlite_st
 
 def test_closed_loop_gains_where_there_is_headroom_and_never_regresses(tuner, sqlite_store):
     sim = SimulatedFabric(PRESET, seed=7)
-    kinds = run_loop(tuner, sqlite_store, "dgx", sim, rounds=14)
+    kinds = run_loop(tuner, sqlite_store, "dgx", sim, rounds=24)
     assert set(kinds[0]) == {SuggestionKind.default}, "the baseline is measured first"
     assert SuggestionKind.explore in {k for round_kinds in kinds for k in round_kinds}
 
@@ -79,7 +79,7 @@ def test_closed_loop_gains_where_there_is_headroom_and_never_regresses(tuner, sq
     assert np.allclose(under_rules, recommended), "the tuner rules apply the recommendations as given"
     under_env = np.array([sim.latency_under_env(c, answer.env) for c in CONTEXTS])
     assert np.all(under_env <= default * 1.02), "the process-wide env slows no call"
-    assert tuner.describe("dgx", sim.fabric)["measurements_learned"] == 14 * len(CONTEXTS)
+    assert tuner.describe("dgx", sim.fabric)["measurements_learned"] == 24 * len(CONTEXTS)
 
 
 def test_a_new_fabric_with_the_same_hardware_starts_from_what_its_twin_learned(tuner, sqlite_store):

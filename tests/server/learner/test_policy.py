@@ -7,6 +7,7 @@ import numpy as np
 from dynamiccl.server.learner.knowledge import Estimate
 from dynamiccl.server.learner.policy import (
     CONFIDENCE,
+    DEFAULT_SAMPLES,
     choose_recommendation,
     choose_suggestion,
     expected_improvement,
@@ -15,7 +16,7 @@ from dynamiccl.server.learner.policy import (
 RNG = np.random.default_rng(0)
 
 
-def est(mean, std=0.01, samples=3, transferred=False):
+def est(mean, std=0.01, samples=DEFAULT_SAMPLES, transferred=False):
     return Estimate(mean=math.log(mean), std=std, samples=samples, transferred=transferred)
 
 
@@ -27,6 +28,11 @@ def test_the_default_is_measured_first():
 def test_a_config_that_may_be_much_faster_is_explored():
     choice = choose_suggestion([est(100), est(90, std=0.1, samples=0)], RNG)
     assert choice.index == 1 and choice.explore
+
+
+def test_the_default_is_measured_again_to_confirm_an_uncertain_gain():
+    choice = choose_suggestion([est(100, std=0.03), est(97, std=0.01, samples=8)], RNG)
+    assert choice.index == 0
 
 
 def test_a_config_known_to_be_slow_is_never_tried():

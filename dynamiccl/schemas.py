@@ -219,10 +219,18 @@ class WeightedContext(Context):
 
 
 class RecommendRequest(WireModel):
+    """`contexts` may be empty only for a job: then the job's pinned answer is returned."""
+
     fabric_id: FabricId
-    contexts: Annotated[list[WeightedContext], Field(min_length=1, max_length=MAX_CONTEXTS)]
+    contexts: Annotated[list[WeightedContext], Field(max_length=MAX_CONTEXTS)]
     job_id: OptionalId | None = None
     refresh: bool = False
+
+    @model_validator(mode="after")
+    def _contexts_or_job(self) -> RecommendRequest:
+        if not self.contexts and (self.job_id is None or self.refresh):
+            raise ValueError("contexts must hold at least one context (or name a job_id to get its pinned answer)")
+        return self
 
 
 class Recommendation(WireModel):

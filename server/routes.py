@@ -154,6 +154,8 @@ def recommend(body: RecommendRequest, store: StoreDep, tuner: TunerDep, metrics:
     key = f"recommend|{body.fabric_id}|{body.job_id}"
     if body.job_id is not None and not body.refresh and (pinned := store.pinned(key)) is not None:
         return RecommendResponse.model_validate_json(pinned)
+    if not body.contexts:
+        raise HTTPException(status_code=404, detail=f"job {body.job_id!r} has no pinned recommendation yet: send its contexts")
     answer = tuner.recommend(body.fabric_id, fabric, body.contexts)
     if body.job_id is not None:
         answer = RecommendResponse.model_validate_json(store.pin(key, answer.model_dump_json(), replace=body.refresh))

@@ -169,3 +169,13 @@ def test_create_app_reads_its_settings_from_the_environment(tmp_path, monkeypatc
         assert client.put("/v1/fabrics/f", json=examples.FABRIC, headers=headers).status_code == 201
     assert (tmp_path / "env.db").exists()
 
+
+
+
+def test_a_pinned_job_can_ask_again_without_contexts(client, examples):
+    first = client.post("/v1/recommend", json=examples.recommend(job_id="llama")).json()
+    assert client.post("/v1/recommend", json=examples.recommend(job_id="llama", contexts=[])).json() == first
+    unknown = client.post("/v1/recommend", json=examples.recommend(job_id="other", contexts=[]))
+    assert unknown.status_code == 404 and "no pinned recommendation" in unknown.json()["detail"]
+    anonymous = client.post("/v1/recommend", json=examples.recommend(contexts=[]))
+    assert anonymous.status_code == 422

@@ -13,8 +13,6 @@ Usage: python benchmarks/server_load.py [--batches 60] [--requests 20]
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +26,7 @@ from sqlalchemy import create_engine, text
 
 from dynamiccl.schemas import Context, Measurement, NcclConfig, WeightedContext
 from dynamiccl.sim import PRESETS
+from local_server import local_server
 
 POSTGRES_SERVER = os.environ.get("DYNAMICCL_BENCH_POSTGRES_SERVER", "postgresql+psycopg://postgres@127.0.0.1:5432")
 POSTGRES_URL = f"{POSTGRES_SERVER}/dynamiccl_bench"
@@ -54,28 +53,6 @@ def batch_body(index: int, calls: list[Context]) -> dict:
     return {"fabric_id": "load", "batch_id": f"load-{index}", "measurements": measurements}
 
 
-def start_server(database_url: str, workdir: str) -> tuple[subprocess.Popen, str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "dynamiccl.server.app:create_app",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env={**os.environ, "DYNAMICCL_DATABASE_URL": database_url}, cwd=workdir,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("server did not start")
-
-
 def fresh_postgres() -> str:
     """An empty database of the benchmark's own (scripts/postgres.sh starts the server)."""
     admin = create_engine(f"{POSTGRES_SERVER}/postgres", isolation_level="AUTOCOMMIT")
@@ -87,41 +64,36 @@ def fresh_postgres() -> str:
 
 
 def measure(database_url: str, batches: int, clients: int, requests: int) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as workdir:
-        process, url = start_server(database_url, workdir)
-        try:
+    with tempfile.TemporaryDirectory() as workdir, local_server(database_url, workdir) as url:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            http.put("/v1/fabrics/load", json=PRESET.fabric.model_dump(mode="json")).raise_for_status()
+        calls = contexts(100)
+        bodies = [batch_body(i, calls) for i in range(batches)]
+
+        def post(body: dict) -> None:
             with httpx.Client(base_url=url, timeout=60) as http:
-                http.put("/v1/fabrics/load", json=PRESET.fabric.model_dump(mode="json")).raise_for_status()
-            calls = contexts(100)
-            bodies = [batch_body(i, calls) for i in range(batches)]
+                http.post("/v1/measurements", json=body).raise_for_status()
 
-            def post(body: dict) -> None:
-                with httpx.Client(base_url=url, timeout=60) as http:
-                    http.post("/v1/measurements", json=body).raise_for_status()
+        started = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(post, bodies))
+        ingest = batches * 1000 / (time.perf_counter() - started)
 
-            started = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                list(pool.map(post, bodies))
-            ingest = batches * 1000 / (time.perf_counter() - started)
+        time.sleep(2.0)  # let the learner take in the data before timing recommendations
+        body = {"fabric_id": "load",
+                "contexts": [WeightedContext(**c.model_dump()).model_dump(mode="json") for c in calls]}
 
-            time.sleep(2.0)  # let the learner take in the data before timing recommendations
-            body = {"fabric_id": "load",
-                    "contexts": [WeightedContext(**c.model_dump()).model_dump(mode="json") for c in calls]}
+        def ask(_: int) -> list[float]:
+            latencies = []
+            with httpx.Client(base_url=url, timeout=60) as http:
+                for _ in range(requests):
+                    t0 = time.perf_counter()
+                    http.post("/v1/recommend", json=body).raise_for_status()
+                    latencies.append(time.perf_counter() - t0)
+            return latencies
 
-            def ask(_: int) -> list[float]:
-                latencies = []
-                with httpx.Client(base_url=url, timeout=60) as http:
-                    for _ in range(requests):
-                        t0 = time.perf_counter()
-                        http.post("/v1/recommend", json=body).raise_for_status()
-                        latencies.append(time.perf_counter() - t0)
-                return latencies
-
-            with ThreadPoolExecutor(20) as pool:
-                latencies = np.concatenate(list(pool.map(ask, range(20)))) * 1000
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+        with ThreadPoolExecutor(20) as pool:
+            latencies = np.concatenate(list(pool.map(ask, range(20)))) * 1000
     return {"ingest": ingest, "p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99)),
             "n": len(latencies)}
 

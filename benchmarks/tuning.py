@@ -28,9 +28,6 @@ Usage: python benchmarks/tuning.py [--presets h100-ib-2n,a100-ib-2n] [--rounds 3
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -56,6 +53,7 @@ from dynamiccl.schemas import (
 )
 from dynamiccl.server.learner import CoordinateDescentTuner, ExhaustiveSweepTuner, NcclDefaultTuner, Tuner
 from dynamiccl.sim import PRESETS, Preset, SimulatedFabric
+from local_server import local_server
 
 COLLECTIVES = (Collective.allreduce, Collective.allgather, Collective.reducescatter, Collective.broadcast)
 SIZES = tuple(1024 * 4**i for i in range(11))  # 1 KiB .. 1 GiB
@@ -193,34 +191,6 @@ def score(times: Sequence[float], oracle: Sequence[float], default: Sequence[flo
     )
 
 
-def start_server(workdir: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "DYNAMICCL_DATABASE_URL": f"sqlite:///{workdir}/bench.db"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "dynamiccl.server.app:create_app",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env=env, cwd=workdir,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("the server did not start")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(
     presets: str = typer.Option(",".join(PRESETS), help="comma-separated preset names"),
     rounds: int = typer.Option(30, min=1),
@@ -231,14 +201,9 @@ def main(
     for column in ("fabric", "strategy", "% oracle", "speedup", "headroom", "worst", "regress",
                    "regret", "online", "invalid"):
         table.add_column(column, justify="left" if column in ("fabric", "strategy") else "right")
-    with tempfile.TemporaryDirectory() as workdir:
-        server, url = start_server(workdir)
-        try:
-            for name in presets.split(","):
-                _bench_preset(PRESETS[name], url, rounds, calls, seed, table)
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
+    with tempfile.TemporaryDirectory() as workdir, local_server(f"sqlite:///{workdir}/bench.db", workdir) as url:
+        for name in presets.split(","):
+            _bench_preset(PRESETS[name], url, rounds, calls, seed, table)
     console.print(table)
 
 

@@ -128,6 +128,15 @@ def sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'api.db'}"
 
 
+@pytest.fixture
+def sqlite_store(sqlite_url: str) -> Iterator[SqlStore]:
+    """A file-backed SQLite store (an in-memory one would differ per thread: the learner's
+    refits run on a thread of their own)."""
+    store = SqlStore(sqlite_url)
+    yield store
+    store.close()
+
+
 class ScriptedTuner(Tuner):
     """A stand-in for the learner: picks valid configs from the seed, records what it observes,
     and recommends `recommended` (or the first non-default candidate) with a set speedup."""

@@ -154,6 +154,7 @@ class FabricKnowledge:
         self._seen = 0
         self._lock = threading.Lock()
         self._recent: dict[tuple[Context, tuple[NcclConfig, ...]], None] = {}
+        self._recent_lock = threading.Lock()
         self.snapshot = Snapshot(self.prior, {}, {}, ResidualModel(self.prior, []), 0.05, 0)
 
     def refresh(self, store: Store, donors: Iterable[FabricKnowledge], fit: bool = True) -> bool:
@@ -169,17 +170,20 @@ class FabricKnowledge:
             if fit:
                 model = ResidualModel(self.prior, self._examples(cells, donor_cells))
             snapshot = Snapshot(self.prior, cells, donor_cells, model, noise, self._seen)
-            snapshot.estimates(list(self._recent))  # requests find the new snapshot warm
+            with self._recent_lock:
+                recent = list(self._recent)
+            snapshot.estimates(recent)  # requests find the new snapshot warm
             self.snapshot = snapshot
             return bool(new)
 
     def estimates(self, requests: list[tuple[Context, list[NcclConfig]]]) -> list[list[Estimate]]:
         """The current snapshot's estimates; what was asked is remembered, so the next snapshot
         is computed for it before it replaces this one."""
-        for context, configs in requests:
-            self._recent[(context, tuple(configs))] = None
-        while len(self._recent) > RECENT_LIMIT:
-            self._recent.pop(next(iter(self._recent)))
+        with self._recent_lock:
+            for context, configs in requests:
+                self._recent[(context, tuple(configs))] = None
+            while len(self._recent) > RECENT_LIMIT:
+                self._recent.pop(next(iter(self._recent)))
         return self.snapshot.estimates(requests)
 
     def _read_new(self, store: Store) -> int:
@@ -235,6 +239,7 @@ class KnowledgeBase:
         self._store = store
         self._on_refit = on_refit
         self._fabrics: dict[str, FabricKnowledge] = {}
+        self._fabrics_lock = threading.RLock()  # creation only; lookups are plain dict reads
         self._pending: set[str] = set()
         self._wake = threading.Condition()
         self._idle = threading.Event()
@@ -248,9 +253,12 @@ class KnowledgeBase:
         """The fabric's knowledge; loaded synchronously (statistics only) on first use."""
         knowledge = self._fabrics.get(fabric_id)
         if knowledge is None or knowledge.signature != hardware_signature(fabric):
-            knowledge = FabricKnowledge(fabric_id, fabric)
-            knowledge.refresh(self._store, self._donors(knowledge), fit=False)
-            self._fabrics[fabric_id] = knowledge
+            with self._fabrics_lock:
+                knowledge = self._fabrics.get(fabric_id)
+                if knowledge is None or knowledge.signature != hardware_signature(fabric):
+                    knowledge = FabricKnowledge(fabric_id, fabric)
+                    knowledge.refresh(self._store, self._donors(knowledge), fit=False)
+                    self._fabrics[fabric_id] = knowledge
             self.mark(fabric_id)
         elif time.monotonic() - knowledge.snapshot.built_at > STALE_AFTER_S:
             self.mark(fabric_id)
@@ -278,10 +286,11 @@ class KnowledgeBase:
         for fabric_id, fabric in self._store.list_fabrics().items():
             if fabric_id == knowledge.fabric_id or hardware_signature(fabric) != knowledge.signature:
                 continue
-            other = self._fabrics.get(fabric_id)
-            if other is None or other.signature != knowledge.signature:
-                other = self._fabrics[fabric_id] = FabricKnowledge(fabric_id, fabric)
-                other.refresh(self._store, [], fit=False)
+            with self._fabrics_lock:
+                other = self._fabrics.get(fabric_id)
+                if other is None or other.signature != knowledge.signature:
+                    other = self._fabrics[fabric_id] = FabricKnowledge(fabric_id, fabric)
+                    other.refresh(self._store, [], fit=False)
             donors.append(other)
         return donors
 

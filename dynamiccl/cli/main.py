@@ -69,5 +69,31 @@ def agent(
               window_s=window, inspector_dir=inspector_dir, overrides=overrides, max_backoff_s=max_backoff)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def launch(
+    ctx: typer.Context,
+    job: str | None = typer.Option(None, help="job id shared by all nodes (default: $DYNAMICCL_JOB_ID, "
+                                              "$SLURM_JOB_ID, else a hash of the command)"),
+    agent_url: str | None = typer.Option(None, "--agent", envvar="DYNAMICCL_AGENT_URL",
+                                         help="node agent URL (default http://127.0.0.1:7461)"),
+    server_url: str | None = typer.Option(None, "--server", help="ask this tuning server directly instead"),
+    mode: str = typer.Option("env", help="env: NCCL variables | plugin: also tuner-plugin rules | off: profiler only"),
+    fabric_id: str | None = typer.Option(None, envvar="DYNAMICCL_FABRIC_ID", help="fabric id (with --server)"),
+    token: str | None = typer.Option(None, envvar="DYNAMICCL_TOKEN", help="bearer token (with --server)"),
+    tuner_plugin: str | None = typer.Option(None, envvar="DYNAMICCL_TUNER_PLUGIN",
+                                            help="path of NCCL's tuner plugin (mode plugin)"),
+) -> None:
+    """Run COMMAND (after --) with the job's learned NCCL configuration and the profiler on."""
+    from dynamiccl.agent.launcher import Mode
+    from dynamiccl.agent.launcher import launch as run_launch
+
+    try:
+        chosen = Mode(mode.lower())
+    except ValueError:
+        raise typer.BadParameter("must be env, plugin or off", param_hint="--mode") from None
+    raise typer.Exit(run_launch(ctx.args, job=job, agent_url=agent_url, server_url=server_url, mode=chosen,
+                                fabric_id=fabric_id, token=token, tuner_plugin=tuner_plugin))
+
+
 if __name__ == "__main__":
     app()

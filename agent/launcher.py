@@ -1,0 +1,242 @@
+"""`dynamiccl launch`: start a job with its learned NCCL configuration and the profiler on.
+
+1. Ask for the job's recommendation: the node agent's local API (which
+   serves the server's pinned answer, or this job's cached one when the
+   server is away), or a server directly with `--server` (pinned by job id).
+   A few seconds at most: nothing here may block a launch, so any failure
+   means the NCCL default, said plainly.
+2. Apply it: `env` as process-wide NCCL variables (mode env); with mode
+   plugin also the per-size `tuner_config` rules for NCCL's tuner plugin.
+   NCCL_* variables the user already set win.
+3. Turn the profiler on for the unmodified script (sitecustomize on
+   PYTHONPATH, TORCH_NCCL_ENABLE_TIMING=1 from the first collective).
+4. Run the command with SIGINT/SIGTERM forwarded; return its exit status.
+
+The command runs in its own process group, so a terminal's Ctrl-C reaches
+it once, through the forwarding (not twice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import FrameType
+
+import httpx
+from rich.console import Console
+
+from dynamiccl.client import DynamicclClient
+from dynamiccl.schemas import RecommendResponse
+
+DEFAULT_AGENT_URL = "http://127.0.0.1:7461"
+RECOMMEND_TIMEOUT_S = 3.0
+SITECUSTOMIZE_DIR = Path(__file__).resolve().parent / "sitecustomize"
+DEFAULT_ANSWER = RecommendResponse(recommendations=[], env={}, tuner_config="")
+
+
+class Mode(StrEnum):
+    env = "env"
+    plugin = "plugin"
+    off = "off"
+
+
+@dataclass(frozen=True)
+class Answer:
+    response: RecommendResponse
+    source: str  # server | cache | default
+    reason: str
+
+
+@dataclass
+class Plan:
+    """The child's environment and what to tell the user about it."""
+
+    env: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+    rules_file: Path | None = None
+
+
+def job_name(job: str | None, environ: Mapping[str, str], command: Sequence[str]) -> tuple[str, str]:
+    """The job id every node must agree on, and where it came from."""
+    if job:
+        return job, "--job"
+    for variable in ("DYNAMICCL_JOB_ID", "SLURM_JOB_ID"):
+        if environ.get(variable):
+            return environ[variable], f"${variable}"
+    digest = hashlib.sha1("\0".join(command).encode()).hexdigest()[:12]
+    return f"cmd-{digest}", "a hash of the command line (same command, same job)"
+
+
+def ask_agent(agent_url: str, job: str, transport: httpx.BaseTransport | None = None) -> Answer:
+    url = agent_url.rstrip("/") + "/local/v1/recommend"
+    try:
+        with httpx.Client(timeout=RECOMMEND_TIMEOUT_S, trust_env=False, transport=transport) as http:
+            response = http.post(url, json={"job_id": job, "contexts": None, "refresh": False})
+        if response.status_code != 200:
+            return Answer(DEFAULT_ANSWER, "default", f"the agent answered {response.status_code}: "
+                                                     f"{response.text[:200]}; NCCL default")
+        body = response.json()
+        return Answer(RecommendResponse.model_validate(body), str(body.get("source", "server")),
+                      str(body.get("reason", "")))
+    except (httpx.HTTPError, ValueError) as error:
+        return Answer(DEFAULT_ANSWER, "default",
+                      f"the agent at {agent_url} is unreachable ({error.__class__.__name__}); NCCL default")
+
+
+def ask_server(server_url: str, fabric_id: str | None, job: str, token: str | None,
+               transport: httpx.BaseTransport | None = None) -> Answer:
+    if not fabric_id:
+        return Answer(DEFAULT_ANSWER, "default", "--server needs --fabric-id; NCCL default")
+    try:
+        with DynamicclClient(server_url, token=token, timeout=RECOMMEND_TIMEOUT_S, attempts=1,
+                             transport=transport) as client:
+            response = client.recommend(fabric_id, [], job_id=job)
+        return Answer(response, "server", "the server's pinned recommendation for this job")
+    except Exception as error:  # noqa: BLE001 - any failure means defaults, never a blocked launch
+        return Answer(DEFAULT_ANSWER, "default", f"the server at {server_url} failed ({error}); NCCL default")
+
+
+def plan_env(
+    environ: Mapping[str, str],
+    answer: Answer | None,
+    mode: Mode,
+    job: str,
+    agent_url: str,
+    tuner_plugin: str | None,
+) -> Plan:
+    plan = Plan(env=dict(environ))
+    if answer is not None:
+        _apply_env(plan, environ, answer.response.env)
+        if mode is Mode.plugin:
+            _apply_rules(plan, environ, answer.response.tuner_config, tuner_plugin, job)
+    _enable_profiler(plan, environ, job, agent_url)
+    return plan
+
+
+def _set(plan: Plan, environ: Mapping[str, str], name: str, value: str, what: str) -> None:
+    if name in environ and environ[name] != value:
+        plan.notes.append(f"{name}={environ[name]} kept: you set it ({what} {value!r})")
+    else:
+        plan.env[name] = value
+        plan.notes.append(f"{name}={value}")
+
+
+def _apply_env(plan: Plan, environ: Mapping[str, str], env: Mapping[str, str]) -> None:
+    if not env:
+        plan.notes.append("no NCCL variables to set: NCCL chooses")
+    for name, value in sorted(env.items()):
+        _set(plan, environ, name, value, "recommended")
+
+
+def rule_count(rules: str) -> int:
+    return sum(1 for line in rules.splitlines() if line.split("#", 1)[0].strip())
+
+
+def _apply_rules(plan: Plan, environ: Mapping[str, str], rules: str, plugin: str | None, job: str) -> None:
+    count = rule_count(rules)
+    if not plugin:
+        plan.notes.append(f"mode plugin: no tuner plugin known (set $DYNAMICCL_TUNER_PLUGIN or "
+                          f"--tuner-plugin): falling back to env mode, {count} rules unused")
+        return
+    if count == 0:
+        plan.notes.append("mode plugin: the recommendation has no per-size rules: plugin not loaded")
+        return
+    safe_job = "".join(c if c.isalnum() or c in "._-" else "_" for c in job)
+    handle = tempfile.NamedTemporaryFile(
+        "w", prefix=f"dynamiccl-{safe_job}-", suffix=".rules", delete=False, encoding="utf-8"
+    )
+    with handle:
+        handle.write(rules if rules.endswith("\n") else rules + "\n")
+    plan.rules_file = Path(handle.name)
+    plan.notes.append(f"{count} tuner rules written to {handle.name}")
+    _set(plan, environ, "NCCL_TUNER_CONFIG_FILE", handle.name, "wanted")
+    _set(plan, environ, "NCCL_TUNER_PLUGIN", plugin, "wanted")
+
+
+def _enable_profiler(plan: Plan, environ: Mapping[str, str], job: str, agent_url: str) -> None:
+    if not (SITECUSTOMIZE_DIR / "sitecustomize.py").is_file():
+        plan.notes.append(f"profiler off: {SITECUSTOMIZE_DIR} is missing from this installation")
+        return
+    plan.env.update(DYNAMICCL_HOOK="1", DYNAMICCL_JOB_ID=job, DYNAMICCL_AGENT_URL=agent_url)
+    # Timing must be on before the first collective: enabling it later aborts the communicator.
+    _set(plan, environ, "TORCH_NCCL_ENABLE_TIMING", "1", "the profiler wants")
+    paths = [str(SITECUSTOMIZE_DIR), *filter(None, environ.get("PYTHONPATH", "").split(os.pathsep))]
+    plan.env["PYTHONPATH"] = os.pathsep.join(paths)
+    plan.notes.append(f"profiler on: collectives reported to {agent_url} as job {job}")
+
+
+def run(command: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run the command, forwarding SIGINT/SIGTERM; its exit status (128+N when killed by signal N)."""
+    try:
+        child = subprocess.Popen(list(command), env=dict(env), process_group=0)
+    except OSError as error:
+        Console(stderr=True).print(f"[red]dynamiccl launch: cannot run {command[0]!r}: {error}[/red]")
+        return 127
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - status if status < 0 else status
+
+
+def report(console: Console, job: str, job_from: str, answer: Answer | None, mode: Mode, plan: Plan) -> None:
+    console.print(f"[bold]dynamiccl launch[/bold]: job [cyan]{job}[/cyan] (from {job_from}), mode {mode.value}")
+    if answer is None:
+        console.print("  recommendation: not asked (mode off)")
+    else:
+        style = "green" if answer.source == "server" else "yellow"
+        console.print(f"  recommendation: [{style}]{answer.source}[/{style}]: {answer.reason}")
+        response = answer.response
+        console.print(f"  {len(response.recommendations)} recommendations, {len(response.env)} NCCL "
+                      f"variables, {rule_count(response.tuner_config)} tuner rules")
+    for note in plan.notes:
+        console.print(f"  {note}", markup=False, highlight=False)
+
+
+def launch(
+    command: Sequence[str],
+    job: str | None = None,
+    agent_url: str | None = None,
+    server_url: str | None = None,
+    mode: Mode = Mode.env,
+    fabric_id: str | None = None,
+    token: str | None = None,
+    tuner_plugin: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> int:
+    environ = dict(os.environ if environ is None else environ)
+    console = Console(stderr=True)
+    if not command:
+        console.print("[red]dynamiccl launch: no command given (dynamiccl launch [OPTIONS] -- COMMAND ...)[/red]")
+        return 2
+    job, job_from = job_name(job, environ, command)
+    agent_url = agent_url or environ.get("DYNAMICCL_AGENT_URL") or DEFAULT_AGENT_URL
+    tuner_plugin = tuner_plugin or environ.get("DYNAMICCL_TUNER_PLUGIN") or None
+    answer: Answer | None = None
+    if mode is not Mode.off:
+        if server_url:
+            answer = ask_server(server_url, fabric_id or environ.get("DYNAMICCL_FABRIC_ID"), job, token)
+        else:
+            answer = ask_agent(agent_url, job)
+    plan = plan_env(environ, answer, mode, job, agent_url, tuner_plugin)
+    report(console, job, job_from, answer, mode, plan)
+    try:
+        return run(command, plan.env)
+    finally:
+        if plan.rules_file is not None:
+            plan.rules_file.unlink(missing_ok=True)

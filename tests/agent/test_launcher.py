@@ -1,0 +1,203 @@
+"""`dynamiccl launch` end to end: a fake agent / server on loopback, the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from dynamiccl.agent.launcher import SITECUSTOMIZE_DIR
+
+ANSWER = {
+    "recommendations": [],
+    "env": {"NCCL_ALGO": "allreduce:ring", "NCCL_PROTO": "allreduce:Simple"},
+    "tuner_config": "# header\nallreduce,0,65535,tree,ll,-1,-1,-1\nallreduce,65536,1048576,ring,simple,-1,-1,-1\n",
+}
+# The child prints what it got: argv, the variables of interest, and the rule file's content.
+PROBE = (
+    "import json, os, sys\n"
+    "keys = [k for k in os.environ if k.startswith(('NCCL_', 'DYNAMICCL_', 'TORCH_NCCL'))]\n"
+    "env = {k: os.environ[k] for k in keys}\n"
+    "rules = open(env['NCCL_TUNER_CONFIG_FILE']).read() if 'NCCL_TUNER_CONFIG_FILE' in env else None\n"
+    "print(json.dumps({'argv': sys.argv[1:], 'env': env, 'rules': rules,"
+    " 'pythonpath': os.environ.get('PYTHONPATH', '')}))\n"
+    "sys.exit(int(os.environ.get('PROBE_EXIT', '0')))\n"
+)
+
+
+class Fake:
+    """Answers the agent's /local/v1/recommend and the server's /v1/recommend; remembers requests."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict]] = []
+        requests = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                requests.append((self.path, body))
+                extra = {"source": "server", "reason": "pinned for the job"} if self.path.startswith("/local") else {}
+                payload = json.dumps({**ANSWER, **extra}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[Fake]:
+    server = Fake()
+    yield server
+    server.server.shutdown()
+
+
+def dead_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NCCL_", "DYNAMICCL_", "TORCH_NCCL", "SLURM_JOB_ID"))}
+    return {**env, "COLUMNS": "200", **extra}
+
+
+def launch(args: list[str], env: dict[str, str] | None = None) -> tuple[int, dict | None, str]:
+    cmd = [sys.executable, "-m", "dynamiccl.cli.main", "launch", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or base_env(), timeout=60)
+    lines = proc.stdout.strip().splitlines()
+    return proc.returncode, json.loads(lines[-1]) if lines else None, proc.stderr
+
+
+def probe(*argv: str) -> list[str]:
+    return ["--", sys.executable, "-c", PROBE, *argv]
+
+
+def test_sets_the_recommended_env_and_passes_arguments_through(fake: Fake) -> None:
+    before = len(fake.requests)
+    argv = ["--lr", "0.1", "a b", "--", "-x", "--job", "other"]
+    rc, seen, err = launch(["--job", "llm-1", "--agent", fake.url, *probe(*argv)],
+                           base_env(PROBE_EXIT="5"))
+    assert rc == 5  # the command's exit status
+    assert seen["argv"] == argv  # everything after the first `--`, untouched
+    assert fake.requests[before:] == [("/local/v1/recommend", {"job_id": "llm-1", "contexts": None, "refresh": False})]
+    env = seen["env"]
+    assert env["NCCL_ALGO"] == "allreduce:ring" and env["NCCL_PROTO"] == "allreduce:Simple"
+    assert "NCCL_TUNER_CONFIG_FILE" not in env  # mode env: no rules
+    assert env["DYNAMICCL_HOOK"] == "1" and env["DYNAMICCL_JOB_ID"] == "llm-1"
+    assert env["DYNAMICCL_AGENT_URL"] == fake.url and env["TORCH_NCCL_ENABLE_TIMING"] == "1"
+    assert seen["pythonpath"].split(os.pathsep)[0] == str(SITECUSTOMIZE_DIR)
+    assert "server" in err and "NCCL_ALGO=allreduce:ring" in err and "2 tuner rules" in err
+
+
+def test_user_set_nccl_variables_win(fake: Fake) -> None:
+    rc, seen, err = launch(["--job", "j", "--agent", fake.url, *probe()], base_env(NCCL_PROTO="LL"))
+    assert rc == 0 and seen["env"]["NCCL_PROTO"] == "LL" and seen["env"]["NCCL_ALGO"] == "allreduce:ring"
+    assert "NCCL_PROTO=LL kept: you set it" in err
+
+
+def test_agent_down_runs_with_defaults_and_says_so() -> None:
+    started = time.monotonic()
+    rc, seen, err = launch(["--job", "j", "--agent", dead_url(), *probe()])
+    assert rc == 0 and time.monotonic() - started < 30
+    assert not any(k.startswith("NCCL_") for k in seen["env"])
+    assert seen["env"]["DYNAMICCL_HOOK"] == "1"  # the profiler still runs
+    assert "unreachable" in err and "NCCL default" in err and "default" in err
+
+
+def test_plugin_mode_writes_the_rules_for_the_tuner_plugin(fake: Fake) -> None:
+    rc, seen, err = launch(["--job", "j", "--agent", fake.url, "--mode", "plugin", *probe()],
+                           base_env(DYNAMICCL_TUNER_PLUGIN="/opt/libnccl-tuner-example.so"))
+    assert rc == 0
+    assert seen["env"]["NCCL_TUNER_PLUGIN"] == "/opt/libnccl-tuner-example.so"
+    assert seen["rules"] == ANSWER["tuner_config"] and seen["env"]["NCCL_ALGO"] == "allreduce:ring"
+    assert not Path(seen["env"]["NCCL_TUNER_CONFIG_FILE"]).exists()  # removed after the job
+    assert "2 tuner rules written" in err
+
+
+def test_plugin_mode_without_a_plugin_falls_back_to_env(fake: Fake) -> None:
+    rc, seen, err = launch(["--job", "j", "--agent", fake.url, "--mode", "plugin", *probe()])
+    assert rc == 0 and "NCCL_TUNER_PLUGIN" not in seen["env"] and seen["env"]["NCCL_ALGO"] == "allreduce:ring"
+    assert "falling back to env mode" in err
+
+
+def test_mode_off_only_turns_the_profiler_on(fake: Fake) -> None:
+    before = len(fake.requests)
+    rc, seen, err = launch(["--job", "j", "--agent", fake.url, "--mode", "off", *probe()])
+    assert rc == 0 and len(fake.requests) == before
+    assert not any(k.startswith("NCCL_") for k in seen["env"]) and seen["env"]["DYNAMICCL_HOOK"] == "1"
+
+
+def test_server_mode_asks_the_server_pinned_by_job(fake: Fake) -> None:
+    rc, seen, err = launch(["--job", "j9", "--server", fake.url, "--fabric-id", "dgx-a", *probe()])
+    assert rc == 0 and seen["env"]["NCCL_ALGO"] == "allreduce:ring"
+    path, body = fake.requests[-1]
+    assert path == "/v1/recommend" and body["job_id"] == "j9" and body["fabric_id"] == "dgx-a"
+
+
+def test_signals_are_forwarded_and_the_status_returned(fake: Fake, tmp_path: Path) -> None:
+    child = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    cmd = [sys.executable, "-m", "dynamiccl.cli.main", "launch", "--mode", "off", "--", sys.executable, "-c", child]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env())
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 42
+
+
+def test_zero_code_activation_installs_the_hook_in_an_unmodified_script(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch.distributed as dist\n"
+        "from dynamiccl.agent import hook\n"
+        "p = hook.current()\n"
+        "print(p is not None and p.job_id == 'zc' and hasattr(dist.all_reduce, '__dynamiccl_original__'))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynamiccl.cli.main", "launch", "--job", "zc", "--mode", "off",
+         "--agent", dead_url(), "--", sys.executable, str(script)],
+        capture_output=True, text=True, env=base_env(), timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"
+
+
+def test_sitecustomize_is_a_no_op_unless_enabled_and_never_breaks_the_script(tmp_path: Path) -> None:
+    broken = tmp_path / "shadow" / "dynamiccl"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('simulated broken install')\n")
+    chained = tmp_path / "chained"
+    chained.mkdir()
+    (chained / "sitecustomize.py").write_text("import builtins; builtins.CHAINED = True\n")
+    path = os.pathsep.join([str(SITECUSTOMIZE_DIR), str(tmp_path / "shadow"), str(chained)])
+    script = "import builtins, sys; print(getattr(builtins, 'CHAINED', False), 'torch' in sys.modules)"
+    for hook_on in ("1", "0"):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                              env=base_env(PYTHONPATH=path, DYNAMICCL_HOOK=hook_on))
+        assert proc.returncode == 0 and proc.stdout.split() == ["True", "False"]  # chained, torch untouched
+        assert ("simulated broken install" in proc.stderr) is (hook_on == "1")
+        assert proc.stderr.count("dynamiccl hook") == (1 if hook_on == "1" else 0)

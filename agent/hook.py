@@ -343,7 +343,7 @@ def uninstall(flush: bool = True) -> None:
         if flush:
             profiler.poster.close()
         else:
-            profiler.poster._stop.set()
+            profiler.poster.stop()
 
 
 def current() -> Profiler | None:

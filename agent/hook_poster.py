@@ -78,7 +78,9 @@ class Poster:
 
     def _client(self, timeout_s: float) -> httpx.Client:
         # trust_env=False: a cluster's HTTP proxy settings must not route loopback calls away.
-        return httpx.Client(timeout=timeout_s, trust_env=False, transport=self._transport)
+        # No certificate store for plain http: loading one costs tens of ms of CPU beside training.
+        return httpx.Client(timeout=timeout_s, trust_env=False, transport=self._transport,
+                            verify=self.url.startswith("https://"))
 
     def flush(self, client: httpx.Client | None = None, deadline: float | None = None) -> None:
         """Collect the current window and post everything pending; never raises."""
@@ -129,6 +131,10 @@ class Poster:
         if not self._warned:
             self._warned = True
             print(f"dynamiccl hook: {why}; keeping up to {self._backlog_max} measurements", file=sys.stderr)
+
+    def stop(self) -> None:
+        """Stop the thread without a last flush (what is pending is dropped with the process)."""
+        self._stop.set()
 
     def close(self, timeout_s: float = 1.5) -> None:
         """Stop the thread and make one last, time-bounded flush (atexit)."""

@@ -130,3 +130,54 @@ def test_crash_and_outage_lose_nothing_and_count_nothing_twice(procs):
     procs.stop("server")
     again = httpx.post(f"{procs.agent_url}/local/v1/recommend", json={"job_id": "e2e-job"}).json()
     assert again["source"] == "cache" and again["env"] == answer["env"]
+
+
+TRAINING_SCRIPT = """
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+for _ in range(5):
+    dist.all_reduce(torch.ones(1024))                        # 4 KiB
+    dist.all_reduce(torch.ones(256 * 1024))                  # 1 MiB
+    out = torch.empty(world * 256)
+    dist.all_gather_into_tensor(out, torch.ones(256))        # 4 KiB gathered in all
+    dist.broadcast(torch.ones(2048), src=0)                  # 8 KiB
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_four_rank_gloo_job_under_launch_reaches_the_server_with_its_contexts(procs, tmp_path):
+    """server + agent + an unmodified 4-rank torchrun job under `dynamiccl launch`."""
+    from dynamiccl.server.storage import SqlStore
+
+    procs.start_server()
+    procs.start_agent()
+    script = tmp_path / "train.py"
+    script.write_text(TRAINING_SCRIPT)
+    launch = subprocess.run(
+        [sys.executable, "-m", "dynamiccl.cli.main", "launch", "--job", "gloo-e2e", "--agent", procs.agent_url,
+         "--", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(script)],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert launch.returncode == 0, launch.stderr[-3000:]
+
+    store = SqlStore(f"sqlite:///{procs.tmp_path}/server.db")
+    try:
+        def job_rows():
+            return [m for m in store.measurements(FABRIC_ID) if m.job_id == "gloo-e2e"]
+
+        wait_for(lambda: {(m.context.collective.value, m.context.nbytes) for m in job_rows()} >= {
+            ("allreduce", 4096), ("allreduce", 1 << 20), ("allgather", 4 * 1024), ("broadcast", 8192)}, timeout=60)
+        rows = job_rows()
+    finally:
+        store.close()
+    assert all(m.context.nranks == 4 and m.context.nnodes == 1 for m in rows)
+    assert all(m.source == "torch" and m.config.is_default for m in rows), "gloo runs no NCCL config"
+    calls = {}
+    for m in rows:
+        key = (m.context.collective.value, m.context.nbytes)
+        calls[key] = calls.get(key, 0) + m.count
+    assert calls[("allreduce", 4096)] == 5 * 4, "every call of every rank, counted once"

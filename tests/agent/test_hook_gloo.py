@@ -10,10 +10,8 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,33 +22,6 @@ WORKER = Path(__file__).with_name("hook_gloo_worker.py")
 WORLD = 2
 
 
-class FakeAgent:
-    """Receives `POST /local/v1/measurements` on a random loopback port."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict] = []
-        bodies = self.bodies
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if self.path == "/local/v1/measurements":
-                    bodies.append(body)
-                payload = json.dumps({"accepted": len(body.get("measurements", []))}).encode()
-                self.send_response(202)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -58,8 +29,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def run() -> Iterator[tuple[FakeAgent, list[dict]]]:
-    agent = FakeAgent()
+def run(recording_server) -> Iterator[tuple[object, list[dict]]]:
+    """One spawn of the ranks; they post to a stand-in agent answering 202."""
+    agent = recording_server(lambda path, body: (202, {"accepted": len(body.get("measurements", []))}))
     port, dead = _free_port(), f"http://127.0.0.1:{_free_port()}"
     env = {**__import__("os").environ, "LOCAL_WORLD_SIZE": "1"}  # one rank per node: nnodes == nranks
     procs = [
@@ -73,12 +45,11 @@ def run() -> Iterator[tuple[FakeAgent, list[dict]]]:
         assert proc.returncode == 0, err[-3000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
     yield agent, results
-    agent.server.shutdown()
 
 
-def _counts(agent: FakeAgent, job: str) -> Counter:
+def _counts(agent, job: str) -> Counter:
     counts: Counter = Counter()
-    for body in agent.bodies:
+    for body in agent.posted("/local/v1/measurements"):
         assert body["job_id"] == job
         for m in body["measurements"]:
             c = m["context"]
@@ -87,7 +58,7 @@ def _counts(agent: FakeAgent, job: str) -> Counter:
     return counts
 
 
-def test_every_collective_is_recorded_with_nccl_sizes(run: tuple[FakeAgent, list[dict]]) -> None:
+def test_every_collective_is_recorded_with_nccl_sizes(run: tuple[object, list[dict]]) -> None:
     agent, results = run
     n = WORLD  # every rank reports its own calls
     assert _counts(agent, "job-gloo") == {
@@ -106,7 +77,7 @@ def test_every_collective_is_recorded_with_nccl_sizes(run: tuple[FakeAgent, list
         assert found["stats"]["backlog"] == 0 and found["stats"]["posted"] > 0
 
 
-def test_p2p_identity_is_preserved_and_pipelining_works(run: tuple[FakeAgent, list[dict]]) -> None:
+def test_p2p_identity_is_preserved_and_pipelining_works(run: tuple[object, list[dict]]) -> None:
     _, results = run
     for rank, found in enumerate(results):
         assert found["isend_identity"] is True
@@ -114,12 +85,12 @@ def test_p2p_identity_is_preserved_and_pipelining_works(run: tuple[FakeAgent, li
         assert found["restored"] is True
 
 
-def test_ddp_comm_hook_keeps_training_correct(run: tuple[FakeAgent, list[dict]]) -> None:
+def test_ddp_comm_hook_keeps_training_correct(run: tuple[object, list[dict]]) -> None:
     _, results = run
     assert all(found["ddp_hook"] and found["grad_finite"] for found in results)
 
 
-def test_agent_down_never_raises_and_keeps_a_backlog(run: tuple[FakeAgent, list[dict]]) -> None:
+def test_agent_down_never_raises_and_keeps_a_backlog(run: tuple[object, list[dict]]) -> None:
     _, results = run
     for found in results:
         stats = found["down_stats"]

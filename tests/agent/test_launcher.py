@@ -8,10 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -35,38 +32,15 @@ PROBE = (
 )
 
 
-class Fake:
+@pytest.fixture(scope="module")
+def fake(recording_server):
     """Answers the agent's /local/v1/recommend and the server's /v1/recommend; remembers requests."""
 
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, dict]] = []
-        requests = self.requests
+    def answer(path: str, body: dict) -> tuple[int, dict]:
+        extra = {"source": "server", "reason": "pinned for the job"} if path.startswith("/local") else {}
+        return 200, {**ANSWER, **extra}
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                requests.append((self.path, body))
-                extra = {"source": "server", "reason": "pinned for the job"} if self.path.startswith("/local") else {}
-                payload = json.dumps({**ANSWER, **extra}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[Fake]:
-    server = Fake()
-    yield server
-    server.server.shutdown()
+    return recording_server(answer)
 
 
 def dead_url() -> str:
@@ -92,7 +66,7 @@ def probe(*argv: str) -> list[str]:
     return ["--", sys.executable, "-c", PROBE, *argv]
 
 
-def test_sets_the_recommended_env_and_passes_arguments_through(fake: Fake) -> None:
+def test_sets_the_recommended_env_and_passes_arguments_through(fake) -> None:
     before = len(fake.requests)
     argv = ["--lr", "0.1", "a b", "--", "-x", "--job", "other"]
     rc, seen, err = launch(["--job", "llm-1", "--agent", fake.url, *probe(*argv)],
@@ -109,7 +83,7 @@ def test_sets_the_recommended_env_and_passes_arguments_through(fake: Fake) -> No
     assert "server" in err and "NCCL_ALGO=allreduce:ring" in err and "2 tuner rules" in err
 
 
-def test_user_set_nccl_variables_win(fake: Fake) -> None:
+def test_user_set_nccl_variables_win(fake) -> None:
     rc, seen, err = launch(["--job", "j", "--agent", fake.url, *probe()], base_env(NCCL_PROTO="LL"))
     assert rc == 0 and seen["env"]["NCCL_PROTO"] == "LL" and seen["env"]["NCCL_ALGO"] == "allreduce:ring"
     assert "NCCL_PROTO=LL kept: you set it" in err
@@ -124,7 +98,7 @@ def test_agent_down_runs_with_defaults_and_says_so() -> None:
     assert "unreachable" in err and "NCCL default" in err and "default" in err
 
 
-def test_plugin_mode_writes_the_rules_for_the_tuner_plugin(fake: Fake) -> None:
+def test_plugin_mode_writes_the_rules_for_the_tuner_plugin(fake) -> None:
     rc, seen, err = launch(["--job", "j", "--agent", fake.url, "--mode", "plugin", *probe()],
                            base_env(DYNAMICCL_TUNER_PLUGIN="/opt/libnccl-tuner-example.so"))
     assert rc == 0
@@ -134,27 +108,27 @@ def test_plugin_mode_writes_the_rules_for_the_tuner_plugin(fake: Fake) -> None:
     assert "2 tuner rules written" in err
 
 
-def test_plugin_mode_without_a_plugin_falls_back_to_env(fake: Fake) -> None:
+def test_plugin_mode_without_a_plugin_falls_back_to_env(fake) -> None:
     rc, seen, err = launch(["--job", "j", "--agent", fake.url, "--mode", "plugin", *probe()])
     assert rc == 0 and "NCCL_TUNER_PLUGIN" not in seen["env"] and seen["env"]["NCCL_ALGO"] == "allreduce:ring"
     assert "falling back to env mode" in err
 
 
-def test_mode_off_only_turns_the_profiler_on(fake: Fake) -> None:
+def test_mode_off_only_turns_the_profiler_on(fake) -> None:
     before = len(fake.requests)
     rc, seen, err = launch(["--job", "j", "--agent", fake.url, "--mode", "off", *probe()])
     assert rc == 0 and len(fake.requests) == before
     assert not any(k.startswith("NCCL_") for k in seen["env"]) and seen["env"]["DYNAMICCL_HOOK"] == "1"
 
 
-def test_server_mode_asks_the_server_pinned_by_job(fake: Fake) -> None:
+def test_server_mode_asks_the_server_pinned_by_job(fake) -> None:
     rc, seen, err = launch(["--job", "j9", "--server", fake.url, "--fabric-id", "dgx-a", *probe()])
     assert rc == 0 and seen["env"]["NCCL_ALGO"] == "allreduce:ring"
     path, body = fake.requests[-1]
     assert path == "/v1/recommend" and body["job_id"] == "j9" and body["fabric_id"] == "dgx-a"
 
 
-def test_signals_are_forwarded_and_the_status_returned(fake: Fake, tmp_path: Path) -> None:
+def test_signals_are_forwarded_and_the_status_returned(fake, tmp_path: Path) -> None:
     child = (
         "import signal, sys, time\n"
         "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\n"

@@ -1,0 +1,58 @@
+"""Per-step collective traces of transformer training layouts."""
+
+import pytest
+
+from dynamiccl.schemas import Collective
+from dynamiccl.workloads.trace import LLAMA3_8B, Layout, ModelShape, step_trace, weighted_contexts
+
+TINY = ModelShape(layers=4, hidden=64, ffn_hidden=256, heads=4, kv_heads=4, vocab=1000)
+
+
+def by_kind(trace):
+    return {(e.parallelism, e.context.collective): e for e in trace}
+
+
+def test_tensor_parallel_all_reduces_activations_four_times_per_layer_and_micro_batch():
+    layout = Layout(tp=8, micro_batches=2, micro_batch_size=1, seq_len=8192)
+    entry = by_kind(step_trace(LLAMA3_8B, layout))[("tp", Collective.allreduce)]
+    assert entry.context.nbytes == 8192 * 4096 * 2
+    assert entry.calls == 4 * 32 * 2 + 2  # plus the embedding's forward all-reduce per micro-batch
+    assert (entry.context.nranks, entry.context.nnodes) == (8, 1)
+
+
+def test_sequence_parallel_trades_each_all_reduce_for_an_all_gather_and_a_reduce_scatter():
+    plain = by_kind(step_trace(TINY, Layout(tp=2, seq_len=16)))
+    sp = by_kind(step_trace(TINY, Layout(tp=2, seq_len=16, sequence_parallel=True)))
+    assert sp[("tp", Collective.allgather)].calls == sp[("tp", Collective.reducescatter)].calls == 4 * 4
+    assert plain[("tp", Collective.allreduce)].calls == 4 * 4 + 1
+
+
+def test_pipeline_stages_exchange_activations_with_their_neighbours():
+    layout = Layout(pp=4, tp=4, gpus_per_node=8, micro_batches=8, seq_len=16)
+    middle = [e for e in step_trace(TINY, layout, stage=1) if e.parallelism == "pp"]
+    assert len(middle) == 2 and all(e.calls == 8 and e.context.nranks == 2 for e in middle)
+    assert sorted(e.context.nnodes for e in middle) == [1, 2], "stage 1 shares a node with 0, not with 2"
+    assert len([e for e in step_trace(TINY, layout, stage=0) if e.parallelism == "pp"]) == 1
+
+
+def test_data_parallel_all_reduces_the_stage_gradients_in_buckets():
+    layout = Layout(dp=16, tp=8, gpus_per_node=8, bucket_bytes=1 << 20)
+    dp = [e for e in step_trace(LLAMA3_8B, layout) if e.parallelism == "dp"]
+    total = sum(e.context.nbytes * e.calls for e in dp)
+    params = 32 * LLAMA3_8B.layer_params + 2 * LLAMA3_8B.vocab * LLAMA3_8B.hidden
+    assert total == -(-params // 8) * 2
+    assert all(e.context.nranks == 16 and e.context.nnodes == 16 for e in dp)
+
+
+def test_weighted_contexts_sum_the_calls_of_each_context():
+    trace = step_trace(TINY, Layout(tp=2, dp=2, seq_len=16))
+    weighted = weighted_contexts(trace)
+    assert sum(c.weight for c in weighted) == sum(e.calls for e in trace)
+    assert len({c.context() for c in weighted}) == len(weighted)
+
+
+def test_layouts_that_cannot_run_are_refused():
+    with pytest.raises(ValueError, match="pipeline stages"):
+        step_trace(TINY, Layout(pp=3))
+    with pytest.raises(ValueError, match="tp must be >= 1"):
+        Layout(tp=0)

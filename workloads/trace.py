@@ -1,0 +1,143 @@
+"""Collective trace of one training step of a GPT/Llama-style model under DP x TP x PP.
+
+Megatron-style layout: tensor-parallel ranks are adjacent (innermost), then
+data-parallel, then pipeline stages, so global rank = tp + TP * (dp + DP * pp)
+and a node holds `gpus_per_node` consecutive ranks. Per step, on one rank:
+
+* TP: per layer and micro-batch, 2 all-reduces forward (attention and MLP
+  outputs) and 2 backward, each of micro_batch x seq x hidden activations;
+  with sequence parallelism each all-reduce becomes an all-gather plus a
+  reduce-scatter of the same total size. The vocabulary-parallel embedding
+  adds one forward all-reduce on the first stage.
+* PP: per micro-batch, activations sent forward and gradients sent back
+  across each stage boundary (divided by TP under sequence parallelism).
+* DP: the stage's gradients (its shard of the parameters) all-reduced once a
+  step, in DDP-style buckets.
+
+Sizes are counted as NCCL counts them (`Context.nbytes`): the all-reduced
+buffer, the gathered output, the reduce-scatter input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from dynamiccl.schemas import Collective, Context, WeightedContext
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    ffn_hidden: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @property
+    def layer_params(self) -> int:
+        head_dim = self.hidden // self.heads
+        attention = self.hidden * (self.hidden + 2 * self.kv_heads * head_dim) + self.hidden * self.hidden
+        return attention + 3 * self.hidden * self.ffn_hidden + 2 * self.hidden  # SwiGLU MLP, 2 norms
+
+
+LLAMA3_8B = ModelShape(layers=32, hidden=4096, ffn_hidden=14336, heads=32, kv_heads=8, vocab=128256)
+LLAMA3_70B = ModelShape(layers=80, hidden=8192, ffn_hidden=28672, heads=64, kv_heads=8, vocab=128256)
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    gpus_per_node: int = 8
+    micro_batches: int = 1
+    micro_batch_size: int = 1
+    seq_len: int = 4096
+    dtype_bytes: int = 2  # bf16 activations
+    grad_bytes: int = 2  # gradients all-reduced in bf16
+    sequence_parallel: bool = False
+    bucket_bytes: int = 25 * 1024 * 1024  # DDP's default bucket cap
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp", "gpus_per_node", "micro_batches", "micro_batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def rank(self, tp: int, dp: int, pp: int) -> int:
+        return tp + self.tp * (dp + self.dp * pp)
+
+    def nodes_of(self, ranks: list[int]) -> int:
+        return len({r // self.gpus_per_node for r in ranks})
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    """`calls` calls a step of one kind of collective, on the group `context` describes."""
+
+    context: Context
+    calls: int
+    parallelism: str  # "tp", "pp" or "dp"
+
+
+def step_trace(model: ModelShape, layout: Layout, stage: int = 0) -> list[TraceEntry]:
+    """The collectives one rank of pipeline stage `stage` issues in one training step."""
+    if model.layers % layout.pp:
+        raise ValueError(f"{model.layers} layers do not split into {layout.pp} pipeline stages")
+    if not 0 <= stage < layout.pp:
+        raise ValueError(f"stage must be 0 to {layout.pp - 1}")
+    entries: Counter[tuple[Context, str]] = Counter()
+    layers = model.layers // layout.pp
+    micro = layout.micro_batches
+    activation = layout.micro_batch_size * layout.seq_len * model.hidden * layout.dtype_bytes
+
+    if layout.tp > 1:
+        tp_group = [layout.rank(t, 0, stage) for t in range(layout.tp)]
+        shape = dict(nranks=layout.tp, nnodes=layout.nodes_of(tp_group))
+        per_step = 4 * layers * micro  # 2 forward + 2 backward per layer and micro-batch
+        if layout.sequence_parallel:
+            entries[(Context(collective=Collective.allgather, nbytes=activation, **shape), "tp")] += per_step
+            entries[(Context(collective=Collective.reducescatter, nbytes=activation, **shape), "tp")] += per_step
+        else:
+            entries[(Context(collective=Collective.allreduce, nbytes=activation, **shape), "tp")] += per_step
+        if stage == 0:
+            entries[(Context(collective=Collective.allreduce, nbytes=activation, **shape), "tp")] += micro
+
+    if layout.pp > 1:
+        sent = activation // layout.tp if layout.sequence_parallel else activation
+        for neighbour in (stage - 1, stage + 1):
+            if 0 <= neighbour < layout.pp:
+                pair = [layout.rank(0, 0, stage), layout.rank(0, 0, neighbour)]
+                context = Context(collective=Collective.sendrecv, nbytes=sent, nranks=2, nnodes=layout.nodes_of(pair))
+                entries[(context, "pp")] += micro  # activations one way, gradients the other
+
+    if layout.dp > 1:
+        params = layers * model.layer_params
+        if stage == 0:
+            params += model.vocab * model.hidden
+        if stage == layout.pp - 1:
+            params += model.vocab * model.hidden
+        grad_bytes = math.ceil(params / layout.tp) * layout.grad_bytes
+        dp_group = [layout.rank(0, d, stage) for d in range(layout.dp)]
+        shape = dict(nranks=layout.dp, nnodes=layout.nodes_of(dp_group))
+        full, rest = divmod(grad_bytes, layout.bucket_bytes)
+        if full:
+            entries[(Context(collective=Collective.allreduce, nbytes=layout.bucket_bytes, **shape), "dp")] += full
+        if rest:
+            entries[(Context(collective=Collective.allreduce, nbytes=rest, **shape), "dp")] += 1
+
+    return [TraceEntry(context, calls, kind) for (context, kind), calls in entries.items()]
+
+
+def weighted_contexts(trace: list[TraceEntry]) -> list[WeightedContext]:
+    """The trace as `/v1/recommend` contexts, each weighted by its calls per step."""
+    calls: Counter[Context] = Counter()
+    for entry in trace:
+        calls[entry.context] += entry.calls
+    return [WeightedContext(**context.model_dump(), weight=float(n)) for context, n in calls.items()]

@@ -69,5 +69,5 @@ class WorkloadRecorder:
             span = max(job.last_seen - job.first_seen, 1.0)
             top = sorted(job.calls.items(), key=lambda kv: kv[1], reverse=True)[: self.max_contexts]
         return [
-            WeightedContext(**ctx.model_dump(), weight=min(calls / span, _MAX_WEIGHT)) for ctx, calls in top
+            ctx.weighted(min(calls / span, _MAX_WEIGHT)) for ctx, calls in top
         ]

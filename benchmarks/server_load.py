@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import create_engine, text
 
-from dynamiccl.schemas import Context, Measurement, NcclConfig, WeightedContext
+from dynamiccl.schemas import Context, Measurement, NcclConfig
 from dynamiccl.sim import PRESETS
 from local_server import local_server
 
@@ -81,7 +81,7 @@ def measure(database_url: str, batches: int, clients: int, requests: int) -> dic
 
         time.sleep(2.0)  # let the learner take in the data before timing recommendations
         body = {"fabric_id": "load",
-                "contexts": [WeightedContext(**c.model_dump()).model_dump(mode="json") for c in calls]}
+                "contexts": [c.weighted().model_dump(mode="json") for c in calls]}
 
         def ask(_: int) -> list[float]:
             latencies = []

@@ -49,7 +49,6 @@ from dynamiccl.schemas import (
     Measurement,
     NcclConfig,
     RecommendResponse,
-    WeightedContext,
 )
 from dynamiccl.server.learner import CoordinateDescentTuner, ExhaustiveSweepTuner, NcclDefaultTuner, Tuner
 from dynamiccl.sim import PRESETS, Preset, SimulatedFabric
@@ -92,7 +91,7 @@ class InProcess(Strategy):
         self.tuner.observe(FABRIC_ID, self.fabric, measurements)
 
     def recommend(self, contexts: list[Context]) -> RecommendResponse:
-        return self.tuner.recommend(FABRIC_ID, self.fabric, [_weighted(c) for c in contexts])
+        return self.tuner.recommend(FABRIC_ID, self.fabric, [c.weighted() for c in contexts])
 
 
 class OverHttp(Strategy):
@@ -118,7 +117,7 @@ class OverHttp(Strategy):
 
     def recommend(self, contexts: list[Context]) -> RecommendResponse:
         self._wait_learned()
-        return self.api.recommend(self.fabric_id, [_weighted(c) for c in contexts])
+        return self.api.recommend(self.fabric_id, [c.weighted() for c in contexts])
 
     def _wait_learned(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -128,10 +127,6 @@ class OverHttp(Strategy):
                 return
             time.sleep(0.05)
         raise TimeoutError("the server's learner did not catch up")
-
-
-def _weighted(context: Context) -> WeightedContext:
-    return WeightedContext(**context.model_dump())
 
 
 @dataclass

@@ -132,6 +132,10 @@ class Context(WireModel):
     def key(self) -> tuple[str, int, int, int]:
         return (self.collective.value, self.nbytes, self.nranks, self.nnodes)
 
+    def weighted(self, weight: float = 1.0) -> WeightedContext:
+        """This call as a `/v1/recommend` context issued `weight` times a step."""
+        return WeightedContext(**self.model_dump(), weight=weight)
+
 
 class NcclConfig(WireModel):
     """What NCCL is told to do; a None field means NCCL decides."""

@@ -140,4 +140,4 @@ def weighted_contexts(trace: list[TraceEntry]) -> list[WeightedContext]:
     calls: Counter[Context] = Counter()
     for entry in trace:
         calls[entry.context] += entry.calls
-    return [WeightedContext(**context.model_dump(), weight=float(n)) for context, n in calls.items()]
+    return [context.weighted(float(n)) for context, n in calls.items()]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dynamiccl.nccl import candidate_configs, is_valid
-from dynamiccl.schemas import Context, Measurement, NcclConfig, SuggestionKind, WeightedContext
+from dynamiccl.schemas import Context, Measurement, NcclConfig, SuggestionKind
 from dynamiccl.server.learner.stats import cell_key
 from dynamiccl.server.learner.tuner import DynamicclTuner
 from dynamiccl.sim import PRESETS, SimulatedFabric
@@ -43,7 +43,7 @@ def tuner(sqlite_store):
 
 
 def recommend(tuner, fabric_id, fabric):
-    return tuner.recommend(fabric_id, fabric, [WeightedContext(**c.model_dump()) for c in CONTEXTS])
+    return tuner.recommend(fabric_id, fabric, [c.weighted() for c in CONTEXTS])
 
 
 def true_times(sim, configs):

@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from dynamiccl.nccl.cost_model import bus_factor
+from dynamiccl.schemas import Measurement
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# The agent's size classes (dynamiccl_agent_collective_latency_seconds), so dashboards can set the two side by side.
+_SIZE_CLASSES = ((64 << 10, "<=64KiB"), (1 << 20, "<=1MiB"), (16 << 20, "<=16MiB"), (256 << 20, "<=256MiB"))
+
+
+def size_class(nbytes: int) -> str:
+    for limit, label in _SIZE_CLASSES:
+        if nbytes <= limit:
+            return label
+    return ">256MiB"
+
+
+def config_kind(measurement: Measurement) -> str:
+    """`default` (NCCL decides), `suggested` (a config tried on a suggestion) or `tuned` (any other
+    config: a job running its recommendation or a hand-set NCCL environment)."""
+    if measurement.config.is_default:
+        return "default"
+    return "suggested" if measurement.suggestion_id else "tuned"
 
 
 class ServerMetrics:
@@ -46,6 +68,33 @@ class ServerMetrics:
         self.observe_errors = Counter(
             "dynamiccl_observe_errors", "Errors while handing stored batches to the learner.", registry=r
         )
+
+        measured = ["fabric", "collective", "size_class", "config"]
+        self.measured_calls = Counter(
+            "dynamiccl_measured_calls", "Collective calls in stored measurements, by config kind "
+            "(default, suggested, tuned).", measured, registry=r,
+        )
+        self.measured_seconds = Counter(
+            "dynamiccl_measured_call_seconds", "Time those calls took (latency times count): divided by "
+            "the calls it is the mean latency.", measured, registry=r,
+        )
+        self.measured_bus_bytes = Counter(
+            "dynamiccl_measured_bus_bytes", "Bytes of those calls times nccl-tests' bus factor: divided by "
+            "the seconds it is the bus bandwidth.", measured, registry=r,
+        )
+
+    def observe_measured(self, fabric_id: str, measurements: Iterable[Measurement]) -> None:
+        """Count a stored batch's calls, time and bus bytes per (collective, size class, config kind)."""
+        totals: dict[tuple[str, str, str], list[float]] = {}
+        for m in measurements:
+            key = (m.context.collective.value, size_class(m.context.nbytes), config_kind(m))
+            calls, seconds, bus_bytes = totals.setdefault(key, [0.0, 0.0, 0.0])
+            totals[key] = [calls + m.count, seconds + m.latency_us * 1e-6 * m.count,
+                           bus_bytes + m.context.nbytes * bus_factor(m.context) * m.count]
+        for (collective, size, kind), (calls, seconds, bus_bytes) in totals.items():
+            self.measured_calls.labels(fabric_id, collective, size, kind).inc(calls)
+            self.measured_seconds.labels(fabric_id, collective, size, kind).inc(seconds)
+            self.measured_bus_bytes.labels(fabric_id, collective, size, kind).inc(bus_bytes)
 
     def observe_refit(self, seconds: float) -> None:
         self.refit_duration.observe(seconds)

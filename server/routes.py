@@ -96,6 +96,7 @@ def post_measurements(
         return BatchAccepted(accepted=0, duplicate_batch=True)
     metrics.batches.labels("accepted").inc()
     metrics.measurements_ingested.inc(len(batch.measurements))
+    metrics.observe_measured(batch.fabric_id, batch.measurements)
     try:
         tuner.observe(batch.fabric_id, fabric, batch.measurements)
     except Exception:  # the batch is stored; learning from it later is the tuner's business

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from dynamiccl.cli import bench
+from dynamiccl.sim.feeder import sim_job
 
 app = typer.Typer(
     name="dynamiccl",
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 app.command("fabrics")(bench.fabrics)
 app.command("bench")(bench.bench)
+app.command("sim-job")(sim_job)
 
 
 @app.command()

@@ -7,12 +7,17 @@ and a node holds `gpus_per_node` consecutive ranks. Per step, on one rank:
 * TP: per layer and micro-batch, 2 all-reduces forward (attention and MLP
   outputs) and 2 backward, each of micro_batch x seq x hidden activations;
   with sequence parallelism each all-reduce becomes an all-gather plus a
-  reduce-scatter of the same total size. The vocabulary-parallel embedding
-  adds one forward all-reduce on the first stage.
-* PP: per micro-batch, activations sent forward and gradients sent back
-  across each stage boundary (divided by TP under sequence parallelism).
-* DP: the stage's gradients (its shard of the parameters) all-reduced once a
-  step, in DDP-style buckets.
+  reduce-scatter of the same total size. Per micro-batch, the
+  vocabulary-parallel embedding adds one forward all-reduce on the first
+  stage; the vocabulary-parallel output layer one backward all-reduce of
+  activations and, for its cross entropy, three fp32 all-reduces of one value
+  a token (max logit, sum of exponentials, target logit) on the last stage.
+* PP: a point-to-point call per micro-batch and direction across each of the
+  stage's boundaries (activations forward, gradients back; divided by TP
+  under sequence parallelism), on the two-rank group of the pair.
+* DP: the stage's gradients (its shard of the parameters; norms are
+  replicated across TP) all-reduced once a step from one flat buffer, in
+  `bucket_bytes` buckets.
 
 Sizes are counted as NCCL counts them (`Context.nbytes`): the all-reduced
 buffer, the gathered output, the reduce-scatter input.
@@ -25,6 +30,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from dynamiccl.schemas import Collective, Context, WeightedContext
+
+_FP32 = 4
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,10 @@ def step_trace(model: ModelShape, layout: Layout, stage: int = 0) -> list[TraceE
             entries[(Context(collective=Collective.allreduce, nbytes=activation, **shape), "tp")] += per_step
         if stage == 0:
             entries[(Context(collective=Collective.allreduce, nbytes=activation, **shape), "tp")] += micro
+        if stage == layout.pp - 1:
+            entries[(Context(collective=Collective.allreduce, nbytes=activation, **shape), "tp")] += micro
+            per_token = layout.micro_batch_size * layout.seq_len * _FP32
+            entries[(Context(collective=Collective.allreduce, nbytes=per_token, **shape), "tp")] += 3 * micro
 
     if layout.pp > 1:
         sent = activation // layout.tp if layout.sequence_parallel else activation
@@ -115,15 +126,10 @@ def step_trace(model: ModelShape, layout: Layout, stage: int = 0) -> list[TraceE
             if 0 <= neighbour < layout.pp:
                 pair = [layout.rank(0, 0, stage), layout.rank(0, 0, neighbour)]
                 context = Context(collective=Collective.sendrecv, nbytes=sent, nranks=2, nnodes=layout.nodes_of(pair))
-                entries[(context, "pp")] += micro  # activations one way, gradients the other
+                entries[(context, "pp")] += 2 * micro  # activations one way, gradients the other
 
     if layout.dp > 1:
-        params = layers * model.layer_params
-        if stage == 0:
-            params += model.vocab * model.hidden
-        if stage == layout.pp - 1:
-            params += model.vocab * model.hidden
-        grad_bytes = math.ceil(params / layout.tp) * layout.grad_bytes
+        grad_bytes = stage_parameters(model, layout, stage) * layout.grad_bytes
         dp_group = [layout.rank(0, d, stage) for d in range(layout.dp)]
         shape = dict(nranks=layout.dp, nnodes=layout.nodes_of(dp_group))
         full, rest = divmod(grad_bytes, layout.bucket_bytes)
@@ -133,6 +139,19 @@ def step_trace(model: ModelShape, layout: Layout, stage: int = 0) -> list[TraceE
             entries[(Context(collective=Collective.allreduce, nbytes=rest, **shape), "dp")] += 1
 
     return [TraceEntry(context, calls, kind) for (context, kind), calls in entries.items()]
+
+
+def stage_parameters(model: ModelShape, layout: Layout, stage: int) -> int:
+    """Parameters one rank of `stage` holds: its shard of the split weights, plus the norms."""
+    norms = 2 * model.hidden
+    split = (model.layer_params - norms) * model.layers // layout.pp
+    replicated = norms * model.layers // layout.pp
+    if stage == 0:
+        split += model.vocab * model.hidden
+    if stage == layout.pp - 1:
+        split += model.vocab * model.hidden
+        replicated += model.hidden  # the final norm
+    return math.ceil(split / layout.tp) + replicated
 
 
 def weighted_contexts(trace: list[TraceEntry]) -> list[WeightedContext]:

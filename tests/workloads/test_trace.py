@@ -9,28 +9,37 @@ TINY = ModelShape(layers=4, hidden=64, ffn_hidden=256, heads=4, kv_heads=4, voca
 
 
 def by_kind(trace):
-    return {(e.parallelism, e.context.collective): e for e in trace}
+    return {(e.parallelism, e.context.collective, e.context.nbytes): e for e in trace}
 
 
 def test_tensor_parallel_all_reduces_activations_four_times_per_layer_and_micro_batch():
     layout = Layout(tp=8, micro_batches=2, micro_batch_size=1, seq_len=8192)
-    entry = by_kind(step_trace(LLAMA3_8B, layout))[("tp", Collective.allreduce)]
-    assert entry.context.nbytes == 8192 * 4096 * 2
-    assert entry.calls == 4 * 32 * 2 + 2  # plus the embedding's forward all-reduce per micro-batch
+    activation = 8192 * 4096 * 2
+    entry = by_kind(step_trace(LLAMA3_8B, layout))[("tp", Collective.allreduce, activation)]
+    assert entry.calls == 4 * 32 * 2 + 2 + 2, "plus the embedding's forward and the output layer's backward"
     assert (entry.context.nranks, entry.context.nnodes) == (8, 1)
 
 
+def test_vocab_parallel_cross_entropy_all_reduces_three_fp32_values_a_token_on_the_last_stage():
+    layout = Layout(tp=2, pp=2, micro_batches=3, micro_batch_size=2, seq_len=16)
+    last = by_kind(step_trace(TINY, layout, stage=1))
+    assert last[("tp", Collective.allreduce, 2 * 16 * 4)].calls == 3 * 3
+    assert not any(nbytes == 2 * 16 * 4 for _, _, nbytes in by_kind(step_trace(TINY, layout, stage=0)))
+
+
 def test_sequence_parallel_trades_each_all_reduce_for_an_all_gather_and_a_reduce_scatter():
+    activation = 16 * 64 * 2
     plain = by_kind(step_trace(TINY, Layout(tp=2, seq_len=16)))
     sp = by_kind(step_trace(TINY, Layout(tp=2, seq_len=16, sequence_parallel=True)))
-    assert sp[("tp", Collective.allgather)].calls == sp[("tp", Collective.reducescatter)].calls == 4 * 4
-    assert plain[("tp", Collective.allreduce)].calls == 4 * 4 + 1
+    assert sp[("tp", Collective.allgather, activation)].calls == 4 * 4
+    assert sp[("tp", Collective.reducescatter, activation)].calls == 4 * 4
+    assert plain[("tp", Collective.allreduce, activation)].calls == 4 * 4 + 2
 
 
 def test_pipeline_stages_exchange_activations_with_their_neighbours():
     layout = Layout(pp=4, tp=4, gpus_per_node=8, micro_batches=8, seq_len=16)
     middle = [e for e in step_trace(TINY, layout, stage=1) if e.parallelism == "pp"]
-    assert len(middle) == 2 and all(e.calls == 8 and e.context.nranks == 2 for e in middle)
+    assert len(middle) == 2 and all(e.calls == 2 * 8 and e.context.nranks == 2 for e in middle)
     assert sorted(e.context.nnodes for e in middle) == [1, 2], "stage 1 shares a node with 0, not with 2"
     assert len([e for e in step_trace(TINY, layout, stage=0) if e.parallelism == "pp"]) == 1
 
@@ -39,8 +48,10 @@ def test_data_parallel_all_reduces_the_stage_gradients_in_buckets():
     layout = Layout(dp=16, tp=8, gpus_per_node=8, bucket_bytes=1 << 20)
     dp = [e for e in step_trace(LLAMA3_8B, layout) if e.parallelism == "dp"]
     total = sum(e.context.nbytes * e.calls for e in dp)
-    params = 32 * LLAMA3_8B.layer_params + 2 * LLAMA3_8B.vocab * LLAMA3_8B.hidden
-    assert total == -(-params // 8) * 2
+    norms = 32 * 2 * LLAMA3_8B.hidden + LLAMA3_8B.hidden
+    split = 32 * LLAMA3_8B.layer_params + 2 * LLAMA3_8B.vocab * LLAMA3_8B.hidden - 32 * 2 * LLAMA3_8B.hidden
+    assert total == (-(-split // 8) + norms) * 2, "split weights sharded over TP, norms replicated"
+    assert {e.context.nbytes for e in dp} == {1 << 20, total % (1 << 20)}
     assert all(e.context.nranks == 16 and e.context.nnodes == 16 for e in dp)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -10,10 +11,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
+from sqlalchemy.exc import SQLAlchemyError
 
 from dynamiccl import __version__
 from dynamiccl.server import errors
-from dynamiccl.server.auth import TokenAuth, load_tokens
+from dynamiccl.server.auth import Token, TokenAuth, load_tokens
+from dynamiccl.server.errors import RateLimit, RateLimiter
 from dynamiccl.server.learner import Tuner, make_tuner
 from dynamiccl.server.metrics import ServerMetrics
 from dynamiccl.server.routes import router
@@ -37,11 +40,15 @@ def masked(url: str) -> str:
 def create_app(
     store: Store | None = None,
     tuner: Tuner | None = None,
-    tokens: Mapping[str, str] | None = None,
+    tokens: Mapping[str, str | Token] | None = None,
     database_url: str | None = None,
+    rate_limit: RateLimit | None = None,
 ) -> FastAPI:
-    """Build the server. Without arguments it reads DYNAMICCL_DATABASE_URL, DYNAMICCL_TOKENS_FILE
-    and DYNAMICCL_TOKENS, and opens `dynamiccl.db` in the working directory by default."""
+    """Build the server. Without arguments it reads DYNAMICCL_DATABASE_URL, DYNAMICCL_TOKENS_FILE,
+    DYNAMICCL_TOKENS, DYNAMICCL_RATE_LIMIT and DYNAMICCL_RATE_BURST, and opens `dynamiccl.db` in
+    the working directory by default. `tokens` maps names to tokens (a plain string gets the
+    default scopes, agent and read); `rate_limit` None reads the environment (no limit unless
+    DYNAMICCL_RATE_LIMIT is set)."""
     if store is None:
         store = open_store(database_url or database_url_from_env())
     if tokens is None:
@@ -51,6 +58,8 @@ def create_app(
     if tuner is None:
         tuner = make_tuner(store, on_refit=metrics.observe_refit)
     auth = TokenAuth(tokens)
+    rate_limit = rate_limit or RateLimit.from_env()
+    limiter = RateLimiter(rate_limit) if rate_limit else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,13 +67,16 @@ def create_app(
             log.info("auth on: %d token(s) accepted for /v1", len(tokens))
         else:
             log.warning("auth off: no tokens configured, the /v1 API is open to anyone who can reach it")
+        if rate_limit:
+            log.info("rate limit: %g requests/s per client, bursts of %d", rate_limit.rate, rate_limit.burst)
         yield
         tuner.close()
         store.close()
 
     app = FastAPI(title="DynamICCL tuning server", version=__version__, lifespan=lifespan)
     app.state.store, app.state.tuner, app.state.metrics, app.state.auth = store, tuner, metrics, auth
-    metrics.fabrics.set_function(lambda: len(store.list_fabrics()))
+    app.state.limiter = limiter
+    metrics.fabrics.set_function(lambda: _count_fabrics(store))
     app.include_router(router)
     errors.install(app)
 
@@ -91,6 +103,14 @@ def create_app(
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def _count_fabrics(store: Store) -> float:
+    """Fabrics known, or NaN while the database is unreachable (/metrics keeps answering)."""
+    try:
+        return len(store.list_fabrics())
+    except SQLAlchemyError:
+        return math.nan
 
 
 def _route_template(request: Request) -> str:

@@ -28,9 +28,10 @@ from dynamiccl.schemas import (
     SuggestRequest,
     SuggestResponse,
 )
+from dynamiccl.server.auth import Caller, Scope, require
 from dynamiccl.server.learner import Tuner
 from dynamiccl.server.metrics import ServerMetrics
-from dynamiccl.server.routing import V1Route
+from dynamiccl.server.routing import V1Route, scopes
 from dynamiccl.server.storage import Store
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,24 @@ def _fabric_or_404(store: Store, fabric_id: str) -> Fabric:
     return fabric
 
 
-@router.put("/fabrics/{fabric_id}", response_model=FabricOut, status_code=200)
-def put_fabric(fabric_id: FabricIdPath, fabric: Fabric, response: Response, store: StoreDep) -> FabricOut:
+@router.put("/fabrics/{fabric_id}", response_model=FabricOut, status_code=200,
+            openapi_extra=scopes(Scope.agent))
+def put_fabric(
+    fabric_id: FabricIdPath, fabric: Fabric, request: Request, response: Response, store: StoreDep
+) -> FabricOut:
+    """Agents register their fabric (create, or re-register it unchanged); changing a registered
+    fabric's hardware needs an admin token: it resets what the server learned of it."""
+    caller: Caller = request.state.caller
+    if not caller.allows({Scope.admin}):
+        existing = store.get_fabric(fabric_id)
+        if existing is not None and existing != fabric:
+            require(caller, frozenset({Scope.admin}), f"change registered fabric {fabric_id!r}")
     if store.put_fabric(fabric_id, fabric):
         response.status_code = status.HTTP_201_CREATED
     return FabricOut(**fabric.model_dump(), fabric_id=fabric_id)
 
 
-@router.get("/fabrics/{fabric_id}", response_model=FabricStatus)
+@router.get("/fabrics/{fabric_id}", response_model=FabricStatus, openapi_extra=scopes(Scope.read))
 def get_fabric(fabric_id: FabricIdPath, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> FabricStatus:
     fabric = _fabric_or_404(store, fabric_id)
     count, contexts = store.fabric_counts(fabric_id)
@@ -84,7 +95,7 @@ def get_fabric(fabric_id: FabricIdPath, store: StoreDep, tuner: TunerDep, metric
     )
 
 
-@router.post("/measurements", response_model=BatchAccepted, status_code=202)
+@router.post("/measurements", response_model=BatchAccepted, status_code=202, openapi_extra=scopes(Scope.agent))
 def post_measurements(
     batch: MeasurementBatch, request: Request, store: StoreDep, tuner: TunerDep, metrics: MetricsDep
 ) -> BatchAccepted:
@@ -125,7 +136,7 @@ def _context_key(context: Context) -> str:
     return ":".join(map(str, context.key()))
 
 
-@router.post("/suggest", response_model=SuggestResponse)
+@router.post("/suggest", response_model=SuggestResponse, openapi_extra=scopes(Scope.agent))
 def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> SuggestResponse:
     fabric = _fabric_or_404(store, body.fabric_id)
     pinned = body.job_id is not None and body.round is not None
@@ -149,7 +160,7 @@ def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metrics: Met
     return SuggestResponse(suggestions=suggestions)
 
 
-@router.post("/recommend", response_model=RecommendResponse)
+@router.post("/recommend", response_model=RecommendResponse, openapi_extra=scopes(Scope.agent, Scope.read))
 def recommend(body: RecommendRequest, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> RecommendResponse:
     fabric = _fabric_or_404(store, body.fabric_id)
     key = f"recommend|{body.fabric_id}|{body.job_id}"

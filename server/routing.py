@@ -1,10 +1,12 @@
-"""The route class of the /v1 API: authenticate first, then parse the body as strict JSON.
+"""The route class of the /v1 API: authenticate, check the token's scope and the caller's rate,
+then parse the body as strict JSON.
 
 Python's `json` accepts `NaN` and `Infinity`, raises `RecursionError` on deep nesting and
 `ValueError` on integers of more than 4,300 digits. Here each of these becomes a
 `json.JSONDecodeError`, which FastAPI answers with its usual 422 (`json_invalid`), so no body
-reaches a handler, or a 500, unless it is plain JSON. Authentication runs before the body is
-read, so a caller without a valid token learns nothing about what it sent.
+reaches a handler, or a 500, unless it is plain JSON. Nesting deeper than `MAX_JSON_DEPTH` is
+refused the same way. Authentication, scope and rate run before the body is read, so a caller
+without a valid token learns nothing about what it sent and a throttled one costs no parsing.
 """
 
 from __future__ import annotations
@@ -16,21 +18,50 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
+from dynamiccl.server.auth import Scope, require
+
+#: Deepest JSON nesting accepted; the deepest valid body (a batch) nests 4 levels.
+MAX_JSON_DEPTH = 32
+SCOPES_KEY = "x-scopes"
+
+
+def scopes(*needed: Scope) -> dict[str, list[str]]:
+    """`openapi_extra` of a route that needs one of `needed` (documented in the OpenAPI schema)."""
+    return {SCOPES_KEY: [s.value for s in needed]}
+
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON: numbers must be finite")
 
 
+def _too_deep(value: Any, limit: int) -> bool:
+    """True when containers nest more than `limit` deep (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 def strict_loads(body: bytes) -> Any:
-    """`json.loads` that only accepts standard JSON; every refusal is a `JSONDecodeError`."""
+    """`json.loads` that only accepts standard JSON nested at most MAX_JSON_DEPTH deep; every
+    refusal is a `JSONDecodeError`."""
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        value = json.loads(body, parse_constant=_reject_constant)
     except json.JSONDecodeError:
         raise
     except RecursionError:
         raise json.JSONDecodeError("JSON nested too deeply", "", 0) from None
     except ValueError as error:  # NaN/Infinity, over-long integers, bad UTF-8
         raise json.JSONDecodeError(str(error), "", 0) from None
+    if _too_deep(value, MAX_JSON_DEPTH):
+        raise json.JSONDecodeError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", "", 0)
+    return value
 
 
 class StrictJsonRequest(Request):
@@ -41,14 +72,24 @@ class StrictJsonRequest(Request):
 
 
 class V1Route(APIRoute):
-    """Authenticates with `app.state.auth` (the token's name lands in `request.state.client`)
-    and hands the handler a `StrictJsonRequest`."""
+    """Authenticates with `app.state.auth` (the caller lands in `request.state.caller`, its token
+    name in `request.state.client`), requires the route's scopes (`scopes(...)` in
+    `openapi_extra`; admin where a route names none), rate-limits with `app.state.limiter` when one is set, and hands the
+    handler a `StrictJsonRequest`."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        needed = frozenset(Scope(s) for s in (self.openapi_extra or {}).get(SCOPES_KEY, [Scope.admin]))
+        action = f"{'/'.join(sorted(self.methods))} {self.path}"
 
         async def strict_handler(request: Request) -> Response:
-            request.state.client = request.app.state.auth(request)
+            caller = request.app.state.auth(request)
+            require(caller, needed, action)
+            request.state.caller, request.state.client = caller, caller.name
+            limiter = request.app.state.limiter
+            if limiter is not None:
+                address = request.client.host if request.client else "unknown"
+                limiter.check(caller.name or f"address {address}")
             return await handler(StrictJsonRequest(request.scope, request.receive))
 
         return strict_handler

@@ -31,7 +31,8 @@ def test_load_tokens_reads_names_comments_and_the_environment(tmp_path):
     path = tmp_path / "tokens"
     path.write_text("# agents\nagent-7:abc  # the big one\n\nplain-token\n")
     tokens = load_tokens(path, env={"DYNAMICCL_TOKENS": "ci:xyz, other"})
-    assert tokens == {"agent-7": "abc", "token-2": "plain-token", "ci": "xyz", "token-4": "other"}
+    assert {name: t.secret for name, t in tokens.items()} == {
+        "agent-7": "abc", "token-2": "plain-token", "ci": "xyz", "token-4": "other"}
     assert load_tokens(None, env={}) == {}
 
 

@@ -1,8 +1,11 @@
 """`dynamiccl fabrics` and `dynamiccl bench` as a user runs them."""
 
+import pytest
+import typer
 from typer.testing import CliRunner
 
 from dynamiccl.cli.main import app
+from dynamiccl.schemas import Collective
 
 runner = CliRunner()
 
@@ -26,3 +29,15 @@ def test_bench_names_the_presets_when_one_is_unknown():
     result = runner.invoke(app, ["bench", "--fabric", "tpu"])
     assert result.exit_code != 0
     assert "h100-ib-2n" in result.output
+
+
+def test_an_nccl_config_for_the_real_sweep_is_forced_on_the_swept_collective() -> None:
+    from dynamiccl.cli.bench import _config_env
+
+    env = _config_env("ring/simple/8", Collective.allgather)
+    assert env == {"NCCL_ALGO": "allgather:Ring", "NCCL_PROTO": "allgather:Simple",
+                   "NCCL_MIN_NCHANNELS": "8", "NCCL_MAX_NCHANNELS": "8"}
+    with pytest.raises(typer.BadParameter, match="'ring': expected ALGO/PROTO"):
+        _config_env("ring", Collective.allreduce)
+    with pytest.raises(typer.BadParameter, match="warp"):
+        _config_env("warp/simple", Collective.allreduce)

@@ -1,0 +1,186 @@
+"""The rules file DynamICCL's tuner plugin follows, and how the agent changes it inside a job.
+
+The file is NCCL's example-plugin rule CSV (`dynamiccl.nccl.tuner_rules`)
+grouped in sections, each opened by a header::
+
+    # dynamiccl: version=3 from_call=48000
+    allreduce,0,65535,tree,ll,-1,-1,-1
+    ...
+
+Rules before the first header are section version 0 from call 0, so a plain
+rule file is a one-section schedule.
+
+Why sections with call indices: every rank of a communicator must run the
+same algorithm and protocol for the same call or NCCL hangs, and ranks see a
+rewritten file at different moments. The plugin therefore never switches
+"when it notices"; each communicator counts its calls (the same sequence on
+every rank) and, for call index c, applies the section with the highest
+version among those with from_call <= c. That depends only on the file's
+content. What the writer must guarantee, and this module enforces:
+
+- versions grow and a published section is never edited or removed (a rank
+  that skipped a file version, or a communicator created later, whose count
+  starts at 0, still sees every switch);
+- a new section's from_call lies ahead of every communicator's call count by
+  a margin that covers the plugin's reload interval and the time the file
+  takes to reach every node (`switch_call`, from the plugin's reports). A
+  rank that sees a section after its from_call switches at once and counts
+  itself `late` in its report: the margin was too small.
+- every node of a job writes the same sections (same versions, from_calls
+  and rules): they must come from one source, e.g. the server's round.
+
+The plugin's side (parsing, fallbacks, logging) is documented at the top of
+`agent/tuner_plugin/dynamiccl_tuner.c`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynamiccl.agent.tuner_plugin.report import PluginReport
+from dynamiccl.nccl.space import InvalidConfig
+from dynamiccl.nccl.tuner_rules import RULE_COLLECTIVES, TunerRule, first_match, parse_rule, render_rules
+from dynamiccl.schemas import Context, Suggestion
+
+HEADER_TAG = "dynamiccl:"
+_HEADER = re.compile(r"^#\s*dynamiccl:(?P<fields>.*)$")
+
+
+@dataclass(frozen=True)
+class Section:
+    """Rules in force from call index `from_call` of each communicator, until a newer version's."""
+
+    version: int
+    from_call: int
+    rules: tuple[TunerRule, ...]
+
+    def __post_init__(self) -> None:
+        if self.version < 0 or self.from_call < 0:
+            raise InvalidConfig(f"version and from_call must be >= 0, got {self.version}, {self.from_call}")
+
+    def render(self) -> str:
+        return f"# {HEADER_TAG} version={self.version} from_call={self.from_call}\n" + render_rules(self.rules)
+
+
+def render_schedule(sections: Iterable[Section]) -> str:
+    return "".join(section.render() for section in sections)
+
+
+def _header(line_no: int, text: str) -> tuple[int, int]:
+    fields = dict(part.split("=", 1) for part in text.split() if "=" in part)
+    try:
+        return int(fields["version"]), int(fields["from_call"])
+    except (KeyError, ValueError):
+        raise InvalidConfig(f"line {line_no}: a section header needs version=V from_call=K") from None
+
+
+def parse_schedule(text: str) -> list[Section]:
+    """The sections of a rules file; raises InvalidConfig where the plugin would fall back."""
+    sections: list[Section] = []
+    version, from_call, rules = 0, 0, []
+    opened = False
+    for line_no, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = _HEADER.match(line)
+        if header:
+            if opened or rules:
+                sections.append(Section(version, from_call, tuple(rules)))
+            version, from_call = _header(line_no, header["fields"])
+            if sections and version <= sections[-1].version:
+                raise InvalidConfig(f"line {line_no}: version {version} after {sections[-1].version}")
+            rules, opened = [], True
+            continue
+        line = line.split("#", 1)[0].strip()
+        if line:
+            rules.append(parse_rule(line, line_no))
+    if opened or rules:
+        sections.append(Section(version, from_call, tuple(rules)))
+    return sections
+
+
+def in_force(sections: Sequence[Section], call: int) -> Section | None:
+    """The section the plugin applies at this call index of a communicator (None: NCCL decides)."""
+    eligible = [s for s in sections if s.from_call <= call]
+    return max(eligible, key=lambda s: s.version) if eligible else None
+
+
+def expected_rule(sections: Sequence[Section], call: int, context: Context) -> TunerRule | None:
+    """The rule the plugin applies to this call, when NCCL offers its pair (first match wins)."""
+    section = in_force(sections, call)
+    return first_match(section.rules, context) if section else None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` in one step: readers see the old file or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RulesFile:
+    """The schedule of one job's rules file: appends sections, never edits them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sections: list[Section] = (
+            parse_schedule(path.read_text(encoding="utf-8")) if path.exists() else []
+        )
+
+    def publish(self, rules: Sequence[TunerRule], from_call: int) -> Section:
+        """Append `rules` as the next version, in force from call `from_call`, and rewrite the file."""
+        last = self.sections[-1] if self.sections else None
+        if last is not None and from_call < last.from_call:
+            raise InvalidConfig(f"from_call {from_call} is before version {last.version}'s ({last.from_call})")
+        section = Section(version=last.version + 1 if last else 0, from_call=from_call, rules=tuple(rules))
+        write_atomic(self.path, render_schedule([*self.sections, section]))
+        self.sections.append(section)
+        return section
+
+
+def switch_call(reports: Iterable[PluginReport], margin_calls: int, epoch_calls: int = 1) -> int:
+    """A from_call ahead of every communicator the plugin reported, rounded up to `epoch_calls`.
+
+    Communicators count their calls separately, so one index ahead of the
+    busiest is ahead of all; a communicator created later starts at 0. The
+    margin must cover, in calls of the busiest communicator, the report and
+    reload intervals plus the time the file takes to reach every node.
+    Rounding to an epoch gives writers on different nodes whose observations
+    differ slightly a good chance of the same index; it is no substitute for
+    one source of sections per job.
+    """
+    if margin_calls < 0 or epoch_calls < 1:
+        raise ValueError("margin_calls must be >= 0 and epoch_calls >= 1")
+    seen = max((comm.calls for report in reports for comm in report.comms), default=0)
+    return math.ceil((seen + margin_calls) / epoch_calls) * epoch_calls
+
+
+def rules_from_suggestions(suggestions: Iterable[Suggestion]) -> list[TunerRule]:
+    """Exact-size rules for the server's suggestions that name an algorithm and protocol.
+
+    The NCCL default (and channel-only configs) need no rule: the plugin
+    leaves calls no rule matches to NCCL. Put these before the broader
+    recommendation rules: first match wins.
+    """
+    rules = []
+    for suggestion in suggestions:
+        context, config = suggestion.context, suggestion.config
+        if context.collective not in RULE_COLLECTIVES or config.algo is None or config.proto is None:
+            continue
+        rules.append(TunerRule(collective=context.collective, min_bytes=context.nbytes,
+                               max_bytes=context.nbytes, algo=config.algo, proto=config.proto,
+                               nchannels=config.nchannels, nnodes=context.nnodes, nranks=context.nranks))
+    return rules

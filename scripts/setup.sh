@@ -14,6 +14,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     # The CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
     .venv/bin/python -m pip install --quiet "torch==${DYNAMICCL_TORCH_VERSION:-2.13.0}"
-    .venv/bin/python -m pip install --quiet -e ".[test,torch]"
+    .venv/bin/python -m pip install --quiet -e ".[test,torch,demo]"
     echo "$want" > "$stamp"
 fi

@@ -696,14 +696,15 @@ static void maybe_report(Ctx *ctx, int64_t now) {
 
 /* ---------------- the plugin ---------------- */
 
-static void periodic(Ctx *ctx, uint64_t call) {
+/* The periodic check, before call `call` is decided; returns the time it read. */
+static int64_t check_file(Ctx *ctx, uint64_t call) {
   ctx->countdown = ctx->check_every;
   int64_t now = coarse_ns();
   if (ctx->reload_ns >= 0 && now - ctx->last_check_ns >= ctx->reload_ns) {
     ctx->last_check_ns = now;
     if (file_changed(ctx) && load_file(ctx, call) > 0) ctx->next_switch = 0; /* re-evaluate */
   }
-  if (ctx->report_ns >= 0) maybe_report(ctx, now);
+  return now;
 }
 
 static ncclResult_t start(void **context, int has_comm_id, uint64_t comm_id, size_t nRanks,
@@ -766,18 +767,11 @@ static void record(Ctx *ctx, int coll, size_t nBytes, uint64_t choice) {
   }
 }
 
-static ncclResult_t collinfo(void *context, ncclFunc_t collType, size_t nBytes, int numPipeOps,
-                             float **collCostTable, int numAlgo, int numProto, int regBuff,
-                             int *nChannels) {
-  Ctx *ctx = context;
-  if (ctx == NULL) return ncclSuccess; /* NCCL decides */
-  uint64_t call = ctx->calls;
-  STORE(ctx->calls, call + 1);
-  if (ctx->check_every && --ctx->countdown <= 0) periodic(ctx, call);
-  if (call >= ctx->next_switch) advance(ctx, call);
-  int coll = (int)collType;
+/* Applies the rule in force to one call, or leaves NCCL's choice; records what ran. */
+static void decide(Ctx *ctx, int coll, size_t nBytes, int numPipeOps, float **collCostTable,
+                   int numAlgo, int numProto, int regBuff, int *nChannels) {
   if (coll < 0 || coll >= NUM_COLLS || collCostTable == NULL || numAlgo <= 0 || numProto <= 0)
-    return ncclSuccess;
+    return;
   float *table = (float *)collCostTable; /* float[numAlgo][numProto], contiguous */
   const Section *s = ctx->active ? &ctx->sections[0] : NULL;
   int64_t version = s ? s->version : -1;
@@ -801,7 +795,7 @@ static ncclResult_t collinfo(void *context, ncclFunc_t collType, size_t nBytes, 
       if (rule->channels > 0 && nChannels != NULL) *nChannels = rule->channels;
       record(ctx, coll, nBytes,
              pack_choice(SOURCE_RULE, rule->algo, rule->proto, rule->channels, version));
-      return ncclSuccess;
+      return;
     }
     if (first_time(ctx, ONCE_UNAVAILABLE))
       say(ctx, NCCL_LOG_INFO, __LINE__,
@@ -812,6 +806,21 @@ static ncclResult_t collinfo(void *context, ncclFunc_t collType, size_t nBytes, 
   record(ctx, coll, nBytes,
          pack_choice(SOURCE_NCCL, pick < 0 ? -1 : pick / numProto, pick < 0 ? -1 : pick % numProto,
                      -1, version));
+}
+
+static ncclResult_t collinfo(void *context, ncclFunc_t collType, size_t nBytes, int numPipeOps,
+                             float **collCostTable, int numAlgo, int numProto, int regBuff,
+                             int *nChannels) {
+  Ctx *ctx = context;
+  if (ctx == NULL) return ncclSuccess; /* NCCL decides */
+  uint64_t call = ctx->calls;
+  STORE(ctx->calls, call + 1);
+  int check = ctx->check_every && --ctx->countdown <= 0;
+  int64_t now = check ? check_file(ctx, call) : 0;
+  if (call >= ctx->next_switch) advance(ctx, call);
+  decide(ctx, (int)collType, nBytes, numPipeOps, collCostTable, numAlgo, numProto, regBuff,
+         nChannels);
+  if (check && ctx->report_ns >= 0) maybe_report(ctx, now);
   return ncclSuccess;
 }
 

@@ -22,6 +22,19 @@ app.command("sim-job")(sim_job)
 
 
 @app.command()
+def demo(
+    rounds: int = typer.Option(24, min=2, help="tuning rounds per simulated job"),
+    out: Path = typer.Option(Path("dynamiccl-demo.png"), help="where to write the figure"),
+    real_steps: int = typer.Option(6, min=0, help="steps of the real gloo DP x TP x PP run (0: skip it)"),
+    seed: int = typer.Option(0, help="seed of the simulated measurement noise"),
+) -> None:
+    """Run the whole loop here: a server, simulated jobs tuning online, a real gloo run through an agent."""
+    from dynamiccl.workloads.demo import run_demo
+
+    run_demo(rounds=rounds, out=out, real_steps=real_steps, seed=seed)
+
+
+@app.command()
 def server(
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, help="port to listen on"),

@@ -6,7 +6,8 @@
    A few seconds at most: nothing here may block a launch, so any failure
    means the NCCL default, said plainly.
 2. Apply it: `env` as process-wide NCCL variables (mode env); with mode
-   plugin also the per-size `tuner_config` rules for NCCL's tuner plugin.
+   plugin also the per-size `tuner_config` rules for NCCL's tuner plugin
+   (DynamICCL's own, built on first use, unless another is named).
    NCCL_* variables the user already set win.
 3. Turn the profiler on for the unmodified script (sitecustomize on
    PYTHONPATH, TORCH_NCCL_ENABLE_TIMING=1 from the first collective).
@@ -32,6 +33,9 @@ from types import FrameType
 import httpx
 from rich.console import Console
 
+from dynamiccl.agent.tuner_plugin.build import PluginBuildError
+from dynamiccl.agent.tuner_plugin.build import build as build_plugin
+from dynamiccl.agent.tuner_plugin.report import remove_reports
 from dynamiccl.client import DynamicclClient
 from dynamiccl.schemas import RecommendResponse
 
@@ -160,6 +164,15 @@ def _apply_rules(plan: Plan, environ: Mapping[str, str], rules: str, plugin: str
     _set(plan, environ, "NCCL_TUNER_PLUGIN", plugin, "wanted")
 
 
+def own_plugin(environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """DynamICCL's tuner plugin, compiled if this version has no build yet: its path, or None and why."""
+    try:
+        built = build_plugin(environ=environ)
+    except PluginBuildError as error:
+        return None, f"mode plugin: cannot build DynamICCL's tuner plugin: {error}"
+    return str(built.path), f"DynamICCL's tuner plugin {'built' if built.compiled else 'up to date'}: {built.path}"
+
+
 def _enable_profiler(plan: Plan, environ: Mapping[str, str], job: str, agent_url: str) -> None:
     if not (SITECUSTOMIZE_DIR / "sitecustomize.py").is_file():
         plan.notes.append(f"profiler off: {SITECUSTOMIZE_DIR} is missing from this installation")
@@ -226,6 +239,9 @@ def launch(
     job, job_from = job_name(job, environ, command)
     agent_url = agent_url or environ.get("DYNAMICCL_AGENT_URL") or DEFAULT_AGENT_URL
     tuner_plugin = tuner_plugin or environ.get("DYNAMICCL_TUNER_PLUGIN") or None
+    plugin_note = None
+    if mode is Mode.plugin and not tuner_plugin:
+        tuner_plugin, plugin_note = own_plugin(environ)
     answer: Answer | None = None
     if mode is not Mode.off:
         if server_url:
@@ -233,9 +249,12 @@ def launch(
         else:
             answer = ask_agent(agent_url, job)
     plan = plan_env(environ, answer, mode, job, agent_url, tuner_plugin)
+    if plugin_note:
+        plan.notes.insert(0, plugin_note)
     report(console, job, job_from, answer, mode, plan)
     try:
         return run(command, plan.env)
     finally:
         if plan.rules_file is not None:
             plan.rules_file.unlink(missing_ok=True)
+            remove_reports(plan.rules_file)

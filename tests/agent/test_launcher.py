@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,10 +109,23 @@ def test_plugin_mode_writes_the_rules_for_the_tuner_plugin(fake) -> None:
     assert "2 tuner rules written" in err
 
 
-def test_plugin_mode_without_a_plugin_falls_back_to_env(fake) -> None:
-    rc, seen, err = launch(["--job", "j", "--agent", fake.url, "--mode", "plugin", *probe()])
+def test_plugin_mode_builds_and_loads_dynamiccls_own_plugin(fake, tmp_path: Path) -> None:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    args = ["--job", "j", "--agent", fake.url, "--mode", "plugin", *probe()]
+    rc, seen, err = launch(args, base_env(XDG_CACHE_HOME=str(tmp_path)))
+    plugin = Path(seen["env"]["NCCL_TUNER_PLUGIN"])
+    assert rc == 0 and plugin.parent == tmp_path / "dynamiccl" / "plugin" and plugin.is_file()
+    assert seen["rules"] == ANSWER["tuner_config"] and "DynamICCL's tuner plugin built" in err
+    rc, seen, err = launch(args, base_env(XDG_CACHE_HOME=str(tmp_path)))
+    assert seen["env"]["NCCL_TUNER_PLUGIN"] == str(plugin) and "DynamICCL's tuner plugin up to date" in err
+
+
+def test_plugin_mode_without_a_compiler_falls_back_to_env(fake, tmp_path: Path) -> None:
+    rc, seen, err = launch(["--job", "j", "--agent", fake.url, "--mode", "plugin", *probe()],
+                           base_env(CC="/nowhere/cc", XDG_CACHE_HOME=str(tmp_path)))
     assert rc == 0 and "NCCL_TUNER_PLUGIN" not in seen["env"] and seen["env"]["NCCL_ALGO"] == "allreduce:ring"
-    assert "falling back to env mode" in err
+    assert "cannot build DynamICCL's tuner plugin: $CC='/nowhere/cc'" in err and "falling back to env mode" in err
 
 
 def test_mode_off_only_turns_the_profiler_on(fake) -> None:

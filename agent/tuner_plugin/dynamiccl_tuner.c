@@ -828,7 +828,7 @@ static ncclResult_t finish(void *context) {
   Ctx *ctx = context;
   if (ctx == NULL) return ncclSuccess;
   pthread_mutex_lock(&g_lock);
-  if (ctx->report_ns >= 0) write_report(ctx, ctx);
+  if (ctx->report_ns >= 0 && ctx->calls > 0) write_report(ctx, ctx); /* its last choices */
   for (Ctx **p = &g_contexts; *p != NULL; p = &(*p)->next)
     if (*p == ctx) {
       *p = ctx->next;

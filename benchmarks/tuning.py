@@ -8,7 +8,10 @@ asked for its recommendation, which is scored against the simulator's true
 through the HTTP API with the project's client; the baselines run in-process
 behind the same `Tuner` interface. Before each DynamICCL round the benchmark
 waits until the server's learner has taken in the last round (in a real job
-rounds are training steps apart, seconds, far longer than a refit).
+rounds are training steps apart, seconds, far longer than a refit). Its
+measurements are posted by `--agents` simulated node agents, each with a token
+of its own (contexts go to the agents in rotation, round after round), as a
+fleet reports: the server only recommends what more than one source backs.
 
 Figures per fabric (geometric means over contexts unless said otherwise):
   % oracle      oracle time / recommended time
@@ -28,6 +31,7 @@ Usage: python benchmarks/tuning.py [--presets h100-ib-2n,a100-ib-2n] [--rounds 3
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -94,16 +98,23 @@ class InProcess(Strategy):
         return self.tuner.recommend(FABRIC_ID, self.fabric, [c.weighted() for c in contexts])
 
 
+def agent_tokens(agents: int) -> dict[str, str]:
+    return {f"agent-{k}": f"bench-token-{k}" for k in range(agents)}
+
+
 class OverHttp(Strategy):
-    """DynamICCL through its public API, on a server process of its own."""
+    """DynamICCL through its public API, on a server process of its own, fed by a fleet of agents."""
 
     name = "DynamICCL"
 
-    def __init__(self, base_url: str, sim: SimulatedFabric, fabric_id: str) -> None:
-        self.api = DynamicclClient(base_url, timeout=60)
+    def __init__(self, base_url: str, sim: SimulatedFabric, fabric_id: str, tokens: dict[str, str]) -> None:
+        self.agents = [DynamicclClient(base_url, token=token, timeout=60) for token in tokens.values()]
+        self.api = self.agents[0]
         self.base_url, self.fabric_id = base_url, fabric_id
+        self._headers = {"Authorization": f"Bearer {next(iter(tokens.values()))}"}
         self.api.put_fabric(fabric_id, sim.fabric)
         self._batches = count()
+        self._round = 0
         self._sent = 0
 
     def suggest(self, contexts: list[Context], round_index: int) -> list[NcclConfig]:
@@ -112,7 +123,11 @@ class OverHttp(Strategy):
         return [s.config for s in suggestions]
 
     def report(self, measurements: list[Measurement]) -> None:
-        self.api.post_measurements(self.fabric_id, f"batch-{next(self._batches)}", measurements)
+        for k, agent in enumerate(self.agents):
+            share = [m for i, m in enumerate(measurements) if (i + self._round) % len(self.agents) == k]
+            if share:
+                agent.post_measurements(self.fabric_id, f"batch-{next(self._batches)}", share)
+        self._round += 1
         self._sent += len(measurements)
 
     def recommend(self, contexts: list[Context]) -> RecommendResponse:
@@ -122,7 +137,7 @@ class OverHttp(Strategy):
     def _wait_learned(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            status = httpx.get(f"{self.base_url}/v1/fabrics/{self.fabric_id}", timeout=30).json()
+            status = httpx.get(f"{self.base_url}/v1/fabrics/{self.fabric_id}", headers=self._headers, timeout=30).json()
             if status.get("learner", {}).get("measurements_learned", 0) >= self._sent:
                 return
             time.sleep(0.05)
@@ -191,18 +206,23 @@ def main(
     rounds: int = typer.Option(30, min=1),
     calls: int = typer.Option(20, min=1, help="calls averaged per measurement"),
     seed: int = typer.Option(0),
+    agents: int = typer.Option(4, min=1, help="simulated node agents posting DynamICCL's measurements"),
 ) -> None:
     table = Table(title=f"Tuning quality after {rounds} rounds ({calls} calls a measurement)")
     for column in ("fabric", "strategy", "% oracle", "speedup", "headroom", "worst", "regress",
                    "regret", "online", "invalid"):
         table.add_column(column, justify="left" if column in ("fabric", "strategy") else "right")
+    tokens = agent_tokens(agents)
+    os.environ["DYNAMICCL_TOKENS"] = ",".join(f"{name}:{token}" for name, token in tokens.items())
     with tempfile.TemporaryDirectory() as workdir, local_server(f"sqlite:///{workdir}/bench.db", workdir) as url:
         for name in presets.split(","):
-            _bench_preset(PRESETS[name], url, rounds, calls, seed, table)
+            _bench_preset(PRESETS[name], url, rounds, calls, seed, tokens, table)
     console.print(table)
 
 
-def _bench_preset(preset: Preset, url: str, rounds: int, calls: int, seed: int, table: Table) -> None:
+def _bench_preset(
+    preset: Preset, url: str, rounds: int, calls: int, seed: int, tokens: dict[str, str], table: Table
+) -> None:
     contexts = contexts_for(preset)
     truth = SimulatedFabric(preset, seed=seed)
     oracle = [truth.oracle(c)[1] for c in contexts]
@@ -212,7 +232,7 @@ def _bench_preset(preset: Preset, url: str, rounds: int, calls: int, seed: int, 
         InProcess("NCCL default", NcclDefaultTuner(), truth),
         InProcess("exhaustive sweep", ExhaustiveSweepTuner(), truth),
         InProcess("coordinate descent", CoordinateDescentTuner(), truth),
-        OverHttp(url, truth, f"{preset.name}-{seed}"),
+        OverHttp(url, truth, f"{preset.name}-{seed}", tokens),
     ]
     with Progress(console=console, transient=True) as progress:
         for strategy in strategies:

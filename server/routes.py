@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, status
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 
 from dynamiccl.nccl.space import InvalidConfig, check_config
 from dynamiccl.schemas import (
@@ -35,7 +36,29 @@ from dynamiccl.server.routing import V1Route, scopes
 from dynamiccl.server.storage import Store
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", route_class=V1Route)
+
+
+class ErrorDetail(BaseModel):
+    """The body of every refusal but 422's: what is wrong, in words."""
+
+    detail: str
+
+
+def _errors(*codes: int) -> dict[int | str, dict]:
+    described = {
+        401: "a bearer token is required and was missing or wrong",
+        403: "the token lacks the scope this call needs",
+        404: "unknown fabric (or a job without a pinned answer)",
+        413: "request body or batch too large",
+        429: "over the caller's request rate; retry after Retry-After seconds",
+        503: "the database is unavailable; nothing changed, retry after Retry-After seconds",
+    }
+    return {code: {"model": ErrorDetail, "description": described[code]} for code in codes}
+
+
+#: Refusals any /v1 call may get.
+COMMON_ERRORS = (401, 403, 413, 429, 503)
+router = APIRouter(prefix="/v1", route_class=V1Route, responses=_errors(*COMMON_ERRORS))
 FabricIdPath = Annotated[str, Path(pattern=FABRIC_ID_PATTERN, description="1 to 128 of [A-Za-z0-9._:-]")]
 
 
@@ -68,7 +91,7 @@ def _fabric_or_404(store: Store, fabric_id: str) -> Fabric:
 
 
 @router.put("/fabrics/{fabric_id}", response_model=FabricOut, status_code=200,
-            openapi_extra=scopes(Scope.agent))
+            responses={201: {"model": FabricOut, "description": "created"}}, openapi_extra=scopes(Scope.agent))
 def put_fabric(
     fabric_id: FabricIdPath, fabric: Fabric, request: Request, response: Response, store: StoreDep
 ) -> FabricOut:
@@ -84,7 +107,8 @@ def put_fabric(
     return FabricOut(**fabric.model_dump(), fabric_id=fabric_id)
 
 
-@router.get("/fabrics/{fabric_id}", response_model=FabricStatus, openapi_extra=scopes(Scope.read))
+@router.get("/fabrics/{fabric_id}", response_model=FabricStatus, responses=_errors(404),
+            openapi_extra=scopes(Scope.read))
 def get_fabric(fabric_id: FabricIdPath, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> FabricStatus:
     fabric = _fabric_or_404(store, fabric_id)
     count, contexts = store.fabric_counts(fabric_id)
@@ -95,7 +119,8 @@ def get_fabric(fabric_id: FabricIdPath, store: StoreDep, tuner: TunerDep, metric
     )
 
 
-@router.post("/measurements", response_model=BatchAccepted, status_code=202, openapi_extra=scopes(Scope.agent))
+@router.post("/measurements", response_model=BatchAccepted, status_code=202, responses=_errors(404),
+             openapi_extra=scopes(Scope.agent))
 def post_measurements(
     batch: MeasurementBatch, request: Request, store: StoreDep, tuner: TunerDep, metrics: MetricsDep
 ) -> BatchAccepted:
@@ -136,7 +161,7 @@ def _context_key(context: Context) -> str:
     return ":".join(map(str, context.key()))
 
 
-@router.post("/suggest", response_model=SuggestResponse, openapi_extra=scopes(Scope.agent))
+@router.post("/suggest", response_model=SuggestResponse, responses=_errors(404), openapi_extra=scopes(Scope.agent))
 def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> SuggestResponse:
     fabric = _fabric_or_404(store, body.fabric_id)
     pinned = body.job_id is not None and body.round is not None
@@ -160,7 +185,8 @@ def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metrics: Met
     return SuggestResponse(suggestions=suggestions)
 
 
-@router.post("/recommend", response_model=RecommendResponse, openapi_extra=scopes(Scope.agent, Scope.read))
+@router.post("/recommend", response_model=RecommendResponse, responses=_errors(404),
+             openapi_extra=scopes(Scope.agent, Scope.read))
 def recommend(body: RecommendRequest, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> RecommendResponse:
     fabric = _fabric_or_404(store, body.fabric_id)
     key = f"recommend|{body.fabric_id}|{body.job_id}"

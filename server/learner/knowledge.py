@@ -4,6 +4,13 @@ The store is the only source of truth (replicas share it), so each replica
 reads new measurements incrementally by id, folds them into per-cell
 statistics and refits the surrogate on a worker thread. Requests read an
 immutable snapshot and never wait for a refit.
+
+Telemetry may be poisoned: a client can report fake timings. A cell only
+counts as evidence for a recommendation, for transfer to its neighbours and
+for the surrogate when it is *corroborated*: two sources agree on it, or its
+location is within `PRIOR_AGREEMENT` of what NCCL's own cost model predicts.
+A lone source's surprising claim is still explored (someone else then
+measures it, and sources vote), but never recommended on its word alone.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ MIN_REFIT_INTERVAL_S = 0.2
 MEMO_LIMIT = 20_000
 #: Recently requested contexts each new snapshot is computed for before it is swapped in.
 RECENT_LIMIT = 4_000
+#: How far (log scale, 1.5x) a cell of one source may depart from NCCL's cost model and still
+#: count as corroborated without a second source.
+PRIOR_AGREEMENT = math.log(1.5)
 
 
 def hardware_signature(fabric: Fabric) -> tuple:
@@ -62,7 +72,8 @@ class CellSummary:
     std_error: float
     n: int
     mean_nbytes: int
-    clients: int
+    sources: int
+    corroborated: bool
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,7 @@ class Estimate:
     std: float
     samples: int  # own samples in this context's bucket
     transferred: bool  # evidence from another bucket or a similar fabric backs it
+    corroborated: bool = True  # more than one source's word (or NCCL's model) backs the evidence
 
 
 @dataclass(frozen=True)
@@ -117,26 +129,29 @@ class Snapshot:
             if cell is not None:
                 precision += 1.0 / cell.std_error**2
                 weighted += cell.location / cell.std_error**2
+            transferred = self._transferred(key, config)
             results.append(
                 Estimate(
                     mean=weighted / precision,
                     std=math.sqrt(1.0 / precision),
                     samples=cell.n if cell else 0,
-                    transferred=self._transferred(key, config),
+                    transferred=transferred,
+                    corroborated=cell.corroborated if cell is not None else transferred,
                 )
             )
         return results
 
     def _transferred(self, key: ContextKey, config: NcclConfig) -> bool:
-        """Measured (twice or more) in the neighbouring buckets or on a fabric like this one."""
+        """Measured (twice or more, corroborated) in the neighbouring buckets or on a fabric like
+        this one."""
         config_key = config.key()
         donor = self.donor_cells.get((key, config_key))
-        if donor is not None and donor.n >= 2:
+        if donor is not None and donor.n >= 2 and donor.corroborated:
             return True
         for delta in (-2, -1, 1, 2):
             near = ContextKey(key.collective, key.bucket + delta, key.nranks, key.nnodes)
             cell = self.cells.get((near, config_key))
-            if cell is not None and cell.n >= 2:
+            if cell is not None and cell.n >= 2 and cell.corroborated:
                 return True
         return False
 
@@ -165,7 +180,7 @@ class FabricKnowledge:
             if not new and not fit:
                 return False
             noise = pooled_noise(list(self._cells.values()))
-            cells = {key: self._summary(cell, noise) for key, cell in self._cells.items()}
+            cells = {key: self._summary(key, cell, noise) for key, cell in self._cells.items()}
             model = self.snapshot.model
             if fit:
                 model = ResidualModel(self.prior, self._examples(cells, donor_cells))
@@ -203,28 +218,36 @@ class FabricKnowledge:
         self._seen += count
         return count
 
-    @staticmethod
-    def _summary(cell: Cell, noise: float) -> CellSummary:
-        return CellSummary(cell.location(), cell.std_error(noise), cell.n, cell.mean_nbytes, len(cell.clients))
+    def _summary(self, key: CellKey, cell: Cell, noise: float) -> CellSummary:
+        location = cell.location()
+        corroborated = cell.corroborated()
+        if not corroborated:
+            context, config = _representative(key, cell.mean_nbytes)
+            corroborated = abs(location - self.prior.log_time(context, config)) <= PRIOR_AGREEMENT
+        return CellSummary(location, cell.std_error(noise), cell.n, cell.mean_nbytes, cell.sources, corroborated)
 
     def _examples(
         self, cells: dict[CellKey, CellSummary], donor_cells: dict[CellKey, CellSummary]
     ) -> list[Example]:
+        """Training rows of the surrogate: corroborated cells only, so one source's claims cannot
+        move what the model predicts for anything else."""
         examples = []
         for source, scale in ((cells, 1.0), (donor_cells, TRANSFER_WEIGHT)):
-            for (context_key, config_key), summary in source.items():
-                if source is donor_cells and (context_key, config_key) in cells:
+            for key, summary in source.items():
+                if not summary.corroborated or (source is donor_cells and key in cells):
                     continue
-                context = Context(
-                    collective=context_key.collective,
-                    nbytes=summary.mean_nbytes,
-                    nranks=context_key.nranks,
-                    nnodes=context_key.nnodes,
-                )
-                algo, proto, channels = config_key
-                config = NcclConfig(algo=algo or None, proto=proto or None, nchannels=channels or None)
+                context, config = _representative(key, summary.mean_nbytes)
                 examples.append(Example(context, config, summary.location, scale * _example_weight(summary.n)))
         return examples
+
+
+def _representative(key: CellKey, nbytes: int) -> tuple[Context, NcclConfig]:
+    """A context and config standing for a cell (its mean message size)."""
+    context_key, (algo, proto, channels) = key
+    context = Context(
+        collective=context_key.collective, nbytes=nbytes, nranks=context_key.nranks, nnodes=context_key.nnodes
+    )
+    return context, NcclConfig(algo=algo or None, proto=proto or None, nchannels=channels or None)
 
 
 def _example_weight(samples: int) -> float:

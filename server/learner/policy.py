@@ -10,7 +10,9 @@ time now. A config the evidence says is slow is never tried; a config the
 model cannot rule out gets tried once, and tuning pays for itself.
 
 *Recommend* keeps the NCCL default unless a measured config is faster with
-high probability (`CONFIDENCE`) by a margin (`MIN_GAIN`).
+high probability (`CONFIDENCE`) by a margin (`MIN_GAIN`), and both the
+default's and the config's evidence are corroborated (more than one source, or
+NCCL's model, backs them): one client's word never changes what others run.
 """
 
 from __future__ import annotations
@@ -92,12 +94,12 @@ def choose_recommendation(estimates: list[Estimate]) -> Verdict:
 
     Confidence is the probability that the config is faster than the default by MIN_GAIN."""
     default = estimates[0]
-    if default.samples < MIN_SAMPLES:
+    if default.samples < MIN_SAMPLES or not default.corroborated:
         return Verdict(0, confidence=0.0)
     best, best_mean, best_probability, closest = 0, default.mean, 0.0, 0.0
     for index, estimate in enumerate(estimates[1:], start=1):
         eligible = estimate.samples >= MIN_SAMPLES or (estimate.samples == 0 and estimate.transferred)
-        if not eligible:
+        if not eligible or not estimate.corroborated:
             continue
         probability = _probability_of_gain(default, estimate)
         closest = max(closest, probability)

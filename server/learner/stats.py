@@ -1,29 +1,38 @@
-"""Robust per-cell statistics of measured latencies.
+"""Robust per-cell statistics of measured latencies, by source.
 
 A cell is one (context bucket, config) pair of one fabric. Each stored
-measurement is one sample: the mean latency of `count` calls. Stragglers spoil
-whole samples and only ever make them slower, so a cell's location is the
-median of its log latencies (the smaller of two when there are two): no
-single sample decides.
+measurement is one sample: the mean latency of `count` calls, reported by a
+source (the token name of the client that posted it; its job where the API is
+open). Stragglers spoil whole samples and only ever make them slower, so a
+source's location is the median of its log latencies (the smaller of two when
+there are two). A source may also lie, so sources vote, not samples: a cell's
+location is the median of its sources' locations (for an even count whose
+middle two disagree, the upper one, so one source claiming a config is fast
+cannot outvote one that found it slow), and a cell is *corroborated* when a second source agrees with that
+location and no third of its sources found it slower. Posting more samples buys a source no more say.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import defaultdict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from dynamiccl.schemas import Collective, Context, NcclConfig
 
-#: Samples kept per cell: older ones add little and the newest track drift.
-MAX_SAMPLES_PER_CELL = 64
+#: Samples kept per source of a cell: older ones add little and the newest track drift.
+MAX_SAMPLES_PER_SOURCE = 16
+#: Sources kept per cell; the one heard from least recently makes room for a new one.
+MAX_SOURCES_PER_CELL = 8
 #: Noise assumed before a fabric has repeated samples to estimate it from (log scale).
 DEFAULT_NOISE = 0.05
 #: Least standard error of a cell with one sample: the size of a straggler's slowdown.
 SINGLE_SAMPLE_STD = 0.15
-#: Two samples further apart than this (log scale, ~15%) are taken as one straggler and one not.
+#: Two samples further apart than this (log scale, ~15%) are taken as one straggler and one not;
+#: two sources whose locations are closer than this agree.
 STRAGGLER_GAP = 0.15
 
 
@@ -49,59 +58,98 @@ class ContextKey:
         return (self.collective, self.nranks, self.nnodes)
 
 
+def _source_location(values: Iterable[float]) -> float:
+    """The median; of two samples that disagree by more than noise can explain, the lower (the
+    other is likely a straggler)."""
+    values = list(values)
+    if len(values) == 2:
+        low, high = sorted(values)
+        return low if high - low > STRAGGLER_GAP else (low + high) / 2
+    return float(np.median(values))
+
+
 @dataclass
 class Cell:
-    """Samples of one (context bucket, config) on one fabric."""
+    """Samples of one (context bucket, config) on one fabric, per source."""
 
-    log_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES_PER_CELL))
+    by_source: dict[str, deque[float]] = field(default_factory=dict)
     log_nbytes_sum: float = 0.0
     samples_seen: int = 0
-    clients: set[str] = field(default_factory=set)
 
-    def add(self, nbytes: int, latency_us: float, client: str | None) -> None:
-        self.log_latencies.append(math.log(latency_us))
+    def add(self, nbytes: int, latency_us: float, source: str | None) -> None:
+        key = source or ""
+        samples = self.by_source.pop(key, None)  # re-inserted: the dict runs least recent first
+        if samples is None:
+            samples = deque(maxlen=MAX_SAMPLES_PER_SOURCE)
+            if len(self.by_source) >= MAX_SOURCES_PER_CELL:
+                del self.by_source[next(iter(self.by_source))]
+        samples.append(math.log(latency_us))
+        self.by_source[key] = samples
         self.log_nbytes_sum += math.log2(nbytes + 1)
         self.samples_seen += 1
-        if client is not None and len(self.clients) < 16:
-            self.clients.add(client)
 
     @property
     def n(self) -> int:
-        return len(self.log_latencies)
+        return sum(len(samples) for samples in self.by_source.values())
+
+    @property
+    def sources(self) -> int:
+        return len(self.by_source)
 
     @property
     def mean_nbytes(self) -> int:
         return max(0, round(2 ** (self.log_nbytes_sum / self.samples_seen) - 1))
 
+    def source_locations(self) -> list[float]:
+        return sorted(_source_location(samples) for samples in self.by_source.values())
+
     def location(self) -> float:
-        """Robust log-latency estimate of the cell: the median; of two samples that disagree by
-        more than noise can explain, the lower (the other is likely a straggler)."""
-        values = self.log_latencies
-        if len(values) == 2:
-            low, high = sorted(values)
-            return low if high - low > STRAGGLER_GAP else (low + high) / 2
-        return float(np.median(values))
+        """Robust log-latency estimate: the median of the sources' locations; of an even count,
+        the mean of the middle two where they agree, else the upper (the slower claim)."""
+        locations = self.source_locations()
+        middle = len(locations) // 2
+        if len(locations) % 2 == 0 and locations[middle] - locations[middle - 1] <= STRAGGLER_GAP:
+            return (locations[middle - 1] + locations[middle]) / 2
+        return locations[middle]
+
+    def corroborated(self) -> bool:
+        """At least two sources agree (within STRAGGLER_GAP) with the cell's location, and they
+        outnumber two to one the sources that found it slower: a claim that others measured and
+        could not reproduce is contested, however many accomplices repeat it."""
+        center = self.location()
+        locations = self.source_locations()
+        agreeing = sum(abs(x - center) <= STRAGGLER_GAP for x in locations)
+        slower = sum(x - center > STRAGGLER_GAP for x in locations)
+        return agreeing >= 2 and agreeing > 2 * slower
 
     def std_error(self, noise: float) -> float:
         """Standard error of `location` for a fabric with per-sample noise `noise` (log scale).
 
         One sample may be a straggler (a whole sample slowed by tens of percent), so alone it
         counts for little: it cannot rule a config out, only call for a second look."""
-        if self.n == 1:
+        n = self.n
+        if n == 1:
             return max(3.0 * noise, SINGLE_SAMPLE_STD)
-        return 1.25 * noise / math.sqrt(self.n)
+        return 1.25 * noise / math.sqrt(n)
 
 
 def pooled_noise(cells: list[Cell]) -> float:
-    """Per-sample noise of a fabric, from the spread of cells with repeated samples (MAD)."""
-    deviations: list[float] = []
+    """Per-sample noise of a fabric (MAD of samples around their cell's location, over cells with
+    repeated samples). Each source's own estimate is a vote, the upper median wins: a source that
+    reports suspiciously steady numbers cannot make the fabric look quieter than it is."""
+    by_source: dict[str, list[float]] = defaultdict(list)
     for cell in cells:
         if cell.n >= 3:
-            values = np.asarray(cell.log_latencies)
-            deviations.extend(np.abs(values - np.median(values)))
-    if len(deviations) < 20:
-        return DEFAULT_NOISE
-    return float(np.clip(1.4826 * np.median(deviations), 0.005, 0.3))
+            center = cell.location()
+            for source, values in cell.by_source.items():
+                by_source[source].extend(abs(v - center) for v in values)
+    votes = sorted(float(np.median(d)) for d in by_source.values() if len(d) >= 20)
+    if not votes:
+        pooled = [d for deviations in by_source.values() for d in deviations]
+        if len(pooled) < 20:
+            return DEFAULT_NOISE
+        votes = [float(np.median(pooled))]
+    return float(np.clip(1.4826 * votes[len(votes) // 2], 0.005, 0.3))
 
 
 CellKey = tuple[ContextKey, tuple[str, str, int]]

@@ -11,6 +11,7 @@ from dynamiccl.server.learner.tuner import DynamicclTuner
 from dynamiccl.sim import PRESETS, SimulatedFabric
 
 PRESET = PRESETS["h100-ib-2n"]
+AGENTS = 4
 CONTEXTS = [
     Context(collective=c, nbytes=s, nranks=16, nnodes=2)
     for c in ("allreduce", "allgather", "broadcast")
@@ -29,7 +30,9 @@ def run_loop(tuner, store, fabric_id, sim, rounds):
         kinds.append([p.kind for p in picks])
         batch = [Measurement(context=c, config=p.config, latency_us=sim.run(c, p.config), count=20, source="sim")
                  for c, p in zip(CONTEXTS, picks)]
-        store.add_batch(fabric_id, f"round-{round_index}", batch)
+        for agent in range(AGENTS):  # a fleet: each context's turn goes to the agents in rotation
+            share = [m for i, m in enumerate(batch) if (i + round_index) % AGENTS == agent]
+            store.add_batch(fabric_id, f"round-{round_index}-{agent}", share, f"agent-{agent}")
         tuner.observe(fabric_id, sim.fabric, batch)
     tuner.knowledge.wait_idle(timeout=30)
     return kinds

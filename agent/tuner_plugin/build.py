@@ -90,7 +90,7 @@ def build(force: bool = False, environ: Mapping[str, str] | None = None,
     tmp = Path(tmp_name)
     command = [*compiler, *FLAGS, *extra_flags, "-o", str(tmp), str(SOURCE), *LIBS]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
         if result.returncode != 0:
             raise PluginBuildError(f"{shlex.join(command)} failed ({result.returncode}):\n"
                                    f"{(result.stderr or result.stdout).strip()}")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from dynamiccl.schemas import Algo, Collective, Proto
 
@@ -133,7 +134,7 @@ class Communicator:
             finish(self._handle)
             self._handle = None
 
-    def __enter__(self) -> Communicator:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,

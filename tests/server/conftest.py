@@ -3,10 +3,14 @@ apps with a scripted tuner, and the example bodies of shared/design/API.md."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import sqlalchemy as sa
@@ -26,6 +30,7 @@ from dynamiccl.server.app import create_app
 from dynamiccl.server.learner import Pick, Tuner
 from dynamiccl.server.storage import SqlStore
 
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 POSTGRES_URL = os.environ.get(
     "DYNAMICCL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/dynamiccl_test"
 )
@@ -193,3 +198,17 @@ def client(sqlite_url: str, tuner: ScriptedTuner) -> Iterator[TestClient]:
         assert client.put("/v1/fabrics/dgx-h100-a", json=Examples.FABRIC).status_code == 201
         yield client
 
+
+@pytest.fixture(scope="session")
+def reliability() -> Iterator[ModuleType]:
+    """benchmarks/reliability.py (the poisoning experiment, the soak, a killable server process)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("reliability", BENCHMARKS / "reliability.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["reliability"] = module
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("reliability", None)
+        sys.path.remove(str(BENCHMARKS))

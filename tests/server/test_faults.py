@@ -1,0 +1,211 @@
+"""Faults: the server killed with SIGKILL mid-ingest keeps everything it acknowledged (SQLite and
+PostgreSQL); an unreachable database is a 503 with Retry-After, and the node agent's sender
+spools through it and delivers everything once the database is back; a launch with neither
+server nor agent still starts the job, on NCCL's defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from dynamiccl.agent.sender import Sender
+from dynamiccl.agent.spool import Spool
+from dynamiccl.client import DynamicclClient
+from dynamiccl.schemas import Measurement
+from dynamiccl.server.storage import SqlStore
+
+
+def _post_until_killed(url: str, examples, acknowledged: dict[str, int], stop: threading.Event, worker: int) -> None:
+    sequence = 0
+    while not stop.is_set():
+        batch = examples.batch(batch_id=f"w{worker}-{sequence:05d}", n=30)
+        try:
+            response = httpx.post(f"{url}/v1/measurements", json=batch, timeout=10)
+        except httpx.TransportError:
+            return  # the server died under us: whatever was not acknowledged may be lost
+        if response.status_code == 202:
+            acknowledged[batch["batch_id"]] = response.json()["accepted"]
+        sequence += 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_sigkill_during_ingest_loses_nothing_acknowledged(reliability, examples, tmp_path, request, backend):
+    url = (f"sqlite:///{tmp_path / 'kill.db'}" if backend == "sqlite"
+           else request.getfixturevalue("postgres_schema_url"))
+    server = reliability.ServerProcess(url, str(tmp_path))
+    server.start()
+    try:
+        assert httpx.put(f"{server.url}/v1/fabrics/{examples.FABRIC_ID}", json=examples.FABRIC).status_code == 201
+        acknowledged: dict[str, int] = {}
+        stop = threading.Event()
+        workers = [threading.Thread(target=_post_until_killed, args=(server.url, examples, acknowledged, stop, i))
+                   for i in range(4)]
+        for worker in workers:
+            worker.start()
+        deadline = time.monotonic() + 30
+        while len(acknowledged) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.kill()  # mid-ingest: the workers are still posting
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=30)
+        assert len(acknowledged) >= 20
+        server.start()  # recovery on restart: the database opens, nothing to repair by hand
+        for batch_id, accepted in acknowledged.items():
+            resent = httpx.post(f"{server.url}/v1/measurements", json=examples.batch(batch_id=batch_id, n=30))
+            assert resent.status_code == 202 and resent.json()["duplicate_batch"], batch_id
+        status = httpx.get(f"{server.url}/v1/fabrics/{examples.FABRIC_ID}").json()
+        assert status["measurements"] >= sum(acknowledged.values())
+    finally:
+        server.stop()
+    store = SqlStore(url)
+    try:
+        with store.engine.connect() as conn:
+            rows = dict(conn.execute(sa.text("SELECT batch_id, count FROM batches")).all())
+            stored = dict(conn.execute(sa.text(
+                "SELECT b.batch_id, count(m.id) FROM batches b JOIN measurements m ON m.batch_pk = b.id "
+                "GROUP BY b.batch_id")).all())
+    finally:
+        store.close()
+    for batch_id, accepted in acknowledged.items():
+        assert rows[batch_id] == accepted == stored[batch_id] == 30, batch_id
+    assert all(stored.get(batch_id) == count for batch_id, count in rows.items()), "a batch is stored whole or not"
+
+
+class TcpProxy:
+    """A loopback TCP relay to `target` that can cut every connection and refuse new ones."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = threading.Event()
+        self.up.set()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up.is_set():
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self.up.clear()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def restore(self) -> None:
+        self.up.set()
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+@pytest.fixture
+def proxied_postgres(postgres_schema_url: str) -> Iterator[tuple[str, TcpProxy]]:
+    url = sa.make_url(postgres_schema_url)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    yield url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False), proxy
+    proxy.close()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_database_down_is_503_and_the_agent_delivers_everything_when_it_is_back(
+    reliability, proxied_postgres, examples, tmp_path
+):
+    url, proxy = proxied_postgres
+    server = reliability.ServerProcess(url, str(tmp_path))
+    server.start()
+    spool = Spool(tmp_path / "spool.db")
+    client = DynamicclClient(server.url, attempts=1, timeout=10)
+    sender = Sender(spool, client, base_backoff=0.05, max_backoff=0.5, idle_poll=0.05)
+    try:
+        assert httpx.put(f"{server.url}/v1/fabrics/{examples.FABRIC_ID}", json=examples.FABRIC).status_code == 201
+        proxy.cut()
+        for path, body in [("/v1/measurements", examples.batch()), ("/v1/suggest", examples.suggest()),
+                           ("/v1/recommend", examples.recommend())]:
+            response = httpx.post(server.url + path, json=body, timeout=30)
+            assert response.status_code == 503, (path, response.text)
+            assert int(response.headers["Retry-After"]) >= 1 and "database" in response.json()["detail"]
+        assert httpx.get(f"{server.url}/metrics", timeout=30).status_code == 200  # still scrapeable
+
+        sender.start()
+        measurements = [Measurement.model_validate(examples.measurement(nbytes=1024 * (i + 1))) for i in range(30)]
+        for i in range(0, 30, 10):
+            spool.put(examples.FABRIC_ID, measurements[i:i + 10])
+        time.sleep(1.0)
+        assert spool.depth() == 3 and sender.failures >= 1  # held, retried, not dropped
+
+        proxy.restore()
+        deadline = time.monotonic() + 30
+        while spool.depth() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert spool.depth() == 0 and spool.dropped == 0
+        status = httpx.get(f"{server.url}/v1/fabrics/{examples.FABRIC_ID}", timeout=30).json()
+        assert status["measurements"] == 30
+    finally:
+        sender.stop()
+        client.close()
+        spool.close()
+        server.stop()
+
+
+def test_launch_with_neither_server_nor_agent_starts_the_job_on_defaults(tmp_path):
+    def dead_url() -> str:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    probe = "import json, os; print(json.dumps(sorted(k for k in os.environ if k.startswith('NCCL_'))))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NCCL_", "DYNAMICCL_"))}
+    for where in (["--server", dead_url(), "--fabric-id", "dgx"], ["--agent", dead_url()]):
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "dynamiccl.cli.main", "launch", "--job", "j", *where,
+                               "--", sys.executable, "-c", probe],
+                              capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == [], "NCCL decides: no variable set"
+        assert "default" in proc.stderr and time.monotonic() - started < 60

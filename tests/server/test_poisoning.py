@@ -1,0 +1,66 @@
+"""Poisoned telemetry: a client reporting fake fast timings for a bad config must not get it
+recommended to others. Sources vote (not samples), and a recommendation needs corroborated
+evidence: two agreeing sources, or agreement with NCCL's own cost model."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from dynamiccl.server.learner.knowledge import Estimate
+from dynamiccl.server.learner.policy import DEFAULT_SAMPLES, choose_recommendation
+from dynamiccl.server.learner.stats import Cell, pooled_noise
+
+def cell(*samples: tuple[str, float]) -> Cell:
+    c = Cell()
+    for source, latency in samples:
+        c.add(1 << 20, latency, source)
+    return c
+
+
+def test_one_source_posting_more_samples_gets_no_more_say():
+    liar_and_one_honest = cell(*[("liar", 10.0)] * 50, ("honest", 100.0))
+    assert math.exp(liar_and_one_honest.location()) == pytest.approx(100.0)
+    assert not liar_and_one_honest.corroborated()
+
+
+def test_agreeing_sources_corroborate_and_dissent_contests():
+    honest = cell(("a", 100.0), ("b", 103.0), ("c", 98.0))
+    assert honest.corroborated() and math.exp(honest.location()) == pytest.approx(100.0)
+    assert not cell(("a", 100.0), ("a", 101.0), ("a", 99.0)).corroborated(), "one source, however many samples"
+    accomplices = cell(("liar-1", 10.0), ("liar-2", 10.0), ("honest", 100.0))
+    assert not accomplices.corroborated(), "a claim someone else measured and could not reproduce"
+    outvoted = cell(("liar-1", 10.0), ("liar-2", 10.0), ("h1", 100.0), ("h2", 101.0))
+    assert math.exp(outvoted.location()) > 95.0
+
+
+def test_steady_fake_numbers_cannot_make_the_fabric_look_quiet():
+    rng = random.Random(0)
+    honest = [cell(*[(f"h{k}", 100.0 * math.exp(rng.gauss(0, 0.05))) for k in range(3) for _ in range(3)])
+              for _ in range(20)]
+    liar = [cell(*[("liar", 10.0)] * 9) for _ in range(200)]
+    assert pooled_noise(honest + liar) == pytest.approx(pooled_noise(honest), rel=0.5)
+    assert pooled_noise(honest + liar) > 0.02
+
+
+def test_an_uncorroborated_config_or_default_is_never_recommended():
+    default = Estimate(mean=math.log(100), std=0.01, samples=DEFAULT_SAMPLES, transferred=False)
+    fast = Estimate(mean=math.log(50), std=0.01, samples=DEFAULT_SAMPLES, transferred=False)
+    assert choose_recommendation([default, fast]).index == 1
+    lone = Estimate(mean=math.log(50), std=0.01, samples=DEFAULT_SAMPLES, transferred=False, corroborated=False)
+    assert choose_recommendation([default, lone]).index == 0
+    doubtful_default = Estimate(mean=math.log(100), std=0.01, samples=DEFAULT_SAMPLES, transferred=False,
+                                corroborated=False)
+    assert choose_recommendation([doubtful_default, fast]).index == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("malicious", [1, 2])
+def test_liars_in_a_fleet_of_ten_cause_no_slowdown(reliability, tmp_path, malicious):
+    """Liars report the slowest valid config of every context as 10x faster, every round."""
+    result = reliability.run_poisoning("h100-ib-2n", agents=10, malicious=malicious, rounds=12, sizes=5,
+                                       seed=0, workdir=str(tmp_path))
+    assert result.poisoned_recommended == 0
+    assert result.worst_slowdown <= 1.02, result

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 from rich.console import Console
+from rich.table import Table
 
 app = typer.Typer(name="plugin", help="DynamICCL's NCCL tuner plugin (per-size rules that change inside a job).",
                   no_args_is_help=True, add_completion=False)
@@ -29,3 +33,44 @@ def build(force: bool = typer.Option(False, "--force", help="compile even if thi
     console.print(f"{'compiled with ' + built.compiler if built.compiled else 'up to date'}; "
                   f"load it with NCCL_TUNER_PLUGIN={built.path}", markup=False, highlight=False)
     print(built.path)
+
+
+def _size_range(size_log2: int) -> str:
+    def human(n: int) -> str:
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if n < 1024:
+                return f"{n} {unit}"
+            n //= 1024
+        return f"{n} PiB"
+
+    return f"{human(1 << size_log2 if size_log2 else 0)} to <{human(1 << (size_log2 + 1))}"
+
+
+@app.command()
+def show(rules_file: Annotated[Path, typer.Argument(help="the rules file NCCL_TUNER_CONFIG_FILE names")]) -> None:
+    """Print what the plugin chose per communicator and size class, from its reports next to RULES_FILE."""
+    from dynamiccl.agent.tuner_plugin.report import read_reports
+
+    console = Console(soft_wrap=True)
+    reports = read_reports(rules_file)
+    if not reports:
+        Console(stderr=True, soft_wrap=True).print(f"no reports next to {rules_file} (the plugin writes "
+                                   f"{rules_file.name}.chosen.<pid>.json unless DYNAMICCL_TUNER_REPORT_MS=-1)",
+                                   markup=False, highlight=False)
+        raise typer.Exit(1)
+    for report in reports:
+        for comm in report.comms:
+            title = (f"pid {report.pid}, communicator {comm.comm_id or comm.ctx} ({comm.nranks} ranks, "
+                     f"{comm.nnodes} nodes): {comm.calls} calls, rules version "
+                     f"{'none' if comm.version is None else comm.version}, {comm.late} late switches"
+                     f"{', finalized' if comm.finalized else ''}")
+            table = Table(title=title, title_justify="left")
+            for column in ("collective", "bytes", "decided by", "algo", "proto", "channels", "version", "calls"):
+                table.add_column(column)
+            for choice in comm.choices:
+                table.add_row(choice.collective.value, _size_range(choice.size_log2),
+                              "rule" if choice.source == "rule" else "NCCL (its cost model's pick)",
+                              choice.algo.value if choice.algo else "-", choice.proto.value if choice.proto else "-",
+                              str(choice.nchannels) if choice.nchannels else "NCCL's",
+                              "-" if choice.version is None else str(choice.version), str(choice.calls))
+            console.print(table)

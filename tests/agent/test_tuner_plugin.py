@@ -437,3 +437,26 @@ def test_the_report_says_what_ran_per_size_class(rules_path: Path, open_comm) ->
     comm.close()
     (final,) = [c for r in read_reports(rules_path) for c in r.comms if c.comm_id == "0x000000000000feed"]
     assert final.finalized and final.calls == 5
+
+
+def test_plugin_show_prints_what_ran(rules_path: Path, open_comm) -> None:
+    from typer.testing import CliRunner
+
+    from dynamiccl.cli.plugin import app
+
+    rules_path.write_text(BASE)
+    comm = open_comm(16, 2, comm_id=0xbeef)
+    comm.choose(AG, 4096)
+    comm.choose(AG, 5000)
+    comm.choose(AR, 1 << 30)
+    result = CliRunner().invoke(app, ["show", str(rules_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any("communicator 0x000000000000beef (16 ranks, 2 nodes): 3 calls, rules version 0" in l for l in lines)
+    row = next(l for l in lines if "allgather" in l).split("│")
+    assert [c.strip() for c in row[1:-1]] == ["allgather", "4 KiB to <8 KiB", "rule", "ring", "ll128", "4", "0", "2"]
+    row = next(l for l in lines if "allreduce" in l).split("│")
+    assert [c.strip() for c in row[1:-1]] == [
+        "allreduce", "1 GiB to <2 GiB", "NCCL (its cost model's pick)", "tree", "ll", "NCCL's", "0", "1"]
+    missing = CliRunner().invoke(app, ["show", str(rules_path.with_name("other.rules"))])
+    assert missing.exit_code == 1

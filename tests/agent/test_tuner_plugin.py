@@ -194,6 +194,8 @@ def test_a_malformed_line_makes_its_section_defer_to_nccl(rules_path: Path, open
     "allreduce,0,100,ring,ll,-1,-1,-1,-1,2\n",  # regBuff 2
     "allreduce,,100,ring,ll,-1,-1,-1\n",  # empty field
     "allreduce,-5,100,ring,ll,-1,-1,-1\n",  # negative size
+    "allreduce,0,99999999999999999999,ring,ll,-1,-1,-1\n",  # over 64 bits
+    "allreduce,0,1e6,ring,ll,-1,-1,-1\n",  # not an integer
 ])
 def test_malformed_lines_are_rejected(rules_path: Path, open_comm, bad: str) -> None:
     rules_path.write_text("allreduce,0,100,tree,ll,-1,-1,-1\n" + bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -439,6 +440,42 @@ def test_the_report_says_what_ran_per_size_class(rules_path: Path, open_comm) ->
     comm.close()
     (final,) = [c for r in read_reports(rules_path) for c in r.comms if c.comm_id == "0x000000000000feed"]
     assert final.finalized and final.calls == 5
+
+
+def test_communicators_on_several_threads_while_reports_are_written(rules_path: Path, tuner: TunerLibrary) -> None:
+    """NCCL plans each communicator on its own thread; reports read every live one."""
+    rules_path.write_text(BASE)
+    comms = [tuner.communicator(8, 1, comm_id=i + 1) for i in range(4)]
+    wrong: list[object] = []
+
+    def run(comm: Communicator) -> None:
+        try:
+            for i in range(1500):
+                odd = i % 2
+                got = pair(comm.choose(AR, 1000 if odd else 100_000))
+                if got != ((Algo.tree, Proto.ll, None) if odd else (Algo.ring, Proto.simple, 8)):
+                    wrong.append(got)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            wrong.append(error)
+
+    def churn() -> None:  # communicators come and go while the others report
+        for _ in range(150):
+            with tuner.communicator(2, 2) as comm:
+                comm.choose(AG, 10)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in comms] + [threading.Thread(target=churn)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(t.is_alive() for t in threads) and wrong == []
+    (report,) = read_reports(rules_path)
+    live = {c.comm_id: c.calls for c in report.comms if c.nranks == 8}
+    assert sorted(live) == [f"0x{i:016x}" for i in range(1, 5)] and all(0 < n <= 1500 for n in live.values())
+    for comm in comms:
+        comm.close()  # each finalize reports the communicators still live, itself marked finalized
+    (report,) = read_reports(rules_path)
+    assert [(c.comm_id, c.calls, c.finalized) for c in report.comms] == [("0x0000000000000004", 1500, True)]
 
 
 def test_plugin_show_prints_what_ran(rules_path: Path, open_comm) -> None:

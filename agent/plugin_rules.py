@@ -16,16 +16,17 @@ rewritten file at different moments. The plugin therefore never switches
 "when it notices"; each communicator counts its calls (the same sequence on
 every rank) and, for call index c, applies the section with the highest
 version among those with from_call <= c. That depends only on the file's
-content. What the writer must guarantee, and this module enforces:
+content. What the writer must guarantee:
 
 - versions grow and a published section is never edited or removed (a rank
   that skipped a file version, or a communicator created later, whose count
-  starts at 0, still sees every switch);
+  starts at 0, still sees every switch). `RulesFile` enforces this, and
+  replaces the file atomically so no rank reads half of it.
 - a new section's from_call lies ahead of every communicator's call count by
   a margin that covers the plugin's reload interval and the time the file
-  takes to reach every node (`switch_call`, from the plugin's reports). A
-  rank that sees a section after its from_call switches at once and counts
-  itself `late` in its report: the margin was too small.
+  takes to reach every node: `switch_call` computes it from the plugin's
+  reports. A rank that sees a section after its from_call switches at once
+  and counts itself `late` in its report: the margin was too small.
 - every node of a job writes the same sections (same versions, from_calls
   and rules): they must come from one source, e.g. the server's round.
 

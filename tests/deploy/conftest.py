@@ -66,12 +66,19 @@ class Processes:
 
     def server(self, name: str, database_url: str) -> str:
         """`dynamiccl server` on a free port; its URL once healthy."""
-        port = free_port()
-        self.start(name, [sys.executable, "-m", "dynamiccl.cli.main", "server", "--host", "127.0.0.1",
-                          "--port", str(port), "--database", database_url])
-        url = f"http://127.0.0.1:{port}"
-        self.wait_healthy(name, url)
-        return url
+        return self.servers([name], database_url)[0]
+
+    def servers(self, names: list[str], database_url: str) -> list[str]:
+        """Several `dynamiccl server` replicas on one database, started together; their URLs once healthy."""
+        urls = []
+        for name in names:
+            port = free_port()
+            self.start(name, [sys.executable, "-m", "dynamiccl.cli.main", "server", "--host", "127.0.0.1",
+                              "--port", str(port), "--database", database_url])
+            urls.append(f"http://127.0.0.1:{port}")
+        for name, url in zip(names, urls):
+            self.wait_healthy(name, url)
+        return urls
 
     def agent(self, name: str, server_url: str, fabric_id: str) -> str:
         """`dynamiccl agent` for the h100-ib-2n preset on a free port; its URL once registered."""

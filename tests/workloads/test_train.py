@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dynamiccl.workloads.services import free_port
 from dynamiccl.workloads.trace import Layout, ModelShape, step_trace
 
 pytestmark = pytest.mark.slow
@@ -22,19 +22,13 @@ STEPS = 4
 MICRO, MICRO_SIZE = 4, 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(tmp_path: Path, name: str, *, tp: int = 1, pp: int = 1, dp: int = 1, micro: int = MICRO,
           steps: int = STEPS, extra: tuple[str, ...] = ()) -> list[dict]:
     out = tmp_path / name
     world = tp * pp * dp
     options = [f"--{key.replace('_', '-')}={value}" for key, value in MODEL.items()]
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
-               f"--master-port={_free_port()}", "-m", "dynamiccl.workloads.train",
+               f"--master-port={free_port()}", "-m", "dynamiccl.workloads.train",
                f"--tp={tp}", f"--pp={pp}", f"--dp={dp}", f"--micro-batches={micro}",
                f"--micro-batch-size={MICRO_SIZE}", f"--steps={steps}", f"--out={out}", *options, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -29,25 +29,15 @@ from dynamiccl.workloads.trace import ModelShape
 
 
 @dataclass(frozen=True)
-class GPTConfig:
-    layers: int = 4
-    hidden: int = 64
-    heads: int = 4
-    kv_heads: int = 2
-    ffn_hidden: int = 256
-    vocab: int = 256
+class GPTConfig(ModelShape):
+    """The model's dimensions (as the collective trace counts them), its sequence length and seed."""
+
     seq_len: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise ValueError("hidden must divide into heads, and heads into kv_heads groups")
-
-    @property
-    def shape(self) -> ModelShape:
-        """The dimensions the collective trace needs."""
-        return ModelShape(layers=self.layers, hidden=self.hidden, ffn_hidden=self.ffn_hidden,
-                          heads=self.heads, kv_heads=self.kv_heads, vocab=self.vocab)
 
     def check_split(self, tp: int, pp: int) -> None:
         for name in ("heads", "kv_heads", "ffn_hidden", "vocab"):

@@ -71,8 +71,7 @@ def test_hybrid_layout_matches_the_single_process_loss_and_issues_the_traced_col
     results = train(tmp_path, "hybrid", tp=2, pp=2, dp=2, extra=("--profile",))
     assert mean_losses(results) == pytest.approx(reference, rel=1e-4, abs=1e-5)
 
-    shape = ModelShape(layers=MODEL["layers"], hidden=MODEL["hidden"], ffn_hidden=MODEL["ffn_hidden"],
-                       heads=MODEL["heads"], kv_heads=MODEL["kv_heads"], vocab=MODEL["vocab"])
+    shape = ModelShape(**{name: value for name, value in MODEL.items() if name != "seq_len"})
     layout = Layout(tp=2, pp=2, dp=2, gpus_per_node=8, micro_batches=MICRO, micro_batch_size=MICRO_SIZE,
                     seq_len=MODEL["seq_len"], dtype_bytes=4, grad_bytes=4)
     for result in results:

@@ -63,6 +63,7 @@ class PoisonResult:
     agents: int
     malicious: int
     worst_slowdown: float  # max over contexts of recommended / default (true times)
+    worst_env_slowdown: float  # the same for the process-wide env, as NCCL applies it
     speedup: float  # geometric mean of default / recommended
     poisoned_recommended: int  # contexts whose recommendation is the poisoned config
     poisoned_suggested: float  # share of honest suggestions that were the poisoned config
@@ -125,6 +126,7 @@ def run_poisoning(
     return PoisonResult(
         agents=agents, malicious=malicious,
         worst_slowdown=float(np.max(recommended / default)),
+        worst_env_slowdown=max(truth.latency_under_env(c, answer.env) / d for c, d in zip(contexts, default)),
         speedup=float(np.exp(np.mean(np.log(default / recommended)))),
         poisoned_recommended=sum(r.config == k for r, k in zip(answer.recommendations, slowest)),
         poisoned_suggested=poisoned_suggested / suggested,
@@ -135,11 +137,12 @@ def run_poisoning(
 def poisoning_table(results: list[PoisonResult], preset: str, rounds: int) -> Table:
     table = Table(title=f"Poisoned telemetry on {preset}, {rounds} rounds "
                         f"(liars report the slowest valid config {LIE_FACTOR:g}x faster, every context)")
-    for column in ("agents", "malicious", "contexts", "worst slowdown", "speedup vs default",
+    for column in ("agents", "malicious", "contexts", "worst slowdown", "worst under env", "speedup vs default",
                    "poisoned config recommended", "honest suggestions of it"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(str(r.agents), str(r.malicious), str(r.contexts), f"{r.worst_slowdown:.3f}x",
+                      f"{r.worst_env_slowdown:.3f}x",
                       f"{r.speedup:.3f}", str(r.poisoned_recommended), f"{r.poisoned_suggested:.1%}")
     return table
 

@@ -6,10 +6,12 @@ source (the token name of the client that posted it; its job where the API is
 open). Stragglers spoil whole samples and only ever make them slower, so a
 source's location is the median of its log latencies (the smaller of two when
 there are two). A source may also lie, so sources vote, not samples: a cell's
-location is the median of its sources' locations (for an even count whose
-middle two disagree, the upper one, so one source claiming a config is fast
-cannot outvote one that found it slow), and a cell is *corroborated* when a second source agrees with that
-location and no third of its sources found it slower. Posting more samples buys a source no more say.
+location is the median of the samples of the sources that agree with the
+median of the sources' own locations, so piling up samples buys a source no
+say against the others. Only a *corroborated* cell is evidence for a
+recommendation: at least two sources agree with its location and they
+outnumber two to one those that found it slower. A claim that others measured
+and could not reproduce stays contested, however many accomplices repeat it.
 """
 
 from __future__ import annotations
@@ -104,13 +106,23 @@ class Cell:
         return sorted(_source_location(samples) for samples in self.by_source.values())
 
     def location(self) -> float:
-        """Robust log-latency estimate: the median of the sources' locations; of an even count,
-        the mean of the middle two where they agree, else the upper (the slower claim)."""
-        locations = self.source_locations()
+        """Robust log-latency estimate. The sources vote for a center: the median of their
+        locations (of an even count, the mean of the middle two where they agree, else the lower,
+        as within a source: the other may be a straggler; `corroborated` says whether the center
+        can be trusted). The estimate is the median of all samples of the sources that agree
+        with the center: as efficient as pooling when sources agree, deaf to those that do not."""
+        per_source = [(_source_location(samples), samples) for samples in self.by_source.values()]
+        if len(per_source) == 1:
+            return per_source[0][0]
+        locations = sorted(location for location, _ in per_source)
         middle = len(locations) // 2
-        if len(locations) % 2 == 0 and locations[middle] - locations[middle - 1] <= STRAGGLER_GAP:
-            return (locations[middle - 1] + locations[middle]) / 2
-        return locations[middle]
+        center = locations[middle]
+        if len(locations) % 2 == 0:
+            low = locations[middle - 1]
+            center = low if center - low > STRAGGLER_GAP else (low + center) / 2
+        return _source_location(
+            [v for location, samples in per_source if abs(location - center) <= STRAGGLER_GAP for v in samples]
+        )
 
     def corroborated(self) -> bool:
         """At least two sources agree (within STRAGGLER_GAP) with the cell's location, and they

@@ -4,7 +4,7 @@
   protocol, one channel count) that minimises the weighted predicted time of
   the job's calls, as NCCL would apply it. Configs a setting makes NCCL run
   are judged pessimistically (upper bound) unless they are what NCCL runs
-  anyway, and a setting that may slow any call by more than `MAX_CALL_LOSS`
+  anyway, never on measurements no second source corroborates, and a setting that may slow any call by more than `MAX_CALL_LOSS`
   is refused: never worse than the default, for the workload or for a call.
 * `tuner_rules`: per-size rules for the tuner plugin, one per recommended
   context, adjacent sizes with the same choice merged. Every rule names the
@@ -70,7 +70,9 @@ def choose_env(
         if unknown:
             estimates = snapshot.estimates([(contexts[i], [config]) for i, config in unknown])
             for key, (estimate,) in zip(unknown, estimates):
-                cache[key] = math.exp(estimate.mean + PESSIMISM * estimate.std)
+                # measurements no second source backs are no ground to force a config on a call
+                doubtful = estimate.samples > 0 and not estimate.corroborated
+                cache[key] = math.inf if doubtful else math.exp(estimate.mean + PESSIMISM * estimate.std)
         if any(cache[(i, config)] > MAX_CALL_LOSS * baseline[i] for i, config in forced):
             return math.inf
         changed = {i: cache[(i, config)] for i, config in forced}

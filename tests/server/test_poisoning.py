@@ -21,19 +21,20 @@ def cell(*samples: tuple[str, float]) -> Cell:
 
 
 def test_one_source_posting_more_samples_gets_no_more_say():
-    liar_and_one_honest = cell(*[("liar", 10.0)] * 50, ("honest", 100.0))
-    assert math.exp(liar_and_one_honest.location()) == pytest.approx(100.0)
-    assert not liar_and_one_honest.corroborated()
+    outvoted = cell(*[("liar", 10.0)] * 50, ("honest-1", 100.0), ("honest-2", 102.0))
+    assert math.exp(outvoted.location()) == pytest.approx(101.0, rel=0.01)
+    assert outvoted.corroborated()
+    assert not cell(*[("liar", 10.0)] * 50, ("honest", 100.0)).corroborated(), "one against one: contested"
 
 
 def test_agreeing_sources_corroborate_and_dissent_contests():
     honest = cell(("a", 100.0), ("b", 103.0), ("c", 98.0))
     assert honest.corroborated() and math.exp(honest.location()) == pytest.approx(100.0)
     assert not cell(("a", 100.0), ("a", 101.0), ("a", 99.0)).corroborated(), "one source, however many samples"
-    accomplices = cell(("liar-1", 10.0), ("liar-2", 10.0), ("honest", 100.0))
-    assert not accomplices.corroborated(), "a claim someone else measured and could not reproduce"
-    outvoted = cell(("liar-1", 10.0), ("liar-2", 10.0), ("h1", 100.0), ("h2", 101.0))
-    assert math.exp(outvoted.location()) > 95.0
+    assert not cell(("liar-1", 10.0), ("liar-2", 10.0), ("honest", 100.0)).corroborated(), \
+        "a claim someone else measured and could not reproduce"
+    assert not cell(("liar-1", 10.0), ("liar-2", 10.0), ("h1", 100.0), ("h2", 101.0)).corroborated()
+    assert cell(("liar-1", 10.0), ("liar-2", 10.0), *[(f"h{k}", 100.0) for k in range(3)]).location() > math.log(95)
 
 
 def test_steady_fake_numbers_cannot_make_the_fabric_look_quiet():
@@ -63,4 +64,4 @@ def test_liars_in_a_fleet_of_ten_cause_no_slowdown(reliability, tmp_path, malici
     result = reliability.run_poisoning("h100-ib-2n", agents=10, malicious=malicious, rounds=12, sizes=5,
                                        seed=0, workdir=str(tmp_path))
     assert result.poisoned_recommended == 0
-    assert result.worst_slowdown <= 1.02, result
+    assert result.worst_slowdown <= 1.02 and result.worst_env_slowdown <= 1.02, result

@@ -46,11 +46,15 @@ from pathlib import Path
 
 from dynamiccl.agent.tuner_plugin.report import PluginReport
 from dynamiccl.nccl.space import InvalidConfig
+from dynamiccl.nccl.tuner_rules import HEADER as RULES_HEADER
 from dynamiccl.nccl.tuner_rules import RULE_COLLECTIVES, TunerRule, first_match, parse_rule, render_rules
 from dynamiccl.schemas import Context, Suggestion
 
 HEADER_TAG = "dynamiccl:"
+SUGGESTION_TAG = "suggestion_id="
 _HEADER = re.compile(r"^#\s*dynamiccl:(?P<fields>.*)$")
+_SUGGESTION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_SUGGESTION_NOTE = re.compile(r"#\s*suggestion_id=(?P<id>[A-Za-z0-9._:-]{1,128})\s*$")
 
 
 @dataclass(frozen=True)
@@ -60,13 +64,27 @@ class Section:
     version: int
     from_call: int
     rules: tuple[TunerRule, ...]
+    #: per rule, the server suggestion it carries out (None: none), kept as a `# suggestion_id=` comment
+    suggestion_ids: tuple[str | None, ...] = ()
 
     def __post_init__(self) -> None:
         if self.version < 0 or self.from_call < 0:
             raise InvalidConfig(f"version and from_call must be >= 0, got {self.version}, {self.from_call}")
+        if self.suggestion_ids and len(self.suggestion_ids) != len(self.rules):
+            raise InvalidConfig("suggestion_ids must name one id (or None) per rule")
+        if any(sid is not None and not _SUGGESTION_ID.fullmatch(sid) for sid in self.suggestion_ids):
+            raise InvalidConfig("a suggestion id must be 1 to 128 of [A-Za-z0-9._:-]")
+
+    def suggestion_id(self, index: int) -> str | None:
+        return self.suggestion_ids[index] if self.suggestion_ids else None
 
     def render(self) -> str:
-        return f"# {HEADER_TAG} version={self.version} from_call={self.from_call}\n" + render_rules(self.rules)
+        header = f"# {HEADER_TAG} version={self.version} from_call={self.from_call}\n"
+        if not any(self.suggestion_ids):
+            return header + render_rules(self.rules)
+        lines = [rule.to_csv() + (f" # {SUGGESTION_TAG}{sid}" if sid else "")
+                 for rule, sid in zip(self.rules, self.suggestion_ids)]
+        return header + "\n".join([RULES_HEADER, *lines]) + "\n"
 
 
 def render_schedule(sections: Iterable[Section]) -> str:
@@ -84,24 +102,30 @@ def _header(line_no: int, text: str) -> tuple[int, int]:
 def parse_schedule(text: str) -> list[Section]:
     """The sections of a rules file; raises InvalidConfig where the plugin would fall back."""
     sections: list[Section] = []
-    version, from_call, rules = 0, 0, []
+    version, from_call, rules, ids = 0, 0, [], []
     opened = False
+
+    def close() -> None:
+        sections.append(Section(version, from_call, tuple(rules), tuple(ids) if any(ids) else ()))
+
     for line_no, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         header = _HEADER.match(line)
         if header:
             if opened or rules:
-                sections.append(Section(version, from_call, tuple(rules)))
+                close()
             version, from_call = _header(line_no, header["fields"])
             if sections and version <= sections[-1].version:
                 raise InvalidConfig(f"line {line_no}: version {version} after {sections[-1].version}")
-            rules, opened = [], True
+            rules, ids, opened = [], [], True
             continue
-        line = line.split("#", 1)[0].strip()
-        if line:
-            rules.append(parse_rule(line, line_no))
+        rule_text, _, comment = line.partition("#")
+        if rule_text.strip():
+            rules.append(parse_rule(rule_text.strip(), line_no))
+            note = _SUGGESTION_NOTE.match("#" + comment) if comment else None
+            ids.append(note["id"] if note else None)
     if opened or rules:
-        sections.append(Section(version, from_call, tuple(rules)))
+        close()
     return sections
 
 
@@ -141,13 +165,28 @@ class RulesFile:
             parse_schedule(path.read_text(encoding="utf-8")) if path.exists() else []
         )
 
-    def publish(self, rules: Sequence[TunerRule], from_call: int) -> Section:
-        """Append `rules` as the next version, in force from call `from_call`, and rewrite the file."""
+    def publish(self, rules: Sequence[TunerRule], from_call: int, version: int | None = None,
+                suggestion_ids: Sequence[str | None] = (), max_bytes: int | None = None) -> Section:
+        """Append `rules` as a new version, in force from call `from_call`, and rewrite the file.
+
+        `version` defaults to the next one; writers on several nodes pass it
+        explicitly (a function of what they publish) so that their files agree
+        even where one of them skipped a version. With `max_bytes`, a file
+        that would grow past it is left as it is (InvalidConfig).
+        """
         last = self.sections[-1] if self.sections else None
         if last is not None and from_call < last.from_call:
             raise InvalidConfig(f"from_call {from_call} is before version {last.version}'s ({last.from_call})")
-        section = Section(version=last.version + 1 if last else 0, from_call=from_call, rules=tuple(rules))
-        write_atomic(self.path, render_schedule([*self.sections, section]))
+        if version is None:
+            version = last.version + 1 if last else 0
+        elif last is not None and version <= last.version:
+            raise InvalidConfig(f"version {version} is not after version {last.version}")
+        section = Section(version=version, from_call=from_call, rules=tuple(rules),
+                          suggestion_ids=tuple(suggestion_ids))
+        text = render_schedule([*self.sections, section])
+        if max_bytes is not None and len(text.encode()) > max_bytes:
+            raise InvalidConfig(f"{self.path} would grow to {len(text.encode())} bytes, over {max_bytes}")
+        write_atomic(self.path, text)
         self.sections.append(section)
         return section
 
@@ -176,12 +215,18 @@ def rules_from_suggestions(suggestions: Iterable[Suggestion]) -> list[TunerRule]
     leaves calls no rule matches to NCCL. Put these before the broader
     recommendation rules: first match wins.
     """
+    return [rule for rule, _ in suggestion_rules(suggestions)]
+
+
+def suggestion_rules(suggestions: Iterable[Suggestion]) -> list[tuple[TunerRule, Suggestion]]:
+    """`rules_from_suggestions`, each rule with the suggestion it carries out."""
     rules = []
     for suggestion in suggestions:
         context, config = suggestion.context, suggestion.config
         if context.collective not in RULE_COLLECTIVES or config.algo is None or config.proto is None:
             continue
-        rules.append(TunerRule(collective=context.collective, min_bytes=context.nbytes,
-                               max_bytes=context.nbytes, algo=config.algo, proto=config.proto,
-                               nchannels=config.nchannels, nnodes=context.nnodes, nranks=context.nranks))
+        rule = TunerRule(collective=context.collective, min_bytes=context.nbytes, max_bytes=context.nbytes,
+                         algo=config.algo, proto=config.proto, nchannels=config.nchannels,
+                         nnodes=context.nnodes, nranks=context.nranks)
+        rules.append((rule, suggestion))
     return rules

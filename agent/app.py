@@ -1,7 +1,8 @@
 """The agent's local API, used by the torch hook and the launcher on the same node.
 
-`POST /local/v1/measurements`, `POST /local/v1/recommend`, `GET /healthz`,
-`GET /metrics`. Malformed input is a 422 naming the field (and counted);
+`POST /local/v1/measurements`, `POST /local/v1/recommend`,
+`POST /local/v1/plugin/register` and `/unregister` (plugin-mode jobs tuned
+online, see plugin_online), `GET /healthz`, `GET /metrics`. Malformed input is a 422 naming the field (and counted);
 nothing a caller sends can stop the agent.
 """
 
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -28,6 +30,7 @@ from dynamiccl.schemas import (
 )
 
 from dynamiccl.agent.daemon import Agent
+from dynamiccl.agent.plugin_online import PluginJob, RegistrationError
 
 
 class LocalMeasurements(BaseModel):
@@ -47,6 +50,25 @@ class LocalRecommendRequest(BaseModel):
     job_id: OptionalId
     contexts: Annotated[list[WeightedContext], Field(min_length=1, max_length=MAX_CONTEXTS)] | None = None
     refresh: bool = False
+
+
+class PluginRegistration(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: OptionalId
+    rules_file: Annotated[str, Field(min_length=1, max_length=4096)]
+    round_calls: Annotated[int, Field(ge=1, le=1 << 40)]
+
+
+class PluginRegistered(BaseModel):
+    rules_file: str
+    next_round: int
+
+
+class PluginUnregistration(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    rules_file: Annotated[str, Field(min_length=1, max_length=4096)]
 
 
 class LocalRecommendResponse(RecommendResponse):
@@ -84,6 +106,21 @@ def create_app(agent: Agent, manage_agent: bool = True) -> FastAPI:
         return LocalRecommendResponse(
             **answer.response.model_dump(), source=answer.source, reason=answer.reason
         )
+
+    @app.post("/local/v1/plugin/register", status_code=201)
+    def plugin_register(body: PluginRegistration) -> PluginRegistered:
+        job = PluginJob(job_id=body.job_id, rules_file=Path(body.rules_file), round_calls=body.round_calls)
+        try:
+            publisher = agent.online.register(job)
+        except RegistrationError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from None
+        return PluginRegistered(rules_file=body.rules_file, next_round=publisher.next_round)
+
+    @app.post("/local/v1/plugin/unregister")
+    def plugin_unregister(body: PluginUnregistration) -> dict[str, bool]:
+        if not agent.online.unregister(Path(body.rules_file)):
+            raise HTTPException(status_code=404, detail=f"{body.rules_file} is not registered")
+        return {"unregistered": True}
 
     @app.get("/healthz")
     def healthz() -> dict[str, object]:

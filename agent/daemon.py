@@ -1,5 +1,8 @@
 """The node agent: wires spool, aggregator, sender, registrar, recommender and the Inspector follower.
 
+Plugin-mode jobs registered by the launcher are tuned online by
+`OnlineTuner` (see plugin_online): a rules section per tuning round.
+
 Data path: local API or Inspector -> `Agent.ingest` -> aggregator (memory, one
 window) -> spool (disk) -> sender -> server. Whatever reached the spool
 survives agent crashes and server outages; what is still in the current
@@ -22,6 +25,7 @@ from dynamiccl.schemas import DEFAULT_CONFIG, Fabric, Measurement, NcclConfig, W
 from dynamiccl.agent.aggregator import DEFAULT_WINDOW_S, Aggregator
 from dynamiccl.agent.inspector import InspectorFollower, InspectorReader
 from dynamiccl.agent.metrics import AgentMetrics
+from dynamiccl.agent.plugin_online import OnlineTuner
 from dynamiccl.agent.reco_cache import RecommendationCache
 from dynamiccl.agent.recommender import Answer, Recommender
 from dynamiccl.agent.registrar import Registrar
@@ -47,6 +51,7 @@ class AgentConfig:
     max_spool_bytes: int = DEFAULT_MAX_BYTES
     max_spool_batches: int = DEFAULT_MAX_BATCHES
     max_backoff_s: float = 30.0
+    online_interval_s: float = 1.0  # how often plugin-mode jobs are checked for a due tuning round
 
 
 class Agent:
@@ -90,6 +95,14 @@ class Agent:
             self.workload,
             on_unknown_fabric=self.registrar.request,
         )
+        self.online = OnlineTuner(
+            query_client,
+            config.fabric_id,
+            lambda job_id: self.workload.contexts(job_id),
+            self.metrics.registry,
+            interval_s=config.online_interval_s,
+            on_unknown_fabric=self.registrar.request,
+        )
         self.inspector: InspectorFollower | None = None
         if config.inspector_dir is not None:
             reader = InspectorReader(
@@ -111,6 +124,7 @@ class Agent:
         self.registrar.start()
         self.sender.start()
         self._ticker.start()
+        self.online.start()
         if self.inspector is not None:
             self.inspector.start()
 
@@ -121,6 +135,7 @@ class Agent:
             self.inspector.stop()
         if self._ticker.is_alive():
             self._ticker.join(5.0)
+        self.online.stop()
         self.aggregator.flush()
         self.sender.stop()
         self.registrar.stop()

@@ -57,6 +57,11 @@ _SUGGESTION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _SUGGESTION_NOTE = re.compile(r"#\s*suggestion_id=(?P<id>[A-Za-z0-9._:-]{1,128})\s*$")
 
 
+def valid_suggestion_id(sid: str) -> bool:
+    """Whether a suggestion id can ride on a rule line as a comment (and be read back)."""
+    return _SUGGESTION_ID.fullmatch(sid) is not None
+
+
 @dataclass(frozen=True)
 class Section:
     """Rules in force from call index `from_call` of each communicator, until a newer version's."""
@@ -72,7 +77,7 @@ class Section:
             raise InvalidConfig(f"version and from_call must be >= 0, got {self.version}, {self.from_call}")
         if self.suggestion_ids and len(self.suggestion_ids) != len(self.rules):
             raise InvalidConfig("suggestion_ids must name one id (or None) per rule")
-        if any(sid is not None and not _SUGGESTION_ID.fullmatch(sid) for sid in self.suggestion_ids):
+        if any(sid is not None and not valid_suggestion_id(sid) for sid in self.suggestion_ids):
             raise InvalidConfig("a suggestion id must be 1 to 128 of [A-Za-z0-9._:-]")
 
     def suggestion_id(self, index: int) -> str | None:

@@ -9,9 +9,14 @@
    plugin also the per-size `tuner_config` rules for NCCL's tuner plugin
    (DynamICCL's own, built on first use, unless another is named).
    NCCL_* variables the user already set win.
+   With DynamICCL's own plugin the job is also tuned online: the rules file
+   is registered with the node agent, which appends a section per tuning
+   round (agent/plugin_online.py); rounds are `$DYNAMICCL_ROUND_CALLS`
+   calls long (0: off), a job-wide value every node must share.
 3. Turn the profiler on for the unmodified script (sitecustomize on
    PYTHONPATH, TORCH_NCCL_ENABLE_TIMING=1 from the first collective).
 4. Run the command with SIGINT/SIGTERM forwarded; return its exit status.
+   Then unregister the rules file (publication stops) and remove it.
 
 The command runs in its own process group, so a terminal's Ctrl-C reaches
 it once, through the forwarding (not twice).
@@ -33,6 +38,8 @@ from types import FrameType
 import httpx
 from rich.console import Console
 
+from dynamiccl.agent.plugin_online import DEFAULT_ROUND_CALLS, ROUND_CALLS_ENV
+from dynamiccl.agent.plugin_rules import HEADER_TAG
 from dynamiccl.agent.tuner_plugin.build import PluginBuildError
 from dynamiccl.agent.tuner_plugin.build import build as build_plugin
 from dynamiccl.agent.tuner_plugin.report import remove_reports
@@ -41,6 +48,8 @@ from dynamiccl.schemas import RecommendResponse
 
 DEFAULT_AGENT_URL = "http://127.0.0.1:7461"
 RECOMMEND_TIMEOUT_S = 3.0
+REGISTER_TIMEOUT_S = 3.0
+OWN_PLUGIN_PREFIX = "libnccl-tuner-dynamiccl"  # the name `dynamiccl plugin build` gives its library
 SITECUSTOMIZE_DIR = Path(__file__).resolve().parent / "sitecustomize"
 DEFAULT_ANSWER = RecommendResponse(recommendations=[], env={}, tuner_config="")
 
@@ -65,6 +74,7 @@ class Plan:
     env: dict[str, str]
     notes: list[str] = field(default_factory=list)
     rules_file: Path | None = None
+    round_calls: int = 0  # > 0: the rules file is to be tuned online by the agent
 
 
 def job_name(job: str | None, environ: Mapping[str, str], command: Sequence[str]) -> tuple[str, str]:
@@ -143,15 +153,34 @@ def rule_count(rules: str) -> int:
     return sum(1 for line in rules.splitlines() if line.split("#", 1)[0].strip())
 
 
+def round_calls(environ: Mapping[str, str]) -> tuple[int, str | None]:
+    """Calls per online tuning round from the environment (0: off), and a note when it is unusable."""
+    text = environ.get(ROUND_CALLS_ENV, "").strip()
+    if not text:
+        return DEFAULT_ROUND_CALLS, None
+    if text.isdigit():
+        return int(text), None
+    return 0, f"${ROUND_CALLS_ENV}={text!r} is not a call count: online tuning off"
+
+
 def _apply_rules(plan: Plan, environ: Mapping[str, str], rules: str, plugin: str | None, job: str) -> None:
     count = rule_count(rules)
     if not plugin:
         plan.notes.append(f"mode plugin: no tuner plugin known (set $DYNAMICCL_TUNER_PLUGIN or "
                           f"--tuner-plugin): falling back to env mode, {count} rules unused")
         return
-    if count == 0:
+    online = 0
+    if Path(plugin).name.startswith(OWN_PLUGIN_PREFIX):
+        online, why_not = round_calls(environ)
+        if why_not:
+            plan.notes.append(why_not)
+    else:
+        plan.notes.append(f"online tuning off: {plugin} is not DynamICCL's tuner plugin")
+    if count == 0 and not online:
         plan.notes.append("mode plugin: the recommendation has no per-size rules: plugin not loaded")
         return
+    if count == 0:  # an empty version 0: the plugin loads, NCCL decides until the first round
+        rules = f"# {HEADER_TAG} version=0 from_call=0\n"
     safe_job = "".join(c if c.isalnum() or c in "._-" else "_" for c in job)
     handle = tempfile.NamedTemporaryFile(
         "w", prefix=f"dynamiccl-{safe_job}-", suffix=".rules", delete=False, encoding="utf-8"
@@ -159,9 +188,39 @@ def _apply_rules(plan: Plan, environ: Mapping[str, str], rules: str, plugin: str
     with handle:
         handle.write(rules if rules.endswith("\n") else rules + "\n")
     plan.rules_file = Path(handle.name)
+    plan.round_calls = online
     plan.notes.append(f"{count} tuner rules written to {handle.name}")
     _set(plan, environ, "NCCL_TUNER_CONFIG_FILE", handle.name, "wanted")
     _set(plan, environ, "NCCL_TUNER_PLUGIN", plugin, "wanted")
+    if online:
+        plan.env[ROUND_CALLS_ENV] = str(online)
+
+
+def register_online(agent_url: str, job: str, plan: Plan, transport: httpx.BaseTransport | None = None) -> str:
+    """Hand the job's rules file to the node agent for online tuning; a note saying how it went."""
+    assert plan.rules_file is not None
+    body = {"job_id": job, "rules_file": str(plan.rules_file), "round_calls": plan.round_calls}
+    try:
+        with httpx.Client(timeout=REGISTER_TIMEOUT_S, trust_env=False, transport=transport) as http:
+            response = http.post(agent_url.rstrip("/") + "/local/v1/plugin/register", json=body)
+    except httpx.HTTPError as error:
+        plan.round_calls = 0
+        plan.env.pop(ROUND_CALLS_ENV, None)
+        return f"online tuning off: the agent at {agent_url} is unreachable ({error.__class__.__name__})"
+    if response.status_code != 201:
+        plan.round_calls = 0
+        plan.env.pop(ROUND_CALLS_ENV, None)
+        return f"online tuning off: the agent answered {response.status_code}: {response.text[:200]}"
+    return f"online tuning on: a rules section every {plan.round_calls} calls, from the agent at {agent_url}"
+
+
+def unregister_online(agent_url: str, rules_file: Path, transport: httpx.BaseTransport | None = None) -> None:
+    """Stop the agent's publication for this job (it also stops by itself once the file is gone)."""
+    try:
+        with httpx.Client(timeout=REGISTER_TIMEOUT_S, trust_env=False, transport=transport) as http:
+            http.post(agent_url.rstrip("/") + "/local/v1/plugin/unregister", json={"rules_file": str(rules_file)})
+    except httpx.HTTPError:
+        pass
 
 
 def own_plugin(environ: Mapping[str, str]) -> tuple[str | None, str]:
@@ -251,10 +310,14 @@ def launch(
     plan = plan_env(environ, answer, mode, job, agent_url, tuner_plugin)
     if plugin_note:
         plan.notes.insert(0, plugin_note)
+    if plan.rules_file is not None and plan.round_calls:
+        plan.notes.append(register_online(agent_url, job, plan))
     report(console, job, job_from, answer, mode, plan)
     try:
         return run(command, plan.env)
     finally:
         if plan.rules_file is not None:
+            if plan.round_calls:
+                unregister_online(agent_url, plan.rules_file)
             plan.rules_file.unlink(missing_ok=True)
             remove_reports(plan.rules_file)

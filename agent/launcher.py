@@ -39,7 +39,7 @@ import httpx
 from rich.console import Console
 
 from dynamiccl.agent.plugin_online import DEFAULT_ROUND_CALLS, ROUND_CALLS_ENV
-from dynamiccl.agent.plugin_rules import HEADER_TAG
+from dynamiccl.agent.plugin_rules import HEADER_TAG, PLUGIN_LIBRARY_PREFIX
 from dynamiccl.agent.tuner_plugin.build import PluginBuildError
 from dynamiccl.agent.tuner_plugin.build import build as build_plugin
 from dynamiccl.agent.tuner_plugin.report import remove_reports
@@ -49,7 +49,6 @@ from dynamiccl.schemas import RecommendResponse
 DEFAULT_AGENT_URL = "http://127.0.0.1:7461"
 RECOMMEND_TIMEOUT_S = 3.0
 REGISTER_TIMEOUT_S = 3.0
-OWN_PLUGIN_PREFIX = "libnccl-tuner-dynamiccl"  # the name `dynamiccl plugin build` gives its library
 SITECUSTOMIZE_DIR = Path(__file__).resolve().parent / "sitecustomize"
 DEFAULT_ANSWER = RecommendResponse(recommendations=[], env={}, tuner_config="")
 
@@ -170,7 +169,7 @@ def _apply_rules(plan: Plan, environ: Mapping[str, str], rules: str, plugin: str
                           f"--tuner-plugin): falling back to env mode, {count} rules unused")
         return
     online = 0
-    if Path(plugin).name.startswith(OWN_PLUGIN_PREFIX):
+    if Path(plugin).name.startswith(PLUGIN_LIBRARY_PREFIX):
         online, why_not = round_calls(environ)
         if why_not:
             plan.notes.append(why_not)

@@ -51,6 +51,7 @@ from dynamiccl.nccl.tuner_rules import RULE_COLLECTIVES, TunerRule, first_match,
 from dynamiccl.schemas import Context, Suggestion
 
 HEADER_TAG = "dynamiccl:"
+PLUGIN_LIBRARY_PREFIX = "libnccl-tuner-dynamiccl"  # how `dynamiccl plugin build` names the library
 SUGGESTION_TAG = "suggestion_id="
 _HEADER = re.compile(r"^#\s*dynamiccl:(?P<fields>.*)$")
 _SUGGESTION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

@@ -97,7 +97,7 @@ def launch(
     fabric_id: str | None = typer.Option(None, envvar="DYNAMICCL_FABRIC_ID", help="fabric id (with --server)"),
     token: str | None = typer.Option(None, envvar="DYNAMICCL_TOKEN", help="bearer token (with --server)"),
     tuner_plugin: str | None = typer.Option(None, envvar="DYNAMICCL_TUNER_PLUGIN",
-                                            help="path of NCCL's tuner plugin (mode plugin)"),
+                                            help="NCCL tuner plugin (mode plugin; default: DynamICCL's, built automatically)"),
 ) -> None:
     """Run COMMAND (after --) with the job's learned NCCL configuration and the profiler on."""
     from dynamiccl.agent.launcher import Mode

@@ -189,3 +189,27 @@ def test_sitecustomize_is_a_no_op_unless_enabled_and_never_breaks_the_script(tmp
         assert proc.returncode == 0 and proc.stdout.split() == ["True", "False"]  # chained, torch untouched
         assert ("simulated broken install" in proc.stderr) is (hook_on == "1")
         assert proc.stderr.count("dynamiccl hook") == (1 if hook_on == "1" else 0)
+
+
+def test_plugin_mode_registers_the_rules_file_for_online_tuning_and_unregisters_it(
+        recording_server, tmp_path: Path) -> None:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+
+    def answer(path: str, body: dict) -> tuple[int, dict]:
+        if path == "/local/v1/plugin/register":
+            return 201, {"rules_file": body["rules_file"], "next_round": 0}
+        if path == "/local/v1/plugin/unregister":
+            return 200, {"unregistered": True}
+        return 200, {**ANSWER, "source": "server", "reason": "pinned"}
+
+    agent = recording_server(answer)
+    rc, seen, err = launch(["--job", "j5", "--agent", agent.url, "--mode", "plugin", *probe()],
+                           base_env(XDG_CACHE_HOME=str(tmp_path), DYNAMICCL_ROUND_CALLS="500"))
+    rules = seen["env"]["NCCL_TUNER_CONFIG_FILE"]
+    assert rc == 0 and seen["env"]["DYNAMICCL_ROUND_CALLS"] == "500" and seen["rules"] == ANSWER["tuner_config"]
+    assert [path for path, _ in agent.requests] == [
+        "/local/v1/recommend", "/local/v1/plugin/register", "/local/v1/plugin/unregister"]
+    assert agent.posted("/local/v1/plugin/register") == [{"job_id": "j5", "rules_file": rules, "round_calls": 500}]
+    assert agent.posted("/local/v1/plugin/unregister") == [{"rules_file": rules}]
+    assert "online tuning on: a rules section every 500 calls" in err and not Path(rules).exists()

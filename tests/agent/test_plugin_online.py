@@ -11,20 +11,25 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
-
 from dynamiccl.agent.app import create_app
 from dynamiccl.agent.daemon import Agent, AgentConfig
 from dynamiccl.agent.hook_table import CallKey, ConfigResolver, to_measurements
-from dynamiccl.agent.plugin_online import OnlineTuner, Outcome, PluginJob, RoundPublisher, canonical_contexts
+from dynamiccl.agent.plugin_online import (
+    OnlineTuner,
+    Outcome,
+    PluginJob,
+    RoundPublisher,
+    canonical_contexts,
+)
 from dynamiccl.agent.plugin_rules import expected_rule, parse_schedule
 from dynamiccl.agent.tuner_plugin.build import NoCompiler, build
 from dynamiccl.agent.tuner_plugin.driver import TunerLibrary
-from dynamiccl.agent.workload import WorkloadRecorder
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
 from dynamiccl.client import DynamicclClient
 from dynamiccl.nccl.tuner_rules import TunerRule
 from dynamiccl.schemas import Algo, Collective, Context, Fabric, Measurement, NcclConfig, Proto
-from prometheus_client import CollectorRegistry
 
 AR, AG = Collective.allreduce, Collective.allgather
 SMALL = Context(collective=AR, nbytes=4096, nranks=8, nnodes=1)

@@ -3,6 +3,7 @@ each other (scrape targets, proxy upstreams, job labels, secrets, ports, the sim
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -193,3 +194,21 @@ def test_agent_daemonset_runs_on_gpu_nodes_with_node_name_spool_and_metrics():
     assert {e["port"] for e in monitor["podMetricsEndpoints"]} == {"metrics"}
     assert pod["metadata"]["labels"][monitor["jobLabel"]] == "dynamiccl-agent"
     assert "dynamiccl-agent" in alert_jobs()
+
+
+def test_dashboards_define_every_variable_they_use_and_keep_ids_unique():
+    uids = []
+    for path in sorted((DEPLOY / "grafana" / "dashboards").glob("*.json")):
+        dashboard = json.loads(path.read_text())
+        uids.append(dashboard["uid"])
+        defined = {v["name"] for v in dashboard["templating"]["list"]}
+        assert "datasource" in defined, path.name
+        ids = [panel["id"] for panel in dashboard["panels"]]
+        assert len(ids) == len(set(ids)), path.name
+        for panel in dashboard["panels"]:
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+            assert set(panel["gridPos"]) == {"h", "w", "x", "y"} and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+            for target in panel["targets"]:
+                used = set(re.findall(r"\$(?!__)(\w+)", target["expr"]))
+                assert used <= defined, f"{path.name}: {panel['title']} uses undefined {used - defined}"
+    assert len(uids) == len(set(uids)) == 4

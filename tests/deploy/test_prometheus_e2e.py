@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -222,3 +223,11 @@ def test_the_main_panels_show_data_for_the_simulated_job(stack, helpers, where):
     expressions = [expr for place, expr in dashboard_expressions() if place == where]
     assert expressions, f"no panel {where}"
     helpers.wait_for(lambda: stack.query(substitute(expressions[0]))["data"]["result"], 20, f"data in {where}")
+
+
+def test_sim_job_refuses_an_agent_whose_fabric_is_not_its_preset(stack):
+    done = subprocess.run([sys.executable, "-m", "dynamiccl.cli.main", "sim-job", "--server", stack.server,
+                           "--agent", stack.agent, "--fabric-id", FABRIC_ID, "--preset", "l40s-roce-2n"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "start the agent with the preset's hardware as overrides" in done.stderr

@@ -18,7 +18,14 @@ import httpx
 import typer
 
 from dynamiccl.client import DynamicclClient
-from dynamiccl.schemas import Collective, Context, Fabric, Measurement, NcclConfig, RecommendResponse
+from dynamiccl.schemas import (
+    Collective,
+    Context,
+    Fabric,
+    Measurement,
+    NcclConfig,
+    RecommendResponse,
+)
 from dynamiccl.sim.fabric import SimulatedFabric
 from dynamiccl.sim.presets import Preset, get_preset
 

@@ -47,10 +47,9 @@ class Processes:
         self.running: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.workdir / f"{name}.log", "ab")
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                   env={**os.environ, "DYNAMICCL_TOKENS": "", **(env or {})})
-        log.close()
+        with open(self.workdir / f"{name}.log", "ab") as log:  # the child keeps its own copy
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                       env={**os.environ, "DYNAMICCL_TOKENS": "", **(env or {})})
         self.running[name] = process
         return process
 

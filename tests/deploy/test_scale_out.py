@@ -116,7 +116,7 @@ def test_both_replicas_give_the_same_recommendation_and_suggestions_for_a_job(re
         body = {"fabric_id": FABRIC_ID, "batch_id": f"seed-{n}", "measurements": part}
         assert httpx.post(f"{url}/v1/measurements", json=body, timeout=30).status_code == 202
     for url in (replicas.a, replicas.b):  # each replica's learner has caught up with the shared store
-        helpers.wait_for(lambda: httpx.get(f"{url}/v1/fabrics/{FABRIC_ID}").json()["learner"].get(
+        helpers.wait_for(lambda url=url: httpx.get(f"{url}/v1/fabrics/{FABRIC_ID}").json()["learner"].get(
             "measurements_learned") == len(measurements), 60, f"learner of {url} caught up")
 
     contexts = [c.weighted(10.0).model_dump(mode="json") for c in CONTEXTS]

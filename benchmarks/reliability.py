@@ -229,6 +229,7 @@ class SoakLog:
     bad_inputs: int = 0
     faults_injected: int = 0
     faults_survived: int = 0  # the server was back, answering, after the fault
+    restart_s: list[float] = field(default_factory=list)  # kill to answering again
     rss: list[tuple[float, float]] = field(default_factory=list)
     acknowledged: dict[str, int] = field(default_factory=dict)  # batch id -> measurements
 
@@ -346,6 +347,7 @@ def run_soak(
                 log.faults_injected += 1
                 server.start()
                 log.faults_survived += 1
+                log.restart_s.append(time.monotonic() - log.started - now)
             log.rss.append((now, server.rss_mb()))
             if now >= next_row:
                 rows.append(_interval_row(log, next_row - interval_s, next_row))
@@ -421,6 +423,7 @@ def summary_table(log: SoakLog, stored: int) -> Table:
     for name, value in [
         ("requests served", served), ("errors", len(log.errors)),
         ("faults injected (SIGKILL + restart)", log.faults_injected), ("faults survived", log.faults_survived),
+        ("server down per restart (s)", ", ".join(f"{s:.1f}" for s in log.restart_s) or "-"),
         ("requests retried (server down / 503)", log.retries), ("bad inputs tried", log.bad_inputs),
         ("batches acknowledged", len(log.acknowledged)), ("measurements acknowledged", sum(log.acknowledged.values())),
         ("measurements stored", stored), ("data lost", data_lost(log, stored)),

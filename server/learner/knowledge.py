@@ -10,7 +10,8 @@ counts as evidence for a recommendation, for transfer to its neighbours and
 for the surrogate when it is *corroborated*: two sources agree on it, or its
 location is within `PRIOR_AGREEMENT` of what NCCL's own cost model predicts.
 A lone source's surprising claim is still explored (someone else then
-measures it, and sources vote), but never recommended on its word alone.
+measures it, and sources vote), but never recommended on its word alone; a
+source whose claims others keep refuting is left out altogether.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from dataclasses import dataclass, field
 from dynamiccl.nccl.space import gpu_generation
 from dynamiccl.schemas import Context, Fabric, NcclConfig
 from dynamiccl.server.learner.prior import NcclPrior
-from dynamiccl.server.learner.stats import Cell, CellKey, ContextKey, cell_key, pooled_noise
+from dynamiccl.server.learner.stats import (
+    Cell,
+    CellKey,
+    ContextKey,
+    cell_key,
+    distrusted_sources,
+    pooled_noise,
+)
 from dynamiccl.server.learner.surrogate import Example, ResidualModel
 from dynamiccl.server.storage.base import Store
 
@@ -97,6 +105,7 @@ class Snapshot:
     model: ResidualModel
     noise: float
     measurements_seen: int
+    distrusted: frozenset[str] = frozenset()
     built_at: float = field(default_factory=time.monotonic)
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
     _memo_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
@@ -179,12 +188,16 @@ class FabricKnowledge:
             donor_cells = {k: v for d in donors for k, v in d.snapshot.cells.items()}
             if not new and not fit:
                 return False
-            noise = pooled_noise(list(self._cells.values()))
-            cells = {key: self._summary(key, cell, noise) for key, cell in self._cells.items()}
+            distrusted = distrusted_sources(self._cells.values())
+            trusted = {
+                key: view for key, cell in self._cells.items() if (view := cell.without(distrusted)) is not None
+            }
+            noise = pooled_noise(list(trusted.values()))
+            cells = {key: self._summary(key, cell, noise) for key, cell in trusted.items()}
             model = self.snapshot.model
             if fit:
                 model = ResidualModel(self.prior, self._examples(cells, donor_cells))
-            snapshot = Snapshot(self.prior, cells, donor_cells, model, noise, self._seen)
+            snapshot = Snapshot(self.prior, cells, donor_cells, model, noise, self._seen, distrusted)
             with self._recent_lock:
                 recent = list(self._recent)
             snapshot.estimates(recent)  # requests find the new snapshot warm

@@ -11,7 +11,9 @@ median of the sources' own locations, so piling up samples buys a source no
 say against the others. Only a *corroborated* cell is evidence for a
 recommendation: at least two sources agree with its location and they
 outnumber two to one those that found it slower. A claim that others measured
-and could not reproduce stays contested, however many accomplices repeat it.
+and could not reproduce stays contested, however many accomplices repeat it,
+and a source whose claims others keep refuting is not listened to at all
+(`distrusted_sources`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ SINGLE_SAMPLE_STD = 0.15
 #: Two samples further apart than this (log scale, ~15%) are taken as one straggler and one not;
 #: two sources whose locations are closer than this agree.
 STRAGGLER_GAP = 0.15
+#: A source's claim is refuted in a cell when another source found the config this much slower
+#: (log scale, 2x): beyond noise, beyond all but the worst stragglers.
+REFUTE_GAP = math.log(2.0)
+#: A source refuted this often (and at least MIN_REFUTED times) is not listened to at all.
+MAX_REFUTED_SHARE = 0.2
+MIN_REFUTED = 3
 
 
 def size_bucket(nbytes: int) -> int:
@@ -102,6 +110,13 @@ class Cell:
     def mean_nbytes(self) -> int:
         return max(0, round(2 ** (self.log_nbytes_sum / self.samples_seen) - 1))
 
+    def without(self, distrusted: frozenset[str]) -> Cell | None:
+        """This cell as if the `distrusted` sources had never reported (None if nothing is left)."""
+        if distrusted.isdisjoint(self.by_source):
+            return self
+        kept = {source: samples for source, samples in self.by_source.items() if source not in distrusted}
+        return Cell(kept, self.log_nbytes_sum, self.samples_seen) if kept else None
+
     def source_locations(self) -> list[float]:
         return sorted(_source_location(samples) for samples in self.by_source.values())
 
@@ -143,6 +158,29 @@ class Cell:
         if n == 1:
             return max(3.0 * noise, SINGLE_SAMPLE_STD)
         return 1.25 * noise / math.sqrt(n)
+
+
+def distrusted_sources(cells: Iterable[Cell]) -> frozenset[str]:
+    """Sources whose claims others keep refuting: in at least MAX_REFUTED_SHARE of the cells they
+    share with other sources (and MIN_REFUTED of them), another source measured the same config
+    REFUTE_GAP slower. Honest sources are refuted only by the rare large straggler; a source
+    that reports bad configs as fast is refuted wherever anyone checks. Decided from all
+    sources at once, so framing honest sources with slow claims can only leave nobody
+    trusted (and NCCL's defaults in force), never hand the liars the floor."""
+    shared: dict[str, int] = defaultdict(int)
+    refuted: dict[str, int] = defaultdict(int)
+    for cell in cells:
+        if len(cell.by_source) < 2:
+            continue
+        located = [(_source_location(samples), source) for source, samples in cell.by_source.items()]
+        slowest = max(location for location, _ in located)
+        for location, source in located:
+            shared[source] += 1
+            refuted[source] += slowest - location > REFUTE_GAP
+    return frozenset(
+        source for source, count in refuted.items()
+        if count >= MIN_REFUTED and count >= MAX_REFUTED_SHARE * shared[source]
+    )
 
 
 def pooled_noise(cells: list[Cell]) -> float:

@@ -11,7 +11,7 @@ import pytest
 
 from dynamiccl.server.learner.knowledge import Estimate
 from dynamiccl.server.learner.policy import DEFAULT_SAMPLES, choose_recommendation
-from dynamiccl.server.learner.stats import Cell, pooled_noise
+from dynamiccl.server.learner.stats import Cell, distrusted_sources, pooled_noise
 
 def cell(*samples: tuple[str, float]) -> Cell:
     c = Cell()
@@ -35,6 +35,18 @@ def test_agreeing_sources_corroborate_and_dissent_contests():
         "a claim someone else measured and could not reproduce"
     assert not cell(("liar-1", 10.0), ("liar-2", 10.0), ("h1", 100.0), ("h2", 101.0)).corroborated()
     assert cell(("liar-1", 10.0), ("liar-2", 10.0), *[(f"h{k}", 100.0) for k in range(3)]).location() > math.log(95)
+
+
+def test_a_source_whose_claims_others_keep_refuting_is_left_out():
+    checked = [cell(("liar-1", 10.0), ("liar-2", 10.0), ("honest", 100.0)) for _ in range(4)]
+    unchecked = cell(("liar-1", 10.0), ("liar-2", 10.0))
+    honest = [cell(("honest", 100.0), ("other", 104.0)) for _ in range(10)]
+    straggler = [cell(("honest", 100.0), ("other", 250.0))]  # once: noise, not a pattern
+    distrusted = distrusted_sources([*checked, unchecked, *honest, *straggler])
+    assert distrusted == {"liar-1", "liar-2"}
+    assert unchecked.corroborated() and unchecked.without(distrusted) is None
+    assert checked[0].without(distrusted).by_source.keys() == {"honest"}
+    assert distrusted_sources([*checked[:2], *honest]) == frozenset(), "two refutations may be bad luck"
 
 
 def test_steady_fake_numbers_cannot_make_the_fabric_look_quiet():

@@ -7,7 +7,9 @@
    10x faster than it truly is. After `--rounds` rounds a launcher asks for the
    recommendation; slowdown = true time of the recommended config / true time
    of NCCL's default. Also counted: how often the honest agents were handed the
-   poisoned config by /v1/suggest (the cost of checking a claim).
+   poisoned config by /v1/suggest (the cost of checking a claim). The same
+   fleet also runs against the coordinate-descent baseline, which trusts
+   every sample: what the attack does where nothing defends against it.
 2. Soak (a real server process on loopback, SQLite): `--soak-agents` agents
    post batches (each keeps a batch until it is acknowledged, resending it with
    the same id, as the node agent's spool does) and `--launchers` launchers ask
@@ -44,7 +46,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dynamiccl.nccl.space import candidate_configs
-from dynamiccl.schemas import Context, Measurement, NcclConfig
+from dynamiccl.schemas import Context, Fabric, Measurement, NcclConfig
+from dynamiccl.server.learner import CoordinateDescentTuner, Tuner
 from dynamiccl.server.learner.tuner import DynamicclTuner
 from dynamiccl.server.storage import SqlStore
 from dynamiccl.sim import PRESETS, SimulatedFabric
@@ -60,6 +63,7 @@ LIE_FACTOR = 10.0
 
 @dataclass(frozen=True)
 class PoisonResult:
+    learner: str
     agents: int
     malicious: int
     worst_slowdown: float  # max over contexts of recommended / default (true times)
@@ -78,10 +82,20 @@ def poisoning_contexts(preset_name: str, sizes: int) -> list[Context]:
             for c in COLLECTIVES for i in range(sizes)]
 
 
+def _settle(tuner: Tuner, fabric_id: str, fabric: Fabric) -> None:
+    """Wait until DynamICCL's learner has taken in what was stored (baselines learn in observe)."""
+    if isinstance(tuner, DynamicclTuner):
+        tuner.knowledge.get(fabric_id, fabric)
+        tuner.knowledge.wait_idle(timeout=60)
+
+
 def run_poisoning(
-    preset_name: str, agents: int, malicious: int, rounds: int, sizes: int, seed: int, workdir: str
+    preset_name: str, agents: int, malicious: int, rounds: int, sizes: int, seed: int, workdir: str,
+    learner: str = "DynamICCL",
 ) -> PoisonResult:
-    """One fleet of `agents`, `malicious` of them lying; see the module's docstring."""
+    """One fleet of `agents`, `malicious` of them lying; see the module's docstring. `learner`
+    "coordinate descent" runs the same fleet against that baseline (lowest median per context,
+    every sample trusted), to show what the attack does where nothing defends against it."""
     preset = PRESETS[preset_name]
     truth = SimulatedFabric(preset, seed=seed)
     sim = SimulatedFabric(preset, seed=seed + 1)
@@ -90,15 +104,14 @@ def run_poisoning(
     slowest = [max(candidate_configs(fabric, c), key=lambda k, c=c: truth.true_latency_us(c, k)) for c in contexts]
     honest = [f"agent-{k}" for k in range(agents - malicious)]
     liars = [f"liar-{k}" for k in range(malicious)]
-    store = SqlStore(f"sqlite:///{workdir}/poison-{agents}-{malicious}-{seed}.db")
-    tuner = DynamicclTuner(store)
+    store = SqlStore(f"sqlite:///{workdir}/poison-{learner.replace(' ', '-')}-{agents}-{malicious}-{seed}.db")
+    tuner: Tuner = DynamicclTuner(store) if learner == "DynamICCL" else CoordinateDescentTuner()
     fabric_id = "fleet"
     store.put_fabric(fabric_id, fabric)
     poisoned_suggested = suggested = 0
     try:
         for round_index in range(rounds):
-            tuner.knowledge.get(fabric_id, fabric)
-            tuner.knowledge.wait_idle(timeout=60)
+            _settle(tuner, fabric_id, fabric)
             picks = tuner.suggest(fabric_id, fabric, contexts, seed=round_index)
             batches: dict[str, list[Measurement]] = {name: [] for name in honest + liars}
             for i, (context, pick) in enumerate(zip(contexts, picks)):
@@ -114,9 +127,8 @@ def run_poisoning(
                                                   source="sim", job_id=f"job-{liar}")] * 3
             for name, batch in batches.items():
                 store.add_batch(fabric_id, f"{name}-{round_index}", batch, name)
-            tuner.observe(fabric_id, fabric, [])
-        tuner.knowledge.get(fabric_id, fabric)
-        tuner.knowledge.wait_idle(timeout=60)
+            tuner.observe(fabric_id, fabric, [m for batch in batches.values() for m in batch])
+        _settle(tuner, fabric_id, fabric)
         answer = tuner.recommend(fabric_id, fabric, [c.weighted() for c in contexts])
     finally:
         tuner.close()
@@ -124,9 +136,9 @@ def run_poisoning(
     recommended = np.array([truth.true_latency_us(r.context, r.config) for r in answer.recommendations])
     default = np.array([truth.true_latency_us(c, NcclConfig()) for c in contexts])
     return PoisonResult(
-        agents=agents, malicious=malicious,
+        learner=learner, agents=agents, malicious=malicious,
         worst_slowdown=float(np.max(recommended / default)),
-        worst_env_slowdown=max(truth.latency_under_env(c, answer.env) / d for c, d in zip(contexts, default)),
+        worst_env_slowdown=float(max(truth.latency_under_env(c, answer.env) / d for c, d in zip(contexts, default))),
         speedup=float(np.exp(np.mean(np.log(default / recommended)))),
         poisoned_recommended=sum(r.config == k for r, k in zip(answer.recommendations, slowest)),
         poisoned_suggested=poisoned_suggested / suggested,
@@ -137,11 +149,11 @@ def run_poisoning(
 def poisoning_table(results: list[PoisonResult], preset: str, rounds: int) -> Table:
     table = Table(title=f"Poisoned telemetry on {preset}, {rounds} rounds "
                         f"(liars report the slowest valid config {LIE_FACTOR:g}x faster, every context)")
-    for column in ("agents", "malicious", "contexts", "worst slowdown", "worst under env", "speedup vs default",
+    for column in ("learner", "agents", "malicious", "contexts", "worst slowdown", "worst under env", "speedup vs default",
                    "poisoned config recommended", "honest suggestions of it"):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(str(r.agents), str(r.malicious), str(r.contexts), f"{r.worst_slowdown:.3f}x",
+        table.add_row(r.learner, str(r.agents), str(r.malicious), str(r.contexts), f"{r.worst_slowdown:.3f}x",
                       f"{r.worst_env_slowdown:.3f}x",
                       f"{r.speedup:.3f}", str(r.poisoned_recommended), f"{r.poisoned_suggested:.1%}")
     return table
@@ -393,9 +405,10 @@ def main(
 ) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         results = []
-        for malicious in (0, 1, 2):
-            console.print(f"poisoning: {agents} agents, {malicious} malicious ...")
-            results.append(run_poisoning(preset, agents, malicious, rounds, sizes, seed, workdir))
+        for learner in ("DynamICCL", "coordinate descent"):
+            for malicious in (0, 1, 2):
+                console.print(f"poisoning: {learner}, {agents} agents, {malicious} malicious ...")
+                results.append(run_poisoning(preset, agents, malicious, rounds, sizes, seed, workdir, learner))
         console.print(poisoning_table(results, preset, rounds))
 
         console.print(f"soak: {soak_agents} agents, {launchers} launchers, {soak_seconds:.0f}s, {kills} kill(s)")

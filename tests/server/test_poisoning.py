@@ -77,3 +77,11 @@ def test_liars_in_a_fleet_of_ten_cause_no_slowdown(reliability, tmp_path, malici
                                        seed=0, workdir=str(tmp_path))
     assert result.poisoned_recommended == 0
     assert result.worst_slowdown <= 1.02 and result.worst_env_slowdown <= 1.02, result
+
+
+def test_the_same_attack_poisons_a_learner_that_trusts_every_sample(reliability, tmp_path):
+    """The scenario above is a real attack: the coordinate-descent baseline (lowest median per
+    context) recommends the liar's config and slows calls down."""
+    result = reliability.run_poisoning("h100-ib-2n", agents=10, malicious=1, rounds=8, sizes=5, seed=0,
+                                       workdir=str(tmp_path), learner="coordinate descent")
+    assert result.poisoned_recommended > 0 and result.worst_slowdown > 2.0

@@ -1,5 +1,5 @@
-"""Per-client rate limiting: a token bucket per token name (or address when the API is open),
-answered 429 with Retry-After; off unless configured."""
+"""Limits: per-client rate limiting (a token bucket per token name, or address when the API is
+open, answered 429 with Retry-After; off unless configured) and the JSON nesting bound."""
 
 from __future__ import annotations
 
@@ -85,3 +85,15 @@ def test_open_api_limits_by_address_and_no_limit_is_the_default(sqlite_url, tune
     with TestClient(create_app(store=SqlStore(sqlite_url), tuner=tuner, tokens={})) as api:
         assert api.post("/v1/suggest", json=examples.suggest()).status_code == 200
         assert api.post("/v1/suggest", json=examples.suggest()).status_code == 429
+
+
+def test_json_nesting_is_bounded_at_32_levels(client, examples):
+    def nested(depth: int) -> bytes:  # a suggest body whose `job_id` nests `depth` levels in all
+        return b'{"fabric_id": "dgx-h100-a", "contexts": [], "job_id": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+    headers = {"Content-Type": "application/json"}
+    at_limit = client.post("/v1/suggest", content=nested(32), headers=headers)
+    assert at_limit.status_code == 422 and at_limit.json()["detail"][0]["type"] != "json_invalid"
+    over = client.post("/v1/suggest", content=nested(33), headers=headers)
+    assert over.status_code == 422 and over.json()["detail"][0]["type"] == "json_invalid"
+    assert "32 levels" in over.json()["detail"][0]["ctx"]["error"]

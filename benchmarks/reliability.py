@@ -52,7 +52,7 @@ from dynamiccl.server.learner.tuner import DynamicclTuner
 from dynamiccl.server.storage import SqlStore
 from dynamiccl.sim import PRESETS, SimulatedFabric
 
-console = Console(width=130)
+console = Console(width=160)
 COLLECTIVES = ("allreduce", "allgather", "reducescatter", "broadcast")
 LIE_FACTOR = 10.0
 

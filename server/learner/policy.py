@@ -21,10 +21,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import norm
+from scipy.special import ndtr  # the standard normal CDF (scipy.stats costs a second to import)
 
 from dynamiccl.server.learner.knowledge import Estimate
 
+SQRT_2PI = math.sqrt(2.0 * math.pi)
 #: Future uses of a context that an exploration's finding would speed up.
 HORIZON = 25.0
 #: Probability that a recommended config beats the default, required to recommend it.
@@ -46,7 +47,7 @@ class Choice:
 def expected_improvement(best: float, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """E[max(best - X, 0)] for X ~ N(mean, std), per candidate."""
     z = (best - mean) / std
-    return (best - mean) * norm.cdf(z) + std * norm.pdf(z)
+    return (best - mean) * ndtr(z) + std * np.exp(-0.5 * z**2) / SQRT_2PI
 
 
 def choose_suggestion(estimates: list[Estimate], rng: np.random.Generator) -> Choice:
@@ -80,7 +81,7 @@ def _confirm(estimates: list[Estimate], best: int) -> int:
 def _probability_of_gain(default: Estimate, candidate: Estimate) -> float:
     """P(candidate is faster than the default by at least MIN_GAIN)."""
     gain = default.mean - candidate.mean
-    return float(norm.cdf((gain - MIN_GAIN) / math.hypot(default.std, candidate.std)))
+    return float(ndtr((gain - MIN_GAIN) / math.hypot(default.std, candidate.std)))
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,15 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.ensemble import ExtraTreesRegressor
 
 from dynamiccl.schemas import Algo, Collective, Context, NcclConfig, Proto
 from dynamiccl.server.learner.prior import NcclPrior
+
+if TYPE_CHECKING:
+    from sklearn.ensemble import ExtraTreesRegressor
 
 #: Prior spread of NCCL's cost model error (log scale, ~15%) where nothing was measured nearby.
 UNSEEN_RESIDUAL_STD = 0.15
@@ -72,6 +75,10 @@ class ResidualModel:
             targets.append(example.log_latency - prior.log_time(example.context, example.config))
             weights.append(example.weight)
         if len(examples) >= MIN_ROWS_TO_FIT:
+            # imported on the first fit (a background refit), not at start-up: a restarted server
+            # answers seconds sooner
+            from sklearn.ensemble import ExtraTreesRegressor
+
             self._forest = ExtraTreesRegressor(
                 n_estimators=48, min_samples_leaf=2, max_features=0.7, random_state=seed, n_jobs=1
             )

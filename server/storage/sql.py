@@ -8,7 +8,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, insert, select
+from sqlalchemy import Engine, create_engine, event, func, insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -36,11 +36,23 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+#: Key of the PostgreSQL advisory lock that serialises migrations across replicas.
+MIGRATION_LOCK = 0x64796E_6363_6C  # "dynccl"
+
+
 def upgrade(engine: Engine) -> None:
-    """Bring the database to the newest schema (a newer server opens an older database)."""
+    """Bring the database to the newest schema (a newer server opens an older database).
+
+    Replicas starting together on an empty PostgreSQL database would otherwise
+    create the same tables at once and all but one fail; the transaction-scoped
+    advisory lock makes the others wait and then find the schema current.
+    (SQLite serialises writers by itself.)
+    """
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 

@@ -17,7 +17,6 @@ import sqlalchemy as sa
 
 from dynamiccl.nccl.space import candidate_configs
 from dynamiccl.schemas import Context
-from dynamiccl.server.storage import SqlStore
 from dynamiccl.sim import SimulatedFabric, get_preset
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -70,9 +69,6 @@ def fresh_database() -> Iterator[str]:
 
 @pytest.fixture
 def replicas(processes, fresh_database) -> Iterator[Replicas]:
-    # The schema first, as a deployment's migration step would: replicas opening an empty database
-    # at the same instant race to create it.
-    SqlStore(fresh_database).close()
     a, b = processes.servers(["server-a", "server-b"], fresh_database)
     assert httpx.put(f"{a}/v1/fabrics/{FABRIC_ID}", json=FABRIC).status_code == 201
     engine = sa.create_engine(fresh_database)

@@ -25,17 +25,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +45,7 @@ from dynamiccl.server.learner import CoordinateDescentTuner, Tuner
 from dynamiccl.server.learner.tuner import DynamicclTuner
 from dynamiccl.server.storage import SqlStore
 from dynamiccl.sim import PRESETS, SimulatedFabric
+from dynamiccl.workloads.services import local_server
 
 console = Console(width=160)
 COLLECTIVES = ("allreduce", "allgather", "reducescatter", "broadcast")
@@ -163,73 +158,6 @@ def poisoning_table(results: list[PoisonResult], preset: str, rounds: int) -> Ta
 # 2. Soak
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`uvicorn --factory dynamiccl.server.app:create_app` on loopback, killable and restartable."""
-
-    def __init__(self, database_url: str, workdir: str, env: dict[str, str] | None = None) -> None:
-        self.database_url, self.workdir, self.extra_env = database_url, workdir, env or {}
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "dynamiccl.server.app:create_app",
-             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
-            env={**os.environ, "DYNAMICCL_DATABASE_URL": self.database_url, **self.extra_env},
-            cwd=self.workdir, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown handler runs, as in a power cut or an OOM kill."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-    def rss_mb(self) -> float:
-        """Resident memory of the server process (MiB), from /proc."""
-        if self.process is None or self.process.poll() is not None:
-            return math.nan
-        try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return math.nan
-
-
-@contextmanager
-def running_server(database_url: str, workdir: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-    server = ServerProcess(database_url, workdir, env)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @dataclass
 class SoakLog:
     """What the soak saw; appended to from several threads (list.append is atomic)."""
@@ -277,7 +205,7 @@ def run_soak(
     contexts = _soak_contexts(2, preset.fabric.gpus_per_node)
     log = SoakLog()
     stop = threading.Event()
-    with running_server(f"sqlite:///{workdir}/soak.db", workdir) as server:
+    with local_server(f"sqlite:///{workdir}/soak.db", Path(workdir)) as server:
         httpx.put(f"{server.url}/v1/fabrics/soak", json=sim.fabric.model_dump(mode="json"), timeout=30)
 
         def call(kind: str, method: str, path: str, body: dict, ok: int) -> httpx.Response | None:
@@ -360,7 +288,7 @@ def run_soak(
                 server.start()
                 log.faults_survived += 1
                 log.restart_s.append(time.monotonic() - log.started - now)
-            log.rss.append((now, server.rss_mb()))
+            log.rss.append((now, server.rss_mib()))
             if now >= next_row:
                 rows.append(_interval_row(log, next_row - interval_s, next_row))
                 on_interval(_format_row(rows[-1]))

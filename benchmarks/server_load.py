@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -26,7 +27,7 @@ from sqlalchemy import create_engine, text
 
 from dynamiccl.schemas import Context, Measurement, NcclConfig
 from dynamiccl.sim import PRESETS
-from local_server import local_server
+from dynamiccl.workloads.services import local_server
 
 POSTGRES_SERVER = os.environ.get("DYNAMICCL_BENCH_POSTGRES_SERVER", "postgresql+psycopg://postgres@127.0.0.1:5432")
 POSTGRES_URL = f"{POSTGRES_SERVER}/dynamiccl_bench"
@@ -64,7 +65,8 @@ def fresh_postgres() -> str:
 
 
 def measure(database_url: str, batches: int, clients: int, requests: int) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as workdir, local_server(database_url, workdir) as url:
+    with tempfile.TemporaryDirectory() as workdir, local_server(database_url, Path(workdir)) as server:
+        url = server.url
         with httpx.Client(base_url=url, timeout=60) as http:
             http.put("/v1/fabrics/load", json=PRESET.fabric.model_dump(mode="json")).raise_for_status()
         calls = contexts(100)

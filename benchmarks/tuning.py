@@ -37,6 +37,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import count
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -56,7 +57,7 @@ from dynamiccl.schemas import (
 )
 from dynamiccl.server.learner import CoordinateDescentTuner, ExhaustiveSweepTuner, NcclDefaultTuner, Tuner
 from dynamiccl.sim import PRESETS, Preset, SimulatedFabric
-from local_server import local_server
+from dynamiccl.workloads.services import local_server
 
 COLLECTIVES = (Collective.allreduce, Collective.allgather, Collective.reducescatter, Collective.broadcast)
 SIZES = tuple(1024 * 4**i for i in range(11))  # 1 KiB .. 1 GiB
@@ -214,9 +215,10 @@ def main(
         table.add_column(column, justify="left" if column in ("fabric", "strategy") else "right")
     tokens = agent_tokens(agents)
     os.environ["DYNAMICCL_TOKENS"] = ",".join(f"{name}:{token}" for name, token in tokens.items())
-    with tempfile.TemporaryDirectory() as workdir, local_server(f"sqlite:///{workdir}/bench.db", workdir) as url:
+    with tempfile.TemporaryDirectory() as workdir, \
+            local_server(f"sqlite:///{workdir}/bench.db", Path(workdir)) as server:
         for name in presets.split(","):
-            _bench_preset(PRESETS[name], url, rounds, calls, seed, tokens, table)
+            _bench_preset(PRESETS[name], server.url, rounds, calls, seed, tokens, table)
     console.print(table)
 
 

@@ -219,7 +219,9 @@ def print_settings(outcomes: Iterable[Outcome]) -> None:
 
 def run_real_job(server_url: str, workdir: Path, steps: int) -> None:
     """A DP2 x TP2 x PP2 training run on gloo under `dynamiccl launch`, reported through a node agent."""
-    with local_agent(server_url, workdir) as agent_url, httpx.Client(base_url=agent_url, trust_env=False) as agent:
+    with local_agent(server_url, workdir) as agent_process, \
+            httpx.Client(base_url=agent_process.url, trust_env=False) as agent:
+        agent_url = agent_process.url
         health = _wait_for(lambda: agent.get("/healthz").json(), lambda h: h.get("registered"), 30.0)
         command = [*CLI, "launch", "--agent", agent_url, "--job", "demo-gloo", "--", sys.executable, "-m",
                    "torch.distributed.run", "--nproc-per-node=8", f"--master-port={free_port()}", "-m",
@@ -257,8 +259,9 @@ def run_demo(rounds: int, out: Path, real_steps: int, seed: int) -> None:
     scenarios = default_scenarios()
     with tempfile.TemporaryDirectory(prefix="dynamiccl-demo-") as tmp:
         workdir = Path(tmp)
-        with local_server(f"sqlite:///{workdir / 'dynamiccl.db'}", workdir) as server_url, \
-                DynamicclClient(server_url, timeout=60) as api:
+        with local_server(f"sqlite:///{workdir / 'dynamiccl.db'}", workdir) as server, \
+                DynamicclClient(server.url, timeout=60) as api:
+            server_url = server.url
             console.print(f"tuning server up at {server_url} (SQLite in {workdir})")
             tuning = OnlineTuning(api, seed=seed)
             outcomes = [tuning.start(s) for s in scenarios]

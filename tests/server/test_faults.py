@@ -23,6 +23,7 @@ from dynamiccl.agent.spool import Spool
 from dynamiccl.client import DynamicclClient
 from dynamiccl.schemas import Measurement
 from dynamiccl.server.storage import SqlStore
+from dynamiccl.workloads.services import server_process
 
 
 def _post_until_killed(url: str, examples, acknowledged: dict[str, int], stop: threading.Event, worker: int) -> None:
@@ -43,7 +44,7 @@ def _post_until_killed(url: str, examples, acknowledged: dict[str, int], stop: t
 def test_sigkill_during_ingest_loses_nothing_acknowledged(reliability, examples, tmp_path, request, backend):
     url = (f"sqlite:///{tmp_path / 'kill.db'}" if backend == "sqlite"
            else request.getfixturevalue("postgres_schema_url"))
-    server = reliability.ServerProcess(url, str(tmp_path))
+    server = server_process(url, tmp_path)
     server.start()
     try:
         assert httpx.put(f"{server.url}/v1/fabrics/{examples.FABRIC_ID}", json=examples.FABRIC).status_code == 201
@@ -157,7 +158,7 @@ def test_database_down_is_503_and_the_agent_delivers_everything_when_it_is_back(
     reliability, proxied_postgres, examples, tmp_path
 ):
     url, proxy = proxied_postgres
-    server = reliability.ServerProcess(url, str(tmp_path))
+    server = server_process(url, tmp_path)
     server.start()
     spool = Spool(tmp_path / "spool.db")
     client = DynamicclClient(server.url, attempts=1, timeout=10)

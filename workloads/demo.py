@@ -27,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 from rich.console import Console
@@ -38,10 +39,12 @@ from dynamiccl.nccl.tuner_rules import parse_rules
 from dynamiccl.schemas import Collective, Context, Measurement, NcclConfig, RecommendResponse
 from dynamiccl.sim import SimulatedFabric, get_preset
 from dynamiccl.sweep import message_sizes
+from dynamiccl.workloads.figure import write_figure
 from dynamiccl.workloads.services import CLI, free_port, local_agent, local_server
 from dynamiccl.workloads.trace import LLAMA3_8B, LLAMA3_70B, Layout, ModelShape, TraceEntry, step_trace
 
 console = Console(width=None if sys.stdout.isatty() else 160)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -206,8 +209,8 @@ def print_settings(outcomes: Iterable[Outcome]) -> None:
         answer = o.answer
         if answer is None:
             continue
-        env = " ".join(f"{k}={v}" for k, v in sorted(answer.env.items())) or "(NCCL's default: no variable is " \
-                                                                              "safe for every call of this job)"
+        env = " ".join(f"{k}={v}" for k, v in sorted(answer.env.items())) \
+            or "(NCCL's default: no variable is safe for every call of this job)"
         rules = [line for line in answer.tuner_config.splitlines() if line and not line.startswith("#")]
         changed = sum(not r.config.is_default for r in answer.recommendations)
         console.print(f"[bold]{o.scenario.preset} / {o.scenario.name}[/bold]: {changed} of "
@@ -238,7 +241,8 @@ def run_real_job(server_url: str, workdir: Path, steps: int) -> None:
                       f"{fabric} holds {status.measurements} measurements of {status.contexts} kinds of call")
 
 
-def _wait_for(read, ready, timeout_s: float):
+def _wait_for(read: Callable[[], T], ready: Callable[[T], object], timeout_s: float) -> T:
+    """The first value `read` returns that is `ready`, polling through transient errors."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -253,8 +257,6 @@ def _wait_for(read, ready, timeout_s: float):
 
 
 def run_demo(rounds: int, out: Path, real_steps: int, seed: int) -> None:
-    from dynamiccl.workloads.figure import write_figure
-
     started = time.monotonic()
     scenarios = default_scenarios()
     with tempfile.TemporaryDirectory(prefix="dynamiccl-demo-") as tmp:

@@ -29,8 +29,12 @@ def demo(
     seed: int = typer.Option(0, help="seed of the simulated measurement noise"),
 ) -> None:
     """Run the whole loop here: a server, simulated jobs tuning online, a real gloo run through an agent."""
-    from dynamiccl.workloads.demo import run_demo
-
+    try:
+        from dynamiccl.workloads.demo import run_demo
+    except ImportError as error:
+        typer.echo(f"dynamiccl demo needs torch and matplotlib ({error}): run scripts/demo.sh, or "
+                   "pip install torch==2.13.0 (the CPU build) and then 'dynamiccl[torch,demo]'", err=True)
+        raise typer.Exit(1) from None
     run_demo(rounds=rounds, out=out, real_steps=real_steps, seed=seed)
 
 
@@ -97,7 +101,8 @@ def launch(
     fabric_id: str | None = typer.Option(None, envvar="DYNAMICCL_FABRIC_ID", help="fabric id (with --server)"),
     token: str | None = typer.Option(None, envvar="DYNAMICCL_TOKEN", help="bearer token (with --server)"),
     tuner_plugin: str | None = typer.Option(None, envvar="DYNAMICCL_TUNER_PLUGIN",
-                                            help="NCCL tuner plugin (mode plugin; default: DynamICCL's, built automatically)"),
+                                            help="NCCL tuner plugin (mode plugin; default: DynamICCL's, "
+                                                 "built automatically)"),
 ) -> None:
     """Run COMMAND (after --) with the job's learned NCCL configuration and the profiler on."""
     from dynamiccl.agent.launcher import Mode

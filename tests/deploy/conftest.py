@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dynamiccl.workloads.services import free_port
+
 # The agent's fabric is the simulated preset's (h100-ib-2n): what `dynamiccl sim-job` checks.
 PRESET_OVERRIDES = ["--gpu", "H100-SXM", "--gpus-per-node", "8", "--intra-node", "nvswitch",
                     "--inter-node", "ib-ndr400", "--nics-per-node", "8", "--nccl-version", "2.28.9"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:

@@ -47,7 +47,7 @@ def bench(
     oracle: bool = typer.Option(False, help="sim: also show the best config and the headroom over NCCL's"),
     nnodes: int | None = typer.Option(None, min=1, help="sim: communicator size in nodes (default: the preset's)"),
     nranks: int = typer.Option(2, min=1, help="gloo, nccl: ranks on this machine"),
-    config: list[str] = typer.Option([], help="nccl: run the sweep once per config ALGO/PROTO[/CHANNELS] "
+    config: list[str] = typer.Option([], help="nccl: run the sweep once per config ALGO/PROTO\\[/CHANNELS] "
                                               "(repeatable; default: what the agent recommends)"),
     iterations: int = typer.Option(20, min=1, help="gloo, nccl: timed calls per size"),
     agent_url: str | None = typer.Option(None, "--agent", envvar="DYNAMICCL_AGENT_URL",
@@ -57,10 +57,11 @@ def bench(
     max_bytes: int = typer.Option(1 << 30, min=1),
     step_factor: int = typer.Option(4, min=2),
 ) -> None:
-    """nccl-tests-like sweep over sizes: of a simulated preset (what NCCL picks and, with --oracle,
-    what it leaves), or of this machine's gloo or NCCL, reported through the node agent like any job.
+    """nccl-tests-like sweep over sizes, on a simulated preset or on this machine's gloo or NCCL.
 
-    Simulated times are the model's noiseless true latencies."""
+    sim: NCCL's pick per size (noiseless model); --oracle adds the best config and the headroom.
+
+    gloo, nccl: timed under torchrun, reported through the node agent like any job's."""
     if backend is Backend.sim:
         _bench_simulated(fabric, collective, oracle, nnodes, min_bytes, max_bytes, step_factor)
         return

@@ -41,3 +41,19 @@ def test_an_nccl_config_for_the_real_sweep_is_forced_on_the_swept_collective() -
         _config_env("ring", Collective.allreduce)
     with pytest.raises(typer.BadParameter, match="warp"):
         _config_env("warp/simple", Collective.allreduce)
+
+
+def _commands(group, path=()):
+    """Every command path of a click group, nested groups included."""
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+
+
+def test_every_command_prints_its_help():
+    import typer.main
+
+    for path in _commands(typer.main.get_command(app)):
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output, result.exception)

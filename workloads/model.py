@@ -77,8 +77,8 @@ class Attention(nn.Module):
         self.out = RowParallelLinear(_weight(config, layer, 3, shape=(h, h)), tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to(x, self.tp)  # under sequence parallelism: gathers the whole sequence
         batch, seq, _ = x.shape
-        x = copy_to(x, self.tp)
         q = self.q(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)

@@ -24,11 +24,17 @@ from torch import nn
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This rank's place in its tensor-parallel group."""
+    """This rank's place in its tensor-parallel group; with `sequence_parallel`, activations between
+    the split layers are split along the sequence too (Megatron's sequence parallelism)."""
 
     group: Any = None  # a ProcessGroup, or None for a single rank
     rank: int = 0
     size: int = 1
+    sequence_parallel: bool = False
+
+    @property
+    def splits_sequence(self) -> bool:
+        return self.sequence_parallel and self.size > 1
 
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
         if self.size > 1:
@@ -67,11 +73,63 @@ class _ReduceFrom(torch.autograd.Function):
         return grad, None
 
 
+def _gather_sequence(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """[b, s/tp, h] on each rank -> [b, s, h] (ranks' shards in rank order)."""
+    local = x.transpose(0, 1).contiguous()
+    full = local.new_empty((local.shape[0] * tp.size, *local.shape[1:]))
+    dist.all_gather_into_tensor(full, local, group=tp.group)
+    return full.transpose(0, 1)
+
+
+def _reduce_scatter_sequence(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """[b, s, h] partial sums on each rank -> this rank's [b, s/tp, h] shard of their sum."""
+    full = x.transpose(0, 1).contiguous()
+    if full.shape[0] % tp.size:
+        raise ValueError(f"a sequence of {full.shape[0]} does not split over {tp.size} tensor-parallel ranks")
+    local = full.new_empty((full.shape[0] // tp.size, *full.shape[1:]))
+    dist.reduce_scatter_tensor(local, full, group=tp.group)
+    return local.transpose(0, 1)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along the sequence forward, reduce-scatter of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+        ctx.tp = tp
+        return _gather_sequence(x, tp)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _reduce_scatter_sequence(grad, ctx.tp), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Reduce-scatter along the sequence forward, all-gather of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+        ctx.tp = tp
+        return _reduce_scatter_sequence(x, tp)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _gather_sequence(grad, ctx.tp), None
+
+
 def copy_to(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """Into a column-parallel layer: the full input on every rank (gathered along the sequence
+    under sequence parallelism); the gradient is summed over the ranks backward."""
+    if tp.splits_sequence:
+        return _GatherSequence.apply(x, tp)
     return _CopyTo.apply(x, tp) if tp.size > 1 else x
 
 
 def reduce_from(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """Out of a row-parallel layer: the partial products summed over the ranks (and left split
+    along the sequence under sequence parallelism)."""
+    if tp.splits_sequence:
+        return _ReduceScatterSequence.apply(x, tp)
     return _ReduceFrom.apply(x, tp) if tp.size > 1 else x
 
 

@@ -50,7 +50,8 @@ def build_groups(layout: Layout) -> Groups:
             members = [layout.rank(t, dp_index, pp_index) for t in range(layout.tp)]
             group = dist.new_group(members) if layout.tp > 1 else None
             if rank in members and group is not None:
-                tp = TensorParallel(group=group, rank=where.tp, size=layout.tp)
+                tp = TensorParallel(group=group, rank=where.tp, size=layout.tp,
+                                    sequence_parallel=layout.sequence_parallel)
         for tp_index in range(layout.tp):
             members = [layout.rank(tp_index, d, pp_index) for d in range(layout.dp)]
             group = dist.new_group(members) if layout.dp > 1 else None

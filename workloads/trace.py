@@ -12,6 +12,9 @@ and a node holds `gpus_per_node` consecutive ranks. Per step, on one rank:
   stage; the vocabulary-parallel output layer one backward all-reduce of
   activations and, for its cross entropy, three fp32 all-reduces of one value
   a token (max logit, sum of exponentials, target logit) on the last stage.
+  Under sequence parallelism those two activation all-reduces are each an
+  all-gather plus a reduce-scatter, and the norms' gradients (computed on
+  sequence shards) are summed over the group in one all-reduce a step.
 * PP: a point-to-point call per micro-batch and direction across each of the
   stage's boundaries (activations forward, gradients back; divided by TP
   under sequence parallelism), on the two-rank group of the pair.
@@ -113,10 +116,18 @@ def step_trace(model: ModelShape, layout: Layout, stage: int = 0) -> list[TraceE
             entries[(Context(collective=Collective.reducescatter, nbytes=activation, **shape), "tp")] += per_step
         else:
             entries[(Context(collective=Collective.allreduce, nbytes=activation, **shape), "tp")] += per_step
-        if stage == 0:
-            entries[(Context(collective=Collective.allreduce, nbytes=activation, **shape), "tp")] += micro
+        # The embedding's forward reduction and the output layer's backward one: an all-reduce each,
+        # or under sequence parallelism a reduce-scatter plus, the other way, an all-gather.
+        ends = (stage == 0) + (stage == layout.pp - 1)
+        if layout.sequence_parallel:
+            entries[(Context(collective=Collective.allgather, nbytes=activation, **shape), "tp")] += ends * micro
+            entries[(Context(collective=Collective.reducescatter, nbytes=activation, **shape), "tp")] += ends * micro
+            norm_bytes = stage_norm_parameters(model, layout, stage) * layout.grad_bytes
+            norm_grads = Context(collective=Collective.allreduce, nbytes=norm_bytes, **shape)
+            entries[(norm_grads, "tp")] += 1  # the norms' gradients, summed over the sequence shards
+        else:
+            entries[(Context(collective=Collective.allreduce, nbytes=activation, **shape), "tp")] += ends * micro
         if stage == layout.pp - 1:
-            entries[(Context(collective=Collective.allreduce, nbytes=activation, **shape), "tp")] += micro
             per_token = layout.micro_batch_size * layout.seq_len * _FP32
             entries[(Context(collective=Collective.allreduce, nbytes=per_token, **shape), "tp")] += 3 * micro
 
@@ -141,17 +152,20 @@ def step_trace(model: ModelShape, layout: Layout, stage: int = 0) -> list[TraceE
     return [TraceEntry(context, calls, kind) for (context, kind), calls in entries.items()]
 
 
+def stage_norm_parameters(model: ModelShape, layout: Layout, stage: int) -> int:
+    """The norms' parameters on one rank of `stage` (replicated across tensor-parallel ranks)."""
+    norms = 2 * model.hidden * (model.layers // layout.pp)
+    return norms + (model.hidden if stage == layout.pp - 1 else 0)  # the final norm on the last stage
+
+
 def stage_parameters(model: ModelShape, layout: Layout, stage: int) -> int:
     """Parameters one rank of `stage` holds: its shard of the split weights, plus the norms."""
-    norms = 2 * model.hidden
-    split = (model.layer_params - norms) * model.layers // layout.pp
-    replicated = norms * model.layers // layout.pp
+    split = (model.layer_params - 2 * model.hidden) * (model.layers // layout.pp)
     if stage == 0:
         split += model.vocab * model.hidden
     if stage == layout.pp - 1:
         split += model.vocab * model.hidden
-        replicated += model.hidden  # the final norm
-    return math.ceil(split / layout.tp) + replicated
+    return math.ceil(split / layout.tp) + stage_norm_parameters(model, layout, stage)
 
 
 def weighted_contexts(trace: list[TraceEntry]) -> list[WeightedContext]:

@@ -28,7 +28,8 @@ import torch.distributed as dist
 import typer
 from torch.nn.parallel import DistributedDataParallel
 
-from dynamiccl.workloads.model import GPTConfig, Stage
+from dynamiccl.workloads.model import GPTConfig, RMSNorm, Stage
+from dynamiccl.workloads.parallel import TensorParallel
 from dynamiccl.workloads.pipeline import PipelineStage, Schedule
 from dynamiccl.workloads.topology import Groups, build_groups
 from dynamiccl.workloads.trace import Layout
@@ -60,6 +61,19 @@ def all_reduce_gradients(module: torch.nn.Module, group: object, bucket_bytes: i
         offset += grad.numel()
 
 
+def sum_norm_gradients(stage: Stage, tp: TensorParallel) -> None:
+    """Under sequence parallelism each tensor-parallel rank's norms saw only its part of the
+    sequence: sum their gradients over the group, in one all-reduce a step (as Megatron does)."""
+    grads = [p.grad for module in stage.modules() if isinstance(module, RMSNorm)
+             for p in module.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    tp.all_reduce(flat)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
 class Trainer:
     """One rank's model shard, optimizer and step."""
 
@@ -75,7 +89,8 @@ class Trainer:
             _time_ddp_buckets(self.model)
         self.pipeline = None
         if layout.pp > 1:
-            shape = (layout.micro_batch_size, config.seq_len, config.hidden)
+            sequence = config.seq_len // layout.tp if groups.tp.splits_sequence else config.seq_len
+            shape = (layout.micro_batch_size, sequence, config.hidden)
             self.pipeline = PipelineStage(self.stage, layout.pp - 1 - groups.where.pp, groups.previous,
                                           groups.next, shape, device)
         self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=lr, weight_decay=0.0)
@@ -95,6 +110,8 @@ class Trainer:
                 all_reduce_gradients(self.stage, self.groups.dp, layout.bucket_bytes)
         else:
             losses = self._accumulate(inputs, targets)
+        if self.groups.tp.splits_sequence:
+            sum_norm_gradients(self.stage, self.groups.tp)
         self.optimizer.step()
         return sum(losses) / len(losses) if losses else None
 
@@ -152,6 +169,8 @@ def main(
     schedule: Schedule = typer.Option(Schedule.one_f_one_b, help="pipeline schedule"),
     lr: float = typer.Option(3e-3, min=0.0),
     bucket_mb: float = typer.Option(25.0, min=0.001, help="gradient all-reduce bucket size (MiB)"),
+    sequence_parallel: bool = typer.Option(False, help="split activations along the sequence between "
+                                                       "tensor-parallel layers (all-gather / reduce-scatter)"),
     seed: int = typer.Option(0),
     profile: bool = typer.Option(False, help="record the collectives issued (written with --out)"),
     out: Path | None = typer.Option(None, help="directory for one JSON result file per rank"),
@@ -160,8 +179,11 @@ def main(
     config = GPTConfig(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden,
                        vocab=vocab, seq_len=seq_len, seed=seed)
     config.check_split(tp, pp)
+    if sequence_parallel and seq_len % tp:
+        raise typer.BadParameter(f"a sequence of {seq_len} does not split over tp={tp}", param_hint="--seq-len")
     layout = Layout(tp=tp, pp=pp, dp=dp, micro_batches=micro_batches, micro_batch_size=micro_batch_size,
                     seq_len=seq_len, dtype_bytes=4, grad_bytes=4, bucket_bytes=int(bucket_mb * 2**20),
+                    sequence_parallel=sequence_parallel,
                     gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", tp * pp * dp)))
     cuda = torch.cuda.is_available()
     if cuda:

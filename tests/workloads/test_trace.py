@@ -31,9 +31,13 @@ def test_sequence_parallel_trades_each_all_reduce_for_an_all_gather_and_a_reduce
     activation = 16 * 64 * 2
     plain = by_kind(step_trace(TINY, Layout(tp=2, seq_len=16)))
     sp = by_kind(step_trace(TINY, Layout(tp=2, seq_len=16, sequence_parallel=True)))
-    assert sp[("tp", Collective.allgather, activation)].calls == 4 * 4
-    assert sp[("tp", Collective.reducescatter, activation)].calls == 4 * 4
+    # 4 layers x (2 forward + 2 backward), plus the embedding's and the output layer's reductions
+    assert sp[("tp", Collective.allgather, activation)].calls == 4 * 4 + 2
+    assert sp[("tp", Collective.reducescatter, activation)].calls == 4 * 4 + 2
     assert plain[("tp", Collective.allreduce, activation)].calls == 4 * 4 + 2
+    norms = (2 * 4 + 1) * 64 * 2  # 2 norms a layer and the final one, bf16 gradients
+    assert sp[("tp", Collective.allreduce, norms)].calls == 1
+    assert ("tp", Collective.allreduce, activation) not in sp
 
 
 def test_pipeline_stages_exchange_activations_with_their_neighbours():

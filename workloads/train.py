@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,6 +36,7 @@ from dynamiccl.workloads.topology import Groups, build_groups
 from dynamiccl.workloads.trace import Layout
 
 _NEVER = 1e6  # seconds: a profiling-only hook window that never elapses during a run
+_DRAIN_S = 0.5  # seconds for collective worker threads to go idle before the groups are destroyed
 _MULTIPLIER, _INCREMENT = 5, 3  # next token = (5 * token + 3) mod vocab: a bijection for even vocabularies
 
 
@@ -152,6 +154,21 @@ def recorded_calls() -> list[dict[str, int | str]]:
     return [dict(collective=c, nbytes=b, nranks=r, nnodes=n, calls=k) for (c, b, r, n), k in sorted(calls.items())]
 
 
+def _train(trainer: Trainer, steps: int, out: Path | None, profile: bool) -> None:
+    losses = []
+    for step in range(steps):
+        loss = trainer.step(step)
+        if loss is not None:
+            losses.append(loss)
+            if trainer.groups.where.tp == 0 and trainer.groups.where.dp == 0:
+                print(f"step {step:4d}  loss {loss:.4f}", flush=True)
+    if out is not None:
+        where = trainer.groups.where
+        result = dict(rank=trainer.groups.rank, tp=where.tp, dp=where.dp, pp=where.pp, losses=losses,
+                      steps=steps, calls=recorded_calls() if profile else None)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{trainer.groups.rank}.json").write_text(json.dumps(result))
+
 def main(
     tp: int = typer.Option(1, min=1, help="tensor-parallel degree"),
     pp: int = typer.Option(1, min=1, help="pipeline stages"),
@@ -195,23 +212,15 @@ def main(
 
         hook.install(window_s=_NEVER)  # keep every call in this process for --out
     try:
-        trainer = Trainer(config, layout, build_groups(layout), device, schedule, lr)
-        losses = []
-        for step in range(steps):
-            loss = trainer.step(step)
-            if loss is not None:
-                losses.append(loss)
-                if trainer.groups.where.tp == 0 and trainer.groups.where.dp == 0:
-                    print(f"step {step:4d}  loss {loss:.4f}", flush=True)
-        if out is not None:
-            where = trainer.groups.where
-            result = dict(rank=trainer.groups.rank, tp=where.tp, dp=where.dp, pp=where.pp, losses=losses,
-                          steps=steps, calls=recorded_calls() if profile else None)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"rank{trainer.groups.rank}.json").write_text(json.dumps(result))
+        _train(Trainer(config, layout, build_groups(layout), device, schedule, lr), steps, out, profile)
     finally:
         if profile:
             hook.uninstall(flush=False)
+        # The trainer (and DDP's reducer) is gone by now, while the groups still exist. gloo's worker
+        # threads dispose of finished collectives after their callers moved on, which needs the GIL:
+        # a group destroyed meanwhile waits for its worker while holding the GIL, and the process
+        # hangs at exit. Let them go idle first.
+        time.sleep(_DRAIN_S)
         dist.destroy_process_group()
 
 

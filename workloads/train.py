@@ -21,6 +21,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -50,30 +51,31 @@ def synthetic_tokens(config: GPTConfig, step: int, rows: int) -> torch.Tensor:
     return tokens
 
 
-def all_reduce_gradients(module: torch.nn.Module, group: object, bucket_bytes: int) -> None:
-    """Average gradients over the data-parallel group, bucket by bucket from one flat buffer."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
+def _reduce_flat(grads: list[torch.Tensor], reduce: Callable[[torch.Tensor], None]) -> None:
+    """Run `reduce` in place on the gradients laid end to end in one buffer, then copy them back."""
     flat = torch.cat([g.reshape(-1) for g in grads])
-    for bucket in flat.split(max(1, bucket_bytes // flat.element_size())):
-        dist.all_reduce(bucket, group=group)
-    flat /= dist.get_world_size(group)
+    reduce(flat)
     offset = 0
     for grad in grads:
         grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
         offset += grad.numel()
+
+
+def all_reduce_gradients(module: torch.nn.Module, group: object, bucket_bytes: int) -> None:
+    """Average gradients over the data-parallel group, bucket by bucket from one flat buffer."""
+    def average(flat: torch.Tensor) -> None:
+        for bucket in flat.split(max(1, bucket_bytes // flat.element_size())):
+            dist.all_reduce(bucket, group=group)
+        flat /= dist.get_world_size(group)
+
+    _reduce_flat([p.grad for p in module.parameters() if p.grad is not None], average)
 
 
 def sum_norm_gradients(stage: Stage, tp: TensorParallel) -> None:
     """Under sequence parallelism each tensor-parallel rank's norms saw only its part of the
     sequence: sum their gradients over the group, in one all-reduce a step (as Megatron does)."""
-    grads = [p.grad for module in stage.modules() if isinstance(module, RMSNorm)
-             for p in module.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    tp.all_reduce(flat)
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+    _reduce_flat([p.grad for module in stage.modules() if isinstance(module, RMSNorm)
+                  for p in module.parameters() if p.grad is not None], tp.all_reduce)
 
 
 class Trainer:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
 
+from dynamiccl.agent.tuner_plugin.build import NoCompiler, build
 from dynamiccl.schemas import Context, Measurement, NcclConfig
 
 
@@ -88,3 +90,12 @@ def fake_server() -> FakeServer:
 @pytest.fixture
 def make_measurement():
     return measurement
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DynamICCL's tuner plugin, compiled once for a test module (skipped without a C compiler)."""
+    try:
+        return build(out_dir=tmp_path_factory.mktemp("plugin")).path
+    except NoCompiler as error:
+        pytest.skip(f"no C compiler: {error}")

@@ -22,7 +22,6 @@ from dynamiccl.agent.plugin_online import (
     canonical_contexts,
 )
 from dynamiccl.agent.plugin_rules import expected_rule, parse_schedule
-from dynamiccl.agent.tuner_plugin.build import NoCompiler, build
 from dynamiccl.agent.tuner_plugin.driver import TunerLibrary
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
@@ -181,14 +180,6 @@ def test_two_nodes_write_byte_identical_files_at_different_times(tmp_path: Path)
     text = (tmp_path / "a" / "job.rules").read_bytes()
     assert text == (tmp_path / "b" / "job.rules").read_bytes()
     assert len(parse_schedule(text.decode())) == 4
-
-
-@pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        return build(out_dir=tmp_path_factory.mktemp("plugin")).path
-    except NoCompiler as error:
-        pytest.skip(f"no C compiler: {error}")
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from dynamiccl.agent.plugin_rules import RulesFile, Section, expected_rule, render_schedule
-from dynamiccl.agent.tuner_plugin.build import NoCompiler, build
 from dynamiccl.agent.tuner_plugin.driver import (
     ALGOS,
     PROTOS,
@@ -34,14 +33,6 @@ BASE = (
     "allgather,0,1048576,ring,ll128,4,2,16\n"
     "allgather,0,1048576,pat,simple,-1,2,2\n"
 )
-
-
-@pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        return build(out_dir=tmp_path_factory.mktemp("plugin")).path
-    except NoCompiler as error:
-        pytest.skip(f"no C compiler: {error}")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from dynamiccl.nccl.space import (
     valid_algorithms,
     valid_protocols,
 )
-from dynamiccl.nccl.tuner_rules import TunerRule, first_match, parse_rules, render_rules
+from dynamiccl.nccl.tuner_rules import TunerRule, applied_rule, first_match, parse_rules, render_rules
 
 __all__ = [
     "CHANNEL_GRID",
@@ -24,6 +24,7 @@ __all__ = [
     "TunerRule",
     "candidate_configs",
     "check_config",
+    "applied_rule",
     "first_match",
     "gpu_generation",
     "is_valid",

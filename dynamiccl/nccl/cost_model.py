@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from dynamiccl.nccl.env import parse_env
 from dynamiccl.nccl.space import GpuGeneration, InvalidConfig, gpu_generation, valid_algorithms, valid_protocols
-from dynamiccl.nccl.tuner_rules import TunerRule, parse_rules
+from dynamiccl.nccl.tuner_rules import applied_rule, first_match, parse_rules
 from dynamiccl.schemas import Algo, Collective, Context, Fabric, NcclConfig, Proto
 
 _LL, _LL128, _SIMPLE = Proto.ll, Proto.ll128, Proto.simple
@@ -409,33 +409,33 @@ class NcclCostModel:
         channels = setting.nchannels or self.default_channels(algo, context.nnodes)
         return NcclConfig(algo=algo, proto=proto, nchannels=self.reduced_channels(context, algo, proto, channels))
 
-    def resolve_rules(self, context: Context, rules_text: str) -> NcclConfig:
-        """What NCCL runs with NCCL's example tuner plugin loaded with these rules.
+    def resolve_rules(self, context: Context, rules_text: str, example_plugin: bool = False) -> NcclConfig:
+        """What NCCL runs with a tuner plugin loaded with these rules (numPipeOps 1, regBuff 0).
 
-        As the plugin does (plugins/tuner/example/plugin.c, NCCL 2.22 to 2.30): the first rule that
-        matches the call (collective, size, nodes, ranks, numPipeOps 1, regBuff 0) and names a pair
-        NCCL's table holds gets cost 0, so NCCL runs it. The plugin answers one channel unless
-        that rule sets a count, and NCCL uses the plugin's count: a call no rule matches, or one
-        matched by a rule with channels -1, runs on ONE channel."""
+        DynamICCL's plugin (agent/tuner_plugin/dynamiccl_tuner.c): the rule it applies
+        (`applied_rule`: the first match, if NCCL offers its pair) gets cost 0, so NCCL runs that
+        pair, on the rule's channel count or, with -1, on NCCL's own count for the pair; a call
+        without an applied rule is NCCL's own choice, untouched.
+
+        NCCL's example plugin (`example_plugin`; plugins/tuner/example/plugin.c, NCCL 2.22 to
+        2.30) also skips a matching rule whose pair is unavailable and tries the next, but it
+        answers one channel unless the rule sets a count, and NCCL uses the plugin's count: a call
+        no rule matches, or one matched by a rule with channels -1, runs on ONE channel."""
         if context.nranks == 1:
             return NcclConfig()
         if context.collective.is_p2p:
             return self.default(context)  # the plugin is asked about collectives only
-        rule = self._plugin_rule(parse_rules(rules_text), context)
-        pairs = [(rule.algo, rule.proto)] if rule else self._pairs(context)
-        algo, proto = self._argmin(context, pairs, None)
-        return NcclConfig(algo=algo, proto=proto, nchannels=rule.nchannels if rule and rule.nchannels else 1)
-
-    def _plugin_rule(self, rules: Iterable[TunerRule], context: Context) -> TunerRule | None:
-        for rule in rules:
-            if (
-                rule.matches(context)
-                and rule.num_pipe_ops in (None, 1)
-                and rule.reg_buff in (None, 0)
-                and self.usable(context, rule.algo, rule.proto)
-            ):
-                return rule
-        return None
+        rules = parse_rules(rules_text)
+        if example_plugin:
+            usable = [r for r in rules if self.usable(context, r.algo, r.proto)]
+            rule = first_match(usable, context)
+            pairs = [(rule.algo, rule.proto)] if rule else self._pairs(context)
+            algo, proto = self._argmin(context, pairs, None)
+            return NcclConfig(algo=algo, proto=proto, nchannels=rule.nchannels if rule and rule.nchannels else 1)
+        rule = applied_rule(rules, context, lambda algo, proto: self.usable(context, algo, proto))
+        if rule is None:
+            return self.default(context)
+        return self.resolve(context, rule.config)
 
 
 def bus_factor(context: Context) -> float:

@@ -8,7 +8,7 @@ columns are optional.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from dynamiccl.nccl.space import InvalidConfig
@@ -59,12 +59,18 @@ class TunerRule:
     def config(self) -> NcclConfig:
         return NcclConfig(algo=self.algo, proto=self.proto, nchannels=self.nchannels)
 
-    def matches(self, context: Context) -> bool:
+    def matches(self, context: Context, num_pipe_ops: int = 1, reg_buff: int = 0) -> bool:
+        """Whether the rule covers this call, as DynamICCL's plugin and NCCL's example plugin match
+        it: collective, inclusive byte range, nodes and ranks of the communicator, and NCCL's
+        `numPipeOps` (1 for a call that is not part of an aggregated group) and `regBuff` (0: the
+        buffers are not registered; tuner API v3 has no such argument and counts as 0)."""
         return (
             context.collective is self.collective
             and self.min_bytes <= context.nbytes <= self.max_bytes
             and self.nnodes in (None, context.nnodes)
             and self.nranks in (None, context.nranks)
+            and self.num_pipe_ops in (None, num_pipe_ops)
+            and self.reg_buff in (None, reg_buff)
         )
 
     def to_csv(self) -> str:
@@ -145,6 +151,25 @@ def parse_rules(text: str) -> list[TunerRule]:
     return rules
 
 
-def first_match(rules: Iterable[TunerRule], context: Context) -> TunerRule | None:
-    """The rule NCCL's example plugin would apply to this call (first match wins)."""
-    return next((rule for rule in rules if rule.matches(context)), None)
+def first_match(
+    rules: Iterable[TunerRule], context: Context, num_pipe_ops: int = 1, reg_buff: int = 0
+) -> TunerRule | None:
+    """The first rule that covers this call (first match wins), or None.
+
+    This is the one Python reference of how a tuner plugin matches rules; DynamICCL's plugin
+    (agent/tuner_plugin/dynamiccl_tuner.c) is tested against it call for call. The plugin then
+    applies the rule's pair only where NCCL's cost table offers it: `applied_rule`."""
+    return next((rule for rule in rules if rule.matches(context, num_pipe_ops, reg_buff)), None)
+
+
+def applied_rule(
+    rules: Iterable[TunerRule],
+    context: Context,
+    usable: Callable[[Algo, Proto], bool],
+    num_pipe_ops: int = 1,
+    reg_buff: int = 0,
+) -> TunerRule | None:
+    """The rule DynamICCL's plugin applies to this call: the first match, if NCCL offers its
+    (algorithm, protocol) pair (`usable`); None means NCCL's own choice for the whole call."""
+    rule = first_match(rules, context, num_pipe_ops, reg_buff)
+    return rule if rule is not None and usable(rule.algo, rule.proto) else None

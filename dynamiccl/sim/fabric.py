@@ -9,6 +9,7 @@ import numpy as np
 from dynamiccl.nccl.cost_model import NcclCostModel
 from dynamiccl.nccl.space import candidate_configs, check_config
 from dynamiccl.schemas import Context, Fabric, NcclConfig
+from dynamiccl.sim.installed import InstalledNccl
 from dynamiccl.sim.noise import noisy
 from dynamiccl.sim.presets import Preset
 from dynamiccl.sim.truth import TrueModel
@@ -19,8 +20,9 @@ class SimulatedFabric:
 
     def __init__(self, preset: Preset, seed: int | None = None) -> None:
         self.preset = preset
-        self.nccl = NcclCostModel(preset.fabric)
-        self._truth = TrueModel(self.nccl, preset.seed)
+        #: what the cluster's NCCL picks where nothing forces a choice
+        self.nccl = InstalledNccl(preset.fabric, {(a, p): f for a, p, f in preset.nccl_choice_bias})
+        self._truth = TrueModel(NcclCostModel(preset.fabric), preset.seed, preset.effects)
         self._rng = np.random.default_rng(seed)
         self.true_latency_us = lru_cache(maxsize=None)(self._true_latency_us)
 
@@ -50,6 +52,7 @@ class SimulatedFabric:
         """Noiseless latency when the job runs with a process-wide NCCL environment."""
         return self._truth.latency_us(context, self.nccl.resolve_env(context, env))
 
-    def latency_under_rules(self, context: Context, rules_text: str) -> float:
-        """Noiseless latency when the example tuner plugin runs with these rules."""
-        return self._truth.latency_us(context, self.nccl.resolve_rules(context, rules_text))
+    def latency_under_rules(self, context: Context, rules_text: str, example_plugin: bool = False) -> float:
+        """Noiseless latency when DynamICCL's tuner plugin (or NCCL's example plugin) runs with
+        these rules."""
+        return self._truth.latency_us(context, self.nccl.resolve_rules(context, rules_text, example_plugin))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dynamiccl.schemas import Fabric
+from dynamiccl.schemas import Algo, Fabric, Proto
+from dynamiccl.sim.truth import Effects
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,9 @@ class Preset:
     nodes: int  # nodes in the cluster
     node_counts: tuple[int, ...]  # communicator sizes (in nodes) a benchmark should cover
     seed: int  # seeds the fabric's own departures from the model (two clusters are never alike)
+    effects: Effects = Effects()
+    #: Factors on the cost-model times the cluster's NCCL chooses by (its version's constants).
+    nccl_choice_bias: tuple[tuple[Algo, Proto, float], ...] = ()
 
 
 def _h100(inter: str) -> Fabric:

@@ -23,6 +23,7 @@ The simulator only produces measurements; nothing outside `dynamiccl.sim` reads 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,28 +31,43 @@ from dynamiccl.nccl.cost_model import NcclCostModel
 from dynamiccl.nccl.space import GpuGeneration
 from dynamiccl.schemas import Algo, Context, NcclConfig, Proto
 
-SATURATION_K = 1.5
-CONTENTION_PER_CHANNEL = 0.006
-INTERFERENCE_PER_CHANNEL = 0.002
-NVLS_EXTRA_LATENCY_US = 8.0
-NVLS_BANDWIDTH_EFFICIENCY = 0.9
-TREE_MID_SIZE_PENALTY = 0.75
-NET_EFFICIENCY = (0.97, 0.045)  # at 2 nodes, loss per doubling
-NIC_DEPTH = (0.3, 1.5)  # shortfall with one channel per NIC, channels per NIC to recover 1/e of it
+@dataclass(frozen=True)
+class Effects:
+    """The sizes of the departures from NCCL's model; the defaults are the table above, the
+    presets' values. `dynamiccl.sim.clusters` draws other clusters from wider ranges."""
+
+    saturation_k: float = 1.5
+    contention_per_channel: float = 0.006
+    interference_per_channel: float = 0.002
+    nvls_extra_latency_us: float = 8.0
+    nvls_bandwidth_efficiency: float = 0.9
+    tree_mid_size_penalty: float = 0.75
+    net_efficiency: tuple[float, float] = (0.97, 0.045)  # at 2 nodes, loss per doubling
+    nic_depth: tuple[float, float] = (0.3, 1.5)  # shortfall with one channel per NIC, channels to recover 1/e
+    ll_efficiency: float = 0.95
+    ll128_efficiency: tuple[float, float] = (1.08, 0.88)  # Hopper and newer, older across nodes
+    pair_sigma: float = 0.06
+    octave_sigma: float = 0.04
+    latency_sigma: float = 0.10
+    #: Extra bandwidth factor per (algo, proto) (a cluster where one pair is far off NCCL's model).
+    pair_bias: tuple[tuple[Algo, Proto, float], ...] = ()
 
 
 class TrueModel:
     """Noiseless latency of a fully resolved config on one simulated fabric."""
 
-    def __init__(self, nccl: NcclCostModel, seed: int) -> None:
+    def __init__(self, nccl: NcclCostModel, seed: int, effects: Effects = Effects()) -> None:
         self.nccl = nccl
+        self.effects = effects
         rng = np.random.default_rng(seed)
         self._pair_variation = {
-            (algo, proto): float(np.exp(rng.normal(0.0, 0.06))) for algo in Algo for proto in Proto
+            (algo, proto): float(np.exp(rng.normal(0.0, effects.pair_sigma))) for algo in Algo for proto in Proto
         }
-        self._octave_variation = np.exp(rng.normal(0.0, 0.04, size=64))
-        self._latency_variation = {algo: float(np.exp(rng.normal(0.0, 0.10))) for algo in Algo}
-        self._p2p_variation = float(np.exp(rng.normal(0.0, 0.06)))
+        for algo, proto, factor in effects.pair_bias:
+            self._pair_variation[(algo, proto)] *= factor
+        self._octave_variation = np.exp(rng.normal(0.0, effects.octave_sigma, size=64))
+        self._latency_variation = {algo: float(np.exp(rng.normal(0.0, effects.latency_sigma))) for algo in Algo}
+        self._p2p_variation = float(np.exp(rng.normal(0.0, effects.pair_sigma)))
         fabric = nccl.fabric
         self._nics = max(1, min(fabric.nics_per_node, fabric.gpus_per_node))
         self._links = {
@@ -78,14 +94,15 @@ class TrueModel:
         bandwidth *= self._protocol_efficiency(context, proto)
         bandwidth *= self._pair_variation[(algo, proto)] * self._octave(context.nbytes)
         if context.nnodes > 1:
-            bandwidth *= NET_EFFICIENCY[0] - NET_EFFICIENCY[1] * math.log2(context.nnodes / 2)
+            efficiency, loss = self.effects.net_efficiency
+            bandwidth *= max(efficiency - loss * math.log2(context.nnodes / 2), 0.05)
         if algo is Algo.tree and context.nnodes > 1 and (1 << 16) <= context.nbytes <= (1 << 24):
-            bandwidth *= TREE_MID_SIZE_PENALTY
+            bandwidth *= self.effects.tree_mid_size_penalty
         latency *= self._latency_variation[algo]
         if algo in (Algo.nvls, Algo.nvls_tree):
-            latency += NVLS_EXTRA_LATENCY_US
+            latency += self.effects.nvls_extra_latency_us
             if context.nnodes == 1:
-                bandwidth *= NVLS_BANDWIDTH_EFFICIENCY
+                bandwidth *= self.effects.nvls_bandwidth_efficiency
         return (latency + context.nbytes / (1000.0 * bandwidth)) * self._interference(context, nch)
 
     def _channels(self, context: Context, nchannels: int, algo: Algo | None) -> tuple[float, float]:
@@ -94,31 +111,33 @@ class TrueModel:
         Both are 1:1 with NCCL at its full channel count, so the default runs as NCCL models it
         apart from the other effects."""
         full = self.nccl.default_channels(algo, context.nnodes)
-        effective = nchannels * (1 + SATURATION_K) / (1 + SATURATION_K * nchannels / full)
+        k = self.effects.saturation_k
+        effective = nchannels * (1 + k) / (1 + k * nchannels / full)
         links = self._links[min(context.nnodes, 2)]
-        contention = 1.0 - CONTENTION_PER_CHANNEL * (max(nchannels - links, 0) - max(full - links, 0))
+        excess = max(nchannels - links, 0) - max(full - links, 0)
+        contention = max(1.0 - self.effects.contention_per_channel * excess, 0.2)
         if context.nnodes > 1:
             contention *= self._nic_depth(nchannels) / self._nic_depth(full)
         return effective, contention
 
     def _nic_depth(self, nchannels: int) -> float:
-        shortfall, scale = NIC_DEPTH
+        shortfall, scale = self.effects.nic_depth
         per_nic = max(nchannels / self._nics, 1.0)  # fewer channels than NICs: one NIC each
         return 1.0 - shortfall * math.exp(-(per_nic - 1) / scale)
 
-    @staticmethod
-    def _interference(context: Context, nchannels: int) -> float:
+    def _interference(self, context: Context, nchannels: int) -> float:
         large = min(1.0, max(0.0, (math.log2(context.nbytes + 1) - 16) / 4))
-        return 1.0 + INTERFERENCE_PER_CHANNEL * max(nchannels - 8, 0) * large
+        return 1.0 + self.effects.interference_per_channel * max(nchannels - 8, 0) * large
 
     def _protocol_efficiency(self, context: Context, proto: Proto) -> float:
         generation = self.nccl.topology.generation
         if proto is Proto.ll:
-            return 0.95
+            return self.effects.ll_efficiency
+        hopper, older_across_nodes = self.effects.ll128_efficiency
         if proto is Proto.ll128 and generation >= GpuGeneration.hopper:
-            return 1.08
+            return hopper
         if proto is Proto.ll128 and context.nnodes > 1:
-            return 0.88
+            return older_across_nodes
         return 1.0
 
     def _octave(self, nbytes: int) -> float:

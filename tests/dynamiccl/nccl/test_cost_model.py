@@ -70,17 +70,31 @@ def test_env_restricts_algorithm_protocol_and_channels_like_nccl():
     assert allgather == unrestricted, "NCCL_ALGO for allreduce leaves allgather to NCCL"
 
 
+def test_dynamiccl_plugin_leaves_unmatched_calls_and_minus_one_channels_to_nccl():
+    rules = "allreduce,0,65536,ring,ll,4,-1,-1\nallreduce,65537,1099511627776,tree,simple,-1,-1,-1\n"
+    assert H100.resolve_rules(ctx(1024), rules) == NcclConfig(algo="ring", proto="ll", nchannels=4)
+    tree = H100.resolve_rules(ctx(1 << 30), rules)
+    assert tree == H100.resolve(ctx(1 << 30), NcclConfig(algo="tree", proto="simple")), "NCCL's own channels"
+    assert tree.nchannels > 1
+    unmatched = ctx(1024, "broadcast")
+    assert H100.resolve_rules(unmatched, rules) == H100.default(unmatched)
+    nvls_first = "allgather,0,1099511627776,nvls,simple,16,-1,-1\nallgather,0,1099511627776,ring,simple,8,-1,-1\n"
+    across = ctx(1 << 20, "allgather", nranks=16, nnodes=2)  # NVLS cannot run it: NCCL decides the call
+    assert H100.resolve_rules(across, nvls_first) == H100.default(across)
+
+
 def test_rules_apply_by_size_and_otherwise_the_example_plugin_answers_one_channel():
     # plugins/tuner/example/plugin.c starts with `*nChannels = 1` and NCCL (enqueue.cc) uses any
     # non-zero answer: despite its README, channels -1 and unmatched calls run on ONE channel.
     rules = "allreduce,0,65536,ring,ll,4,-1,-1\nallreduce,65537,1099511627776,tree,simple,-1,-1,-1\n"
-    assert H100.resolve_rules(ctx(1024), rules) == NcclConfig(algo="ring", proto="ll", nchannels=4)
-    assert H100.resolve_rules(ctx(1 << 30), rules) == NcclConfig(algo="tree", proto="simple", nchannels=1)
+    example = {"example_plugin": True}
+    assert H100.resolve_rules(ctx(1024), rules, **example) == NcclConfig(algo="ring", proto="ll", nchannels=4)
+    assert H100.resolve_rules(ctx(1 << 30), rules, **example) == NcclConfig(algo="tree", proto="simple", nchannels=1)
     unmatched = ctx(1024, "broadcast")
-    assert H100.resolve_rules(unmatched, rules) == H100.default(unmatched).model_copy(update={"nchannels": 1})
+    assert H100.resolve_rules(unmatched, rules, **example) == H100.default(unmatched).model_copy(update={"nchannels": 1})
     nvls_rule = "allgather,0,1099511627776,nvls,simple,16,-1,-1\nallgather,0,1099511627776,ring,simple,8,-1,-1\n"
     across = ctx(1 << 20, "allgather", nranks=16, nnodes=2)  # NVLS cannot run it: the plugin tries the next rule
-    assert H100.resolve_rules(across, nvls_rule) == NcclConfig(algo="ring", proto="simple", nchannels=8)
+    assert H100.resolve_rules(across, nvls_rule, **example) == NcclConfig(algo="ring", proto="simple", nchannels=8)
 
 
 def test_env_nccl_cannot_satisfy_fails_the_call():

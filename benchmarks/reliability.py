@@ -41,7 +41,7 @@ from rich.table import Table
 
 from dynamiccl.nccl.space import candidate_configs
 from dynamiccl.schemas import Context, Fabric, Measurement, NcclConfig
-from dynamiccl.server.learner import CoordinateDescentTuner, Tuner
+from dynamiccl.server.learner import CoordinateDescentTuner, Tuner, respond
 from dynamiccl.server.learner.tuner import DynamicclTuner
 from dynamiccl.server.storage import SqlStore
 from dynamiccl.sim import PRESETS, SimulatedFabric
@@ -124,7 +124,7 @@ def run_poisoning(
                 store.add_batch(fabric_id, f"{name}-{round_index}", batch, name)
             tuner.observe(fabric_id, fabric, [m for batch in batches.values() for m in batch])
         _settle(tuner, fabric_id, fabric)
-        answer = tuner.recommend(fabric_id, fabric, [c.weighted() for c in contexts])
+        answer = respond([c.weighted() for c in contexts], tuner.recommend(fabric_id, fabric, contexts))
     finally:
         tuner.close()
         store.close()

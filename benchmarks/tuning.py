@@ -55,7 +55,7 @@ from dynamiccl.schemas import (
     NcclConfig,
     RecommendResponse,
 )
-from dynamiccl.server.learner import CoordinateDescentTuner, ExhaustiveSweepTuner, NcclDefaultTuner, Tuner
+from dynamiccl.server.learner import CoordinateDescentTuner, ExhaustiveSweepTuner, NcclDefaultTuner, Tuner, respond
 from dynamiccl.sim import PRESETS, Preset, SimulatedFabric
 from dynamiccl.workloads.services import local_server
 
@@ -96,7 +96,7 @@ class InProcess(Strategy):
         self.tuner.observe(FABRIC_ID, self.fabric, measurements)
 
     def recommend(self, contexts: list[Context]) -> RecommendResponse:
-        return self.tuner.recommend(FABRIC_ID, self.fabric, [c.weighted() for c in contexts])
+        return respond([c.weighted() for c in contexts], self.tuner.recommend(FABRIC_ID, self.fabric, contexts))
 
 
 def agent_tokens(agents: int) -> dict[str, str]:

@@ -31,6 +31,7 @@ from dynamiccl.schemas import (
 )
 from dynamiccl.server.auth import Caller, Scope, require
 from dynamiccl.server.learner import Tuner
+from dynamiccl.server.learner.compose import respond
 from dynamiccl.server.metrics import ServerMetrics
 from dynamiccl.server.routing import V1Route, scopes
 from dynamiccl.server.storage import Store
@@ -194,7 +195,8 @@ def recommend(body: RecommendRequest, store: StoreDep, tuner: TunerDep, metrics:
         return RecommendResponse.model_validate_json(pinned)
     if not body.contexts:
         raise HTTPException(status_code=404, detail=f"job {body.job_id!r} has no pinned recommendation yet: send its contexts")
-    answer = tuner.recommend(body.fabric_id, fabric, body.contexts)
+    decisions = tuner.recommend(body.fabric_id, fabric, [c.context() for c in body.contexts])
+    answer = respond(body.contexts, decisions)
     if body.job_id is not None:
         answer = RecommendResponse.model_validate_json(store.pin(key, answer.model_dump_json(), replace=body.refresh))
     metrics.predicted_speedup.labels(body.fabric_id).set(_weighted_speedup(body, answer))

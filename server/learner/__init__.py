@@ -1,13 +1,15 @@
-"""The learner: Tuner implementations behind one interface."""
+"""The learner: Tuner implementations behind one interface, one guard and one way to compose
+what a job is given from their decisions."""
 
 from collections.abc import Callable
 
-from dynamiccl.server.learner.base import Pick, Tuner
+from dynamiccl.server.learner.base import Decision, Estimate, Pick, Tuner
 from dynamiccl.server.learner.baselines import (
     CoordinateDescentTuner,
     ExhaustiveSweepTuner,
     NcclDefaultTuner,
 )
+from dynamiccl.server.learner.compose import respond
 from dynamiccl.server.storage.base import Store
 
 
@@ -20,9 +22,12 @@ def make_tuner(store: Store, on_refit: Callable[[float], None] | None = None) ->
 
 __all__ = [
     "CoordinateDescentTuner",
+    "Decision",
+    "Estimate",
     "ExhaustiveSweepTuner",
     "NcclDefaultTuner",
     "Pick",
     "Tuner",
     "make_tuner",
+    "respond",
 ]

@@ -1,20 +1,20 @@
-"""The `Tuner` interface: the learner and its baselines are interchangeable behind it."""
+"""The `Tuner` interface: the learner and its baselines are interchangeable behind it.
+
+A tuner suggests what to try and, for recommendations, returns `Decision`s:
+the config it would run for each context with the evidence behind it, as
+`guard.decide` judged it. What a job is given (the per-context
+recommendations, one process-wide env and the tuner-plugin rules) is composed
+from decisions once, the same way for every tuner (`compose.respond`).
+"""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dynamiccl.schemas import (
-    Context,
-    Fabric,
-    Measurement,
-    NcclConfig,
-    RecommendResponse,
-    SuggestionKind,
-    WeightedContext,
-)
+from dynamiccl.schemas import Context, Fabric, Measurement, NcclConfig, SuggestionKind
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,60 @@ class Pick:
     kind: SuggestionKind
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """What a tuner knows of one config in one context: its log latency (mean and standard
+    deviation, so a difference of 0.01 is about 1% of time) and what backs it."""
+
+    mean: float
+    std: float
+    samples: int  # own samples in this context's size bucket
+    transferred: bool = False  # evidence from neighbouring sizes or a similar fabric backs it
+    trusted: bool = True  # the evidence may decide a recommendation (see knowledge.py's trust model)
+
+    @property
+    def latency_us(self) -> float:
+        return math.exp(self.mean)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A tuner's verdict for one context: `chosen` indexes `candidates` (index 0 is the NCCL
+    default, and the verdict whenever the evidence does not confidently beat it)."""
+
+    context: Context
+    candidates: tuple[NcclConfig, ...]
+    estimates: tuple[Estimate, ...]
+    chosen: int
+    confidence: float
+
+    @property
+    def config(self) -> NcclConfig:
+        return self.candidates[self.chosen]
+
+    @property
+    def departs(self) -> bool:
+        """Whether the decision changes what NCCL would run."""
+        return not self.config.is_default
+
+    @property
+    def default(self) -> Estimate:
+        return self.estimates[0]
+
+    @property
+    def estimate(self) -> Estimate:
+        return self.estimates[self.chosen]
+
+    def estimate_of(self, config: NcclConfig) -> Estimate | None:
+        """The evidence for another candidate of this context (None: not a candidate)."""
+        try:
+            return self.estimates[self.candidates.index(config)]
+        except ValueError:
+            return None
+
+
 class Tuner(ABC):
-    """Learns from measurements of a fabric; suggests what to try and recommends what to use.
+    """Learns from measurements of a fabric; suggests what to try and decides what to use.
 
     `seed` makes `suggest` deterministic: the server derives it from the job, round and
     context when the caller pins the answer, so every replica gives the same one.
@@ -43,10 +95,14 @@ class Tuner(ABC):
         """One pick per context, in order."""
 
     @abstractmethod
-    def recommend(
-        self, fabric_id: str, fabric: Fabric, contexts: Sequence[WeightedContext]
-    ) -> RecommendResponse:
-        """Per-context recommendations (never exploring), one process-wide env and tuner rules."""
+    def recommend(self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context]) -> list[Decision]:
+        """One decision per context, in order, never exploring (`guard.decide` makes each)."""
+
+    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float) -> bool:
+        """Wait (at most `timeout_s`) until every measurement stored for the fabric before the
+        call is taken in; False when it could not. Tuners that learn as they observe are
+        always caught up."""
+        return True
 
     def describe(self, fabric_id: str, fabric: Fabric) -> dict[str, int]:
         """What the tuner knows of a fabric, for its status page (nothing by default)."""

@@ -5,36 +5,44 @@
 * `CoordinateDescentTuner`: the AutoCCL approach: for each (algorithm, protocol)
   pair, descends over the channel count from NCCL's choice while it improves.
 
-Both searching baselines keep their samples in memory per context and
-recommend the candidate with the lowest median, as their authors would.
+Both searching baselines keep their samples in memory per context, measure
+the NCCL default `MIN_SAMPLES` times first (the guard's baseline), and propose
+the candidate with the lowest median, as their authors would; the guard
+(`guard.decide`) judges their evidence as it judges the learner's.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from itertools import groupby
 
-from dynamiccl.nccl.cost_model import NcclCostModel
+import numpy as np
+
 from dynamiccl.nccl.space import CHANNEL_GRID, candidate_configs
-from dynamiccl.nccl.tuner_rules import render_rules
-from dynamiccl.schemas import (
-    DEFAULT_CONFIG,
-    Context,
-    Fabric,
-    Measurement,
-    NcclConfig,
-    Recommendation,
-    RecommendResponse,
-    SuggestionKind,
-    WeightedContext,
-)
-from dynamiccl.server.learner.base import Pick, Tuner
-from dynamiccl.server.learner.stats import ContextKey
-from dynamiccl.server.learner.workload import tuner_rules
+from dynamiccl.schemas import DEFAULT_CONFIG, Context, Fabric, Measurement, NcclConfig, SuggestionKind
+from dynamiccl.server.learner.base import Decision, Estimate, Pick, Tuner
+from dynamiccl.server.learner.guard import MIN_SAMPLES, decide
+from dynamiccl.server.learner.stats import SINGLE_SAMPLE_STD, ContextKey
 
 _Samples = dict[tuple[str, ContextKey], dict[NcclConfig, list[float]]]
+
+
+def _estimate(samples: Sequence[float]) -> Estimate:
+    """A baseline's evidence for one config: the median of its samples, with a standard error
+    from their spread (a lone sample counts as uncertain as a straggler's slowdown)."""
+    logs = np.log(np.asarray(samples, dtype=float))
+    if len(logs) == 1:
+        return Estimate(mean=float(logs[0]), std=SINGLE_SAMPLE_STD, samples=1)
+    spread = 1.4826 * float(np.median(np.abs(logs - np.median(logs))))
+    return Estimate(mean=float(np.median(logs)), std=1.25 * max(spread, 0.01) / math.sqrt(len(logs)),
+                    samples=len(logs))
+
+
+#: What a baseline knows of a config it never measured: nothing it would act on.
+UNMEASURED = Estimate(mean=0.0, std=10.0, samples=0)
 
 
 class NcclDefaultTuner(Tuner):
@@ -46,14 +54,12 @@ class NcclDefaultTuner(Tuner):
     ) -> list[Pick]:
         return [Pick(DEFAULT_CONFIG, SuggestionKind.default) for _ in contexts]
 
-    def recommend(
-        self, fabric_id: str, fabric: Fabric, contexts: Sequence[WeightedContext]
-    ) -> RecommendResponse:
-        return _response(fabric, [c.context() for c in contexts], [DEFAULT_CONFIG] * len(contexts), {})
+    def recommend(self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context]) -> list[Decision]:
+        return [Decision(c, (DEFAULT_CONFIG,), (UNMEASURED,), 0, confidence=0.0) for c in contexts]
 
 
 class _SearchingTuner(Tuner):
-    """Keeps samples per (fabric, context, config); recommends the lowest median."""
+    """Keeps samples per (fabric, context, config); proposes the lowest median."""
 
     def __init__(self) -> None:
         self._samples: _Samples = defaultdict(lambda: defaultdict(list))
@@ -70,12 +76,20 @@ class _SearchingTuner(Tuner):
         medians = self._medians(fabric_id, context)
         return min(medians, key=medians.__getitem__) if medians else DEFAULT_CONFIG
 
-    def recommend(
-        self, fabric_id: str, fabric: Fabric, contexts: Sequence[WeightedContext]
-    ) -> RecommendResponse:
-        plain = [c.context() for c in contexts]
-        medians = {i: self._medians(fabric_id, c) for i, c in enumerate(plain)}
-        return _response(fabric, plain, [self._best(fabric_id, c) for c in plain], medians)
+    def _baseline_pending(self, fabric_id: str, context: Context) -> bool:
+        """Whether the default still needs measuring before the search starts."""
+        tried = self._samples[(fabric_id, ContextKey.of(context))]
+        return len(tried.get(DEFAULT_CONFIG, ())) < MIN_SAMPLES
+
+    def recommend(self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context]) -> list[Decision]:
+        decisions = []
+        for context in contexts:
+            samples = self._samples[(fabric_id, ContextKey.of(context))]
+            best = self._best(fabric_id, context)
+            proposal = [DEFAULT_CONFIG] if best == DEFAULT_CONFIG else [DEFAULT_CONFIG, best]
+            estimates = [_estimate(samples[c]) if samples.get(c) else UNMEASURED for c in proposal]
+            decisions.append(decide(context, proposal, estimates))
+        return decisions
 
 
 class ExhaustiveSweepTuner(_SearchingTuner):
@@ -84,6 +98,9 @@ class ExhaustiveSweepTuner(_SearchingTuner):
     ) -> list[Pick]:
         picks = []
         for context in contexts:
+            if self._baseline_pending(fabric_id, context):
+                picks.append(Pick(DEFAULT_CONFIG, SuggestionKind.default))
+                continue
             tried = self._samples[(fabric_id, ContextKey.of(context))]
             untried = [c for c in candidate_configs(fabric, context) if c not in tried]
             if untried:
@@ -102,9 +119,9 @@ class CoordinateDescentTuner(_SearchingTuner):
         return [self._next(fabric_id, fabric, context) for context in contexts]
 
     def _next(self, fabric_id: str, fabric: Fabric, context: Context) -> Pick:
-        medians = self._medians(fabric_id, context)
-        if DEFAULT_CONFIG not in medians:
+        if self._baseline_pending(fabric_id, context):
             return Pick(DEFAULT_CONFIG, SuggestionKind.default)
+        medians = self._medians(fabric_id, context)
         configs = [c for c in candidate_configs(fabric, context) if c.nchannels is not None]
         for _, group in groupby(configs, key=lambda c: (c.algo, c.proto)):
             ladder = sorted(group, key=lambda c: c.nchannels)
@@ -126,27 +143,3 @@ class CoordinateDescentTuner(_SearchingTuner):
                 return ladder[neighbour]
         return None
 
-
-def _response(
-    fabric: Fabric,
-    contexts: list[Context],
-    configs: list[NcclConfig],
-    medians: dict[int, dict[NcclConfig, float]],
-) -> RecommendResponse:
-    recommendations = []
-    for i, (context, config) in enumerate(zip(contexts, configs)):
-        seen = medians.get(i, {})
-        default, chosen = seen.get(DEFAULT_CONFIG), seen.get(config)
-        recommendations.append(
-            Recommendation(
-                context=context,
-                config=config,
-                predicted_latency_us=chosen,
-                default_latency_us=default,
-                speedup=default / chosen if default and chosen else 1.0,
-                confidence=0.0,
-                samples=len(seen),
-            )
-        )
-    rules = tuner_rules(contexts, configs, NcclCostModel(fabric).resolve)
-    return RecommendResponse(recommendations=recommendations, env={}, tuner_config=render_rules(rules))

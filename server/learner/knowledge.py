@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from dynamiccl.nccl.space import gpu_generation
 from dynamiccl.schemas import Context, Fabric, NcclConfig
+from dynamiccl.server.learner.base import Estimate
 from dynamiccl.server.learner.prior import NcclPrior
 from dynamiccl.server.learner.stats import (
     Cell,
@@ -85,17 +86,6 @@ class CellSummary:
 
 
 @dataclass(frozen=True)
-class Estimate:
-    """Posterior log latency of one config in one context."""
-
-    mean: float
-    std: float
-    samples: int  # own samples in this context's bucket
-    transferred: bool  # evidence from another bucket or a similar fabric backs it
-    corroborated: bool = True  # more than one source's word (or NCCL's model) backs the evidence
-
-
-@dataclass(frozen=True)
 class Snapshot:
     """An immutable view of a fabric's knowledge; safe to read from any request thread."""
 
@@ -145,7 +135,7 @@ class Snapshot:
                     std=math.sqrt(1.0 / precision),
                     samples=cell.n if cell else 0,
                     transferred=transferred,
-                    corroborated=cell.corroborated if cell is not None else transferred,
+                    trusted=cell.corroborated if cell is not None else transferred,
                 )
             )
         return results

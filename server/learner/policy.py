@@ -1,18 +1,12 @@
-"""Decisions from estimates: what to try next, and what is safe to recommend.
+"""What to try next: value-of-information exploration over posterior estimates.
 
-Both work on posterior log latencies (`Estimate`), so a difference of 0.01 is
-about 1% of time.
-
-*Suggest* explores a config only when what it may teach is worth what it may
-cost: its expected improvement over the best known config, times the number
-of future calls that would profit (`HORIZON`), must exceed its expected extra
-time now. A config the evidence says is slow is never tried; a config the
-model cannot rule out gets tried once, and tuning pays for itself.
-
-*Recommend* keeps the NCCL default unless a measured config is faster with
-high probability (`CONFIDENCE`) by a margin (`MIN_GAIN`), and both the
-default's and the config's evidence are corroborated (more than one source, or
-NCCL's model, backs them): one client's word never changes what others run.
+Works on posterior log latencies (`Estimate`), so a difference of 0.01 is
+about 1% of time. A config is explored only when what it may teach is worth
+what it may cost: its expected improvement over the best known config, times
+the number of future calls that would profit (`HORIZON`), must exceed its
+expected extra time now. A config the evidence says is slow is never tried;
+a config the model cannot rule out gets tried once, and tuning pays for
+itself. What is recommended is the guard's business (guard.py).
 """
 
 from __future__ import annotations
@@ -23,17 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtr  # the standard normal CDF (scipy.stats costs a second to import)
 
-from dynamiccl.server.learner.knowledge import Estimate
+from dynamiccl.server.learner.base import Estimate
+from dynamiccl.server.learner.guard import CONFIDENCE, probability_of_gain
 
 SQRT_2PI = math.sqrt(2.0 * math.pi)
 #: Future uses of a context that an exploration's finding would speed up.
 HORIZON = 25.0
-#: Probability that a recommended config beats the default, required to recommend it.
-CONFIDENCE = 0.95
-#: Smallest predicted gain (log scale) worth changing NCCL's choice for.
-MIN_GAIN = math.log(1.01)
-#: Samples of a config in a context before it can be recommended there.
-MIN_SAMPLES = 3
 #: Samples of the NCCL default, the baseline of every comparison, before anything else is tried.
 DEFAULT_SAMPLES = 5
 
@@ -75,37 +64,5 @@ def _confirm(estimates: list[Estimate], best: int) -> int:
     default = estimates[0]
     if best == 0 or default.std <= estimates[best].std:
         return best
-    return 0 if _probability_of_gain(default, estimates[best]) < CONFIDENCE else best
+    return 0 if probability_of_gain(default, estimates[best]) < CONFIDENCE else best
 
-
-def _probability_of_gain(default: Estimate, candidate: Estimate) -> float:
-    """P(candidate is faster than the default by at least MIN_GAIN)."""
-    gain = default.mean - candidate.mean
-    return float(ndtr((gain - MIN_GAIN) / math.hypot(default.std, candidate.std)))
-
-
-@dataclass(frozen=True)
-class Verdict:
-    index: int
-    confidence: float
-
-
-def choose_recommendation(estimates: list[Estimate]) -> Verdict:
-    """The fastest eligible config that confidently beats the default (index 0), else the default.
-
-    Confidence is the probability that the config is faster than the default by MIN_GAIN."""
-    default = estimates[0]
-    if default.samples < MIN_SAMPLES or not default.corroborated:
-        return Verdict(0, confidence=0.0)
-    best, best_mean, best_probability, closest = 0, default.mean, 0.0, 0.0
-    for index, estimate in enumerate(estimates[1:], start=1):
-        eligible = estimate.samples >= MIN_SAMPLES or (estimate.samples == 0 and estimate.transferred)
-        if not eligible or not estimate.corroborated:
-            continue
-        probability = _probability_of_gain(default, estimate)
-        closest = max(closest, probability)
-        if probability >= CONFIDENCE and estimate.mean < best_mean:
-            best, best_mean, best_probability = index, estimate.mean, probability
-    if best:
-        return Verdict(best, confidence=best_probability)
-    return Verdict(0, confidence=1.0 - closest)

@@ -3,26 +3,16 @@ departures from it, value-of-information exploration and a confidence-gated reco
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from dynamiccl.nccl.space import candidate_configs
-from dynamiccl.nccl.tuner_rules import render_rules
-from dynamiccl.schemas import (
-    Context,
-    Fabric,
-    Measurement,
-    Recommendation,
-    RecommendResponse,
-    SuggestionKind,
-    WeightedContext,
-)
-from dynamiccl.server.learner.base import Pick, Tuner
+from dynamiccl.schemas import Context, Fabric, Measurement, SuggestionKind
+from dynamiccl.server.learner.base import Decision, Pick, Tuner
+from dynamiccl.server.learner.guard import decide
 from dynamiccl.server.learner.knowledge import KnowledgeBase
-from dynamiccl.server.learner.policy import choose_recommendation, choose_suggestion
-from dynamiccl.server.learner.workload import choose_env, tuner_rules
+from dynamiccl.server.learner.policy import choose_suggestion
 from dynamiccl.server.storage.base import Store
 
 
@@ -59,34 +49,8 @@ class DynamicclTuner(Tuner):
             picks.append(Pick(config, kind))
         return picks
 
-    def recommend(
-        self, fabric_id: str, fabric: Fabric, contexts: Sequence[WeightedContext]
-    ) -> RecommendResponse:
+    def recommend(self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context]) -> list[Decision]:
         knowledge = self.knowledge.get(fabric_id, fabric)
-        snapshot = knowledge.snapshot
-        plain = [c.context() for c in contexts]
-        candidates = [candidate_configs(fabric, c) for c in plain]
-        recommendations = []
-        for context, configs, estimates in zip(
-            plain, candidates, knowledge.estimates(list(zip(plain, candidates)))
-        ):
-            verdict = choose_recommendation(estimates)
-            chosen, default = estimates[verdict.index], estimates[0]
-            recommendations.append(
-                Recommendation(
-                    context=context,
-                    config=configs[verdict.index],
-                    predicted_latency_us=round(math.exp(chosen.mean), 3),
-                    default_latency_us=round(math.exp(default.mean), 3),
-                    speedup=round(math.exp(default.mean - chosen.mean), 4),
-                    confidence=round(verdict.confidence, 4),
-                    samples=chosen.samples,
-                )
-            )
-        configs = [r.config for r in recommendations]
-        weights = [c.weight for c in contexts]
-        return RecommendResponse(
-            recommendations=recommendations,
-            env=choose_env(snapshot, plain, weights, configs),
-            tuner_config=render_rules(tuner_rules(plain, configs, snapshot.prior.resolve)),
-        )
+        candidates = [candidate_configs(fabric, c) for c in contexts]
+        estimates = knowledge.estimates(list(zip(contexts, candidates)))
+        return [decide(c, configs, e) for c, configs, e in zip(contexts, candidates, estimates)]

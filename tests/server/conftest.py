@@ -4,6 +4,7 @@ apps with a scripted tuner, and the example bodies of shared/design/API.md."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import random
 import sys
@@ -17,17 +18,9 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from dynamiccl.nccl.space import candidate_configs
-from dynamiccl.schemas import (
-    Context,
-    Fabric,
-    Measurement,
-    Recommendation,
-    RecommendResponse,
-    SuggestionKind,
-    WeightedContext,
-)
+from dynamiccl.schemas import Context, Fabric, Measurement, NcclConfig, SuggestionKind
 from dynamiccl.server.app import create_app
-from dynamiccl.server.learner import Pick, Tuner
+from dynamiccl.server.learner import Decision, Estimate, Pick, Tuner
 from dynamiccl.server.storage import SqlStore
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -144,7 +137,7 @@ def sqlite_store(sqlite_url: str) -> Iterator[SqlStore]:
 
 class ScriptedTuner(Tuner):
     """A stand-in for the learner: picks valid configs from the seed, records what it observes,
-    and recommends `recommended` (or the first non-default candidate) with a set speedup."""
+    and decides for the last candidate of each context, measured `speedup` times faster."""
 
     def __init__(self, speedup: float = 1.25, seed_offset: int = 0) -> None:
         self.seed_offset = seed_offset
@@ -167,17 +160,13 @@ class ScriptedTuner(Tuner):
             picks.append(Pick(config, SuggestionKind.default if config.is_default else SuggestionKind.explore))
         return picks
 
-    def recommend(self, fabric_id: str, fabric: Fabric, contexts: Sequence[WeightedContext]) -> RecommendResponse:
-        recommendations = []
-        for weighted in contexts:
-            context = weighted.context()
-            recommendations.append(Recommendation(
-                context=context, config=candidate_configs(fabric, context)[-1],
-                predicted_latency_us=100.0 / self.speedup, default_latency_us=100.0,
-                speedup=self.speedup, confidence=0.9, samples=5,
-            ))
-        return RecommendResponse(recommendations=recommendations, env={"NCCL_ALGO": "allreduce:ring"},
-                                 tuner_config="")
+    def recommend(self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context]) -> list[Decision]:
+        decisions = []
+        for context in contexts:
+            candidates = (NcclConfig(), candidate_configs(fabric, context)[-1])
+            evidence = (Estimate(math.log(100.0), 0.01, 5), Estimate(math.log(100.0 / self.speedup), 0.01, 5))
+            decisions.append(Decision(context, candidates, evidence, 1, confidence=0.9))
+        return decisions
 
 
 @pytest.fixture

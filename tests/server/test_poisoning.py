@@ -9,8 +9,10 @@ import random
 
 import pytest
 
-from dynamiccl.server.learner.knowledge import Estimate
-from dynamiccl.server.learner.policy import DEFAULT_SAMPLES, choose_recommendation
+from dynamiccl.schemas import Context, NcclConfig
+from dynamiccl.server.learner.base import Estimate
+from dynamiccl.server.learner.guard import decide
+from dynamiccl.server.learner.policy import DEFAULT_SAMPLES
 from dynamiccl.server.learner.stats import Cell, distrusted_sources, pooled_noise
 
 def cell(*samples: tuple[str, float]) -> Cell:
@@ -58,15 +60,16 @@ def test_steady_fake_numbers_cannot_make_the_fabric_look_quiet():
     assert pooled_noise(honest + liar) > 0.02
 
 
-def test_an_uncorroborated_config_or_default_is_never_recommended():
-    default = Estimate(mean=math.log(100), std=0.01, samples=DEFAULT_SAMPLES, transferred=False)
-    fast = Estimate(mean=math.log(50), std=0.01, samples=DEFAULT_SAMPLES, transferred=False)
-    assert choose_recommendation([default, fast]).index == 1
-    lone = Estimate(mean=math.log(50), std=0.01, samples=DEFAULT_SAMPLES, transferred=False, corroborated=False)
-    assert choose_recommendation([default, lone]).index == 0
-    doubtful_default = Estimate(mean=math.log(100), std=0.01, samples=DEFAULT_SAMPLES, transferred=False,
-                                corroborated=False)
-    assert choose_recommendation([doubtful_default, fast]).index == 0
+def test_an_untrusted_config_or_default_is_never_recommended():
+    context = Context(collective="allreduce", nbytes=1 << 20, nranks=16, nnodes=2)
+    candidates = [NcclConfig(), NcclConfig(algo="ring", proto="simple")]
+    default = Estimate(mean=math.log(100), std=0.01, samples=DEFAULT_SAMPLES)
+    fast = Estimate(mean=math.log(50), std=0.01, samples=DEFAULT_SAMPLES)
+    assert decide(context, candidates, [default, fast]).chosen == 1
+    lone = Estimate(mean=math.log(50), std=0.01, samples=DEFAULT_SAMPLES, trusted=False)
+    assert decide(context, candidates, [default, lone]).chosen == 0
+    doubtful_default = Estimate(mean=math.log(100), std=0.01, samples=DEFAULT_SAMPLES, trusted=False)
+    assert decide(context, candidates, [doubtful_default, fast]).chosen == 0
 
 
 @pytest.mark.slow

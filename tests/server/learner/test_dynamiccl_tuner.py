@@ -6,6 +6,7 @@ import pytest
 
 from dynamiccl.nccl import candidate_configs, is_valid
 from dynamiccl.schemas import Context, Measurement, NcclConfig, SuggestionKind
+from dynamiccl.server.learner import respond
 from dynamiccl.server.learner.stats import cell_key
 from dynamiccl.server.learner.tuner import DynamicclTuner
 from dynamiccl.sim import PRESETS, SimulatedFabric
@@ -46,7 +47,7 @@ def tuner(sqlite_store):
 
 
 def recommend(tuner, fabric_id, fabric):
-    return tuner.recommend(fabric_id, fabric, [c.weighted() for c in CONTEXTS])
+    return respond([c.weighted() for c in CONTEXTS], tuner.recommend(fabric_id, fabric, CONTEXTS))
 
 
 def true_times(sim, configs):

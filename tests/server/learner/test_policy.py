@@ -1,17 +1,11 @@
-"""Exploration and recommendation decisions from posterior estimates (log latency)."""
+"""Exploration decisions from posterior estimates (log latency)."""
 
 import math
 
 import numpy as np
 
-from dynamiccl.server.learner.knowledge import Estimate
-from dynamiccl.server.learner.policy import (
-    CONFIDENCE,
-    DEFAULT_SAMPLES,
-    choose_recommendation,
-    choose_suggestion,
-    expected_improvement,
-)
+from dynamiccl.server.learner.base import Estimate
+from dynamiccl.server.learner.policy import DEFAULT_SAMPLES, choose_suggestion, expected_improvement
 
 RNG = np.random.default_rng(0)
 
@@ -48,32 +42,3 @@ def test_once_everything_plausible_is_measured_the_best_is_exploited():
 def test_expected_improvement_grows_with_uncertainty():
     ei = expected_improvement(0.0, np.array([0.1, 0.1]), np.array([0.01, 0.2]))
     assert ei[1] > ei[0] >= 0
-
-
-def test_recommends_a_confidently_faster_measured_config():
-    verdict = choose_recommendation([est(100), est(80), est(90)])
-    assert verdict.index == 1 and verdict.confidence >= CONFIDENCE
-
-
-def test_keeps_the_default_when_the_gain_is_not_confident():
-    verdict = choose_recommendation([est(100, std=0.1), est(97, std=0.1)])
-    assert verdict.index == 0
-
-
-def test_keeps_the_default_when_the_gain_is_below_one_percent():
-    assert choose_recommendation([est(100, std=0.001), est(99.5, std=0.001)]).index == 0
-
-
-def test_never_recommends_a_config_measured_once_or_never():
-    assert choose_recommendation([est(100), est(50, samples=1)]).index == 0
-    assert choose_recommendation([est(100), est(50, samples=0)]).index == 0
-
-
-def test_transferred_evidence_makes_an_unmeasured_config_eligible():
-    verdict = choose_recommendation([est(100), est(50, samples=0, transferred=True)])
-    assert verdict.index == 1
-
-
-def test_nothing_known_means_the_default_with_no_confidence():
-    verdict = choose_recommendation([est(100, std=0.15, samples=0), est(90, std=0.15, samples=0)])
-    assert verdict.index == 0 and verdict.confidence == 0.0

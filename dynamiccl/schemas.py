@@ -209,8 +209,17 @@ class Suggestion(WireModel):
     suggestion_id: str
 
 
+class LearnerState(WireModel):
+    """How much of what was stored an answer took in; `behind` when the server could not wait
+    for its learner to take in every batch it had acknowledged before the request."""
+
+    measurements_learned: int
+    behind: bool = False
+
+
 class SuggestResponse(WireModel):
     suggestions: list[Suggestion]
+    learner: LearnerState | None = None
 
 
 class WeightedContext(Context):
@@ -251,6 +260,7 @@ class RecommendResponse(WireModel):
     recommendations: list[Recommendation]
     env: dict[str, str]
     tuner_config: str
+    learner: LearnerState | None = None
 
 
 FABRIC_ID_RE = re.compile(FABRIC_ID_PATTERN)

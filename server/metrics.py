@@ -68,6 +68,10 @@ class ServerMetrics:
         self.observe_errors = Counter(
             "dynamiccl_observe_errors", "Errors while handing stored batches to the learner.", registry=r
         )
+        self.learner_behind = Counter(
+            "dynamiccl_learner_behind", "suggest and recommend answers given before the learner had "
+            "taken in every batch stored before them (marked learner.behind).", registry=r
+        )
 
         measured = ["fabric", "collective", "size_class", "config"]
         self.measured_calls = Counter(

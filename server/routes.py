@@ -21,6 +21,7 @@ from dynamiccl.schemas import (
     Fabric,
     FabricOut,
     FabricStatus,
+    LearnerState,
     MeasurementBatch,
     RecommendRequest,
     RecommendResponse,
@@ -60,6 +61,8 @@ def _errors(*codes: int) -> dict[int | str, dict]:
 #: Refusals any /v1 call may get.
 COMMON_ERRORS = (401, 403, 413, 429, 503)
 router = APIRouter(prefix="/v1", route_class=V1Route, responses=_errors(*COMMON_ERRORS))
+#: How long suggest and recommend wait for the learner to take in batches stored before them.
+LEARNER_WAIT_S = 2.0
 FabricIdPath = Annotated[str, Path(pattern=FABRIC_ID_PATTERN, description="1 to 128 of [A-Za-z0-9._:-]")]
 
 
@@ -162,9 +165,20 @@ def _context_key(context: Context) -> str:
     return ":".join(map(str, context.key()))
 
 
+def _learner_state(tuner: Tuner, fabric_id: str, fabric: Fabric, metrics: ServerMetrics) -> LearnerState:
+    """Reading your own writes: wait (at most LEARNER_WAIT_S) until the learner has taken in every
+    batch stored before this request; say so in the answer when it could not."""
+    caught_up = tuner.catch_up(fabric_id, fabric, LEARNER_WAIT_S)
+    if not caught_up:
+        metrics.learner_behind.inc()
+    learned = tuner.describe(fabric_id, fabric).get("measurements_learned", 0)
+    return LearnerState(measurements_learned=learned, behind=not caught_up)
+
+
 @router.post("/suggest", response_model=SuggestResponse, responses=_errors(404), openapi_extra=scopes(Scope.agent))
 def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> SuggestResponse:
     fabric = _fabric_or_404(store, body.fabric_id)
+    learner = _learner_state(tuner, body.fabric_id, fabric, metrics)
     pinned = body.job_id is not None and body.round is not None
     seed = int(_digest(body.fabric_id, body.job_id, body.round), 16) if pinned else secrets.randbits(64)
     picks = tuner.suggest(body.fabric_id, fabric, body.contexts, seed)
@@ -183,7 +197,7 @@ def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metrics: Met
         suggestions.append(suggestion)
     explored = sum(s.kind is SuggestionKind.explore for s in suggestions)
     metrics.exploration_share.set(explored / len(suggestions))
-    return SuggestResponse(suggestions=suggestions)
+    return SuggestResponse(suggestions=suggestions, learner=learner)
 
 
 @router.post("/recommend", response_model=RecommendResponse, responses=_errors(404),
@@ -195,8 +209,9 @@ def recommend(body: RecommendRequest, store: StoreDep, tuner: TunerDep, metrics:
         return RecommendResponse.model_validate_json(pinned)
     if not body.contexts:
         raise HTTPException(status_code=404, detail=f"job {body.job_id!r} has no pinned recommendation yet: send its contexts")
+    learner = _learner_state(tuner, body.fabric_id, fabric, metrics)
     decisions = tuner.recommend(body.fabric_id, fabric, [c.context() for c in body.contexts])
-    answer = respond(body.contexts, decisions)
+    answer = respond(body.contexts, decisions).model_copy(update={"learner": learner})
     if body.job_id is not None:
         answer = RecommendResponse.model_validate_json(store.pin(key, answer.model_dump_json(), replace=body.refresh))
     metrics.predicted_speedup.labels(body.fabric_id).set(_weighted_speedup(body, answer))

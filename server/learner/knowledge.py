@@ -1,17 +1,42 @@
-"""What the server knows about one fabric, kept current from the store in the background.
+"""What the server knows about one fabric, kept current from the store.
 
 The store is the only source of truth (replicas share it), so each replica
-reads new measurements incrementally by id, folds them into per-cell
-statistics and refits the surrogate on a worker thread. Requests read an
-immutable snapshot and never wait for a refit.
+reads new measurements incrementally by id and folds them into per-cell
+statistics. A worker thread refits the surrogate in the background; a request
+that must see what was posted before it (`catch_up`, "reading your own
+writes") folds the new rows in itself and re-judges only the contexts they
+touched, against the current surrogate. Requests read an immutable snapshot.
 
-Telemetry may be poisoned: a client can report fake timings. A cell only
-counts as evidence for a recommendation, for transfer to its neighbours and
-for the surrogate when it is *corroborated*: two sources agree on it, or its
-location is within `PRIOR_AGREEMENT` of what NCCL's own cost model predicts.
-A lone source's surprising claim is still explored (someone else then
-measures it, and sources vote), but never recommended on its word alone; a
-source whose claims others keep refuting is left out altogether.
+The trust model
+---------------
+A *source* is the token name of the client that posted a measurement, or its
+job id where the API is open (there anyone may claim any job id: open mode
+trusts every client). Only *trusted* cells are evidence for a recommendation,
+for transfer to neighbouring sizes and similar fabrics, and for the surrogate:
+
+* a cell that at least two sources agree on, and a third of those that
+  report on its context, and that they outnumber two to one those that
+  found it slower, is trusted (`Cell.corroborated`): colluders below a third
+  of a context's sources cannot confirm each other before others check;
+* a cell measured by one source is trusted when that source is the only one
+  that has reported on the context at all: nobody else measures it, so its
+  consistent evidence (the default and the config, each measured
+  `guard.MIN_SAMPLES` times) decides, as a single job's own measurements
+  should;
+* a cell measured by one source on a context others report on too is
+  unconfirmed until a second source agrees (suggest sends its best configs
+  back to the fleet, so one does); NCCL's cost model confirms nothing;
+* a cell another source contradicts (found slower beyond noise) is contested
+  and never trusted, however many accomplices repeat the claim; for
+  exploration its slowest source's word counts;
+* a source whose claims others keep refuting is not listened to at all
+  (`distrusted_sources`).
+
+So one source can decide the recommendations of contexts only it reports on
+(its own job's calls; with per-agent tokens, its node's), and can keep NCCL's
+default in force where it contradicts others; it cannot get a config
+recommended on a context another source measures, nor make others run a
+config they found slower.
 """
 
 from __future__ import annotations
@@ -20,6 +45,7 @@ import logging
 import math
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -28,6 +54,7 @@ from dynamiccl.schemas import Context, Fabric, NcclConfig
 from dynamiccl.server.learner.base import Estimate
 from dynamiccl.server.learner.prior import NcclPrior
 from dynamiccl.server.learner.stats import (
+    DEFAULT_NOISE,
     Cell,
     CellKey,
     ContextKey,
@@ -58,9 +85,9 @@ MIN_REFIT_INTERVAL_S = 0.2
 MEMO_LIMIT = 20_000
 #: Recently requested contexts each new snapshot is computed for before it is swapped in.
 RECENT_LIMIT = 4_000
-#: How far (log scale, 1.5x) a cell of one source may depart from NCCL's cost model and still
-#: count as corroborated without a second source.
-PRIOR_AGREEMENT = math.log(1.5)
+#: A claim is corroborated by at least a third of the sources that report on its context (and
+#: two): colluders below that share cannot confirm each other's claims before others check them.
+QUORUM_SHARE_INVERSE = 3
 
 
 def hardware_signature(fabric: Fabric) -> tuple:
@@ -82,7 +109,7 @@ class CellSummary:
     n: int
     mean_nbytes: int
     sources: int
-    corroborated: bool
+    trusted: bool
 
 
 @dataclass(frozen=True)
@@ -117,6 +144,14 @@ class Snapshot:
                     self._memo[key] = [next(flat) for _ in key[1]]
             return [self._memo[key] for key in keys]
 
+    def keep_estimates(self, other: Snapshot, unchanged: Callable[[ContextKey], bool]) -> None:
+        """Reuse `other`'s remembered estimates of the contexts `unchanged` accepts (same model,
+        same evidence there)."""
+        with other._memo_lock:
+            kept = {key: value for key, value in other._memo.items() if unchanged(ContextKey.of(key[0]))}
+        with self._memo_lock:
+            self._memo.update(kept)
+
     def _combine(self, pairs, means, stds) -> list[Estimate]:
         results = []
         for (context, config), mean, std in zip(pairs, means, stds):
@@ -135,28 +170,28 @@ class Snapshot:
                     std=math.sqrt(1.0 / precision),
                     samples=cell.n if cell else 0,
                     transferred=transferred,
-                    trusted=cell.corroborated if cell is not None else transferred,
+                    trusted=cell.trusted if cell is not None else transferred,
                 )
             )
         return results
 
     def _transferred(self, key: ContextKey, config: NcclConfig) -> bool:
-        """Measured (twice or more, corroborated) in the neighbouring buckets or on a fabric like
-        this one."""
+        """Measured (twice or more, trusted) in the neighbouring buckets or on a fabric like this one."""
         config_key = config.key()
         donor = self.donor_cells.get((key, config_key))
-        if donor is not None and donor.n >= 2 and donor.corroborated:
+        if donor is not None and donor.n >= 2 and donor.trusted:
             return True
         for delta in (-2, -1, 1, 2):
             near = ContextKey(key.collective, key.bucket + delta, key.nranks, key.nnodes)
             cell = self.cells.get((near, config_key))
-            if cell is not None and cell.n >= 2 and cell.corroborated:
+            if cell is not None and cell.n >= 2 and cell.trusted:
                 return True
         return False
 
 
 class FabricKnowledge:
-    """Statistics and surrogate of one fabric; `refresh` is called from the worker thread only."""
+    """Statistics and surrogate of one fabric; `refresh` runs on the worker thread, `catch_up` on
+    a request's, one at a time."""
 
     def __init__(self, fabric_id: str, fabric: Fabric) -> None:
         self.fabric_id = fabric_id
@@ -164,35 +199,75 @@ class FabricKnowledge:
         self.signature = hardware_signature(fabric)
         self.prior = NcclPrior(fabric)
         self._cells: dict[CellKey, Cell] = {}
+        self._context_cells: dict[ContextKey, set[CellKey]] = defaultdict(set)
+        self._summaries: dict[CellKey, CellSummary] = {}
+        self._distrusted: frozenset[str] = frozenset()
+        self._noise = DEFAULT_NOISE
         self._last_id = 0
         self._seen = 0
         self._lock = threading.Lock()
         self._recent: dict[tuple[Context, tuple[NcclConfig, ...]], None] = {}
         self._recent_lock = threading.Lock()
-        self.snapshot = Snapshot(self.prior, {}, {}, ResidualModel(self.prior, []), 0.05, 0)
+        self.snapshot = Snapshot(self.prior, {}, {}, ResidualModel(self.prior, []), DEFAULT_NOISE, 0)
+
+    @property
+    def last_id(self) -> int:
+        """The id of the last stored measurement taken in."""
+        return self._last_id
 
     def refresh(self, store: Store, donors: Iterable[FabricKnowledge], fit: bool = True) -> bool:
-        """Fold in new measurements and rebuild the snapshot; False when nothing changed."""
+        """Fold in new measurements, re-judge every cell (sources distrusted, noise) and, with
+        `fit`, refit the surrogate; False when nothing changed. The fit runs without holding the
+        fabric, so `catch_up` never waits for one."""
         with self._lock:
             new = self._read_new(store)
             donor_cells = {k: v for d in donors for k, v in d.snapshot.cells.items()}
             if not new and not fit:
                 return False
-            distrusted = distrusted_sources(self._cells.values())
-            trusted = {
-                key: view for key, cell in self._cells.items() if (view := cell.without(distrusted)) is not None
-            }
-            noise = pooled_noise(list(trusted.values()))
-            cells = {key: self._summary(key, cell, noise) for key, cell in trusted.items()}
-            model = self.snapshot.model
-            if fit:
-                model = ResidualModel(self.prior, self._examples(cells, donor_cells))
-            snapshot = Snapshot(self.prior, cells, donor_cells, model, noise, self._seen, distrusted)
+            self._distrusted = distrusted_sources(self._cells.values())
+            views = [view for cell in self._cells.values() if (view := cell.without(self._distrusted)) is not None]
+            self._noise = pooled_noise(views)
+            self._summaries = {}
+            for context_key in self._context_cells:
+                self._summaries.update(self._judge(context_key))
+            examples = self._examples(self._summaries, donor_cells)
+        model = ResidualModel(self.prior, examples) if fit else self.snapshot.model
+        with self._lock:  # what catch_up folded in meanwhile is kept: summaries are current
+            snapshot = self._snapshot(model, donor_cells)
             with self._recent_lock:
                 recent = list(self._recent)
             snapshot.estimates(recent)  # requests find the new snapshot warm
             self.snapshot = snapshot
-            return bool(new)
+        return bool(new)
+
+    def catch_up(self, store: Store, target_id: int, timeout_s: float) -> bool:
+        """Take in every measurement up to `target_id` within `timeout_s`: fold the new rows in and
+        re-judge the contexts they touched, keeping the current surrogate (the worker refits it
+        next) and every remembered estimate the new rows cannot have changed. False when the
+        fabric stayed busy longer than the timeout."""
+        if self._last_id >= target_id:
+            return True
+        if not self._lock.acquire(timeout=max(timeout_s, 0.0)):
+            return False
+        try:
+            if self._last_id >= target_id:  # another request folded it in while this one waited
+                return True
+            touched: set[ContextKey] = set()
+            self._read_new(store, touched)
+            for context_key in touched:
+                self._summaries.update(self._judge(context_key))
+            previous = self.snapshot
+            snapshot = self._snapshot(previous.model, previous.donor_cells)
+            near = {(k.group, k.bucket + d) for k in touched for d in range(-2, 3)}
+            snapshot.keep_estimates(previous, lambda key: (key.group, key.bucket) not in near)
+            self.snapshot = snapshot
+        finally:
+            self._lock.release()
+        return self._last_id >= target_id
+
+    def _snapshot(self, model: ResidualModel, donor_cells: dict[CellKey, CellSummary]) -> Snapshot:
+        return Snapshot(self.prior, dict(self._summaries), donor_cells, model, self._noise, self._seen,
+                        self._distrusted)
 
     def estimates(self, requests: list[tuple[Context, list[NcclConfig]]]) -> list[list[Estimate]]:
         """The current snapshot's estimates; what was asked is remembered, so the next snapshot
@@ -204,7 +279,7 @@ class FabricKnowledge:
                 self._recent.pop(next(iter(self._recent)))
         return self.snapshot.estimates(requests)
 
-    def _read_new(self, store: Store) -> int:
+    def _read_new(self, store: Store, touched: set[ContextKey] | None = None) -> int:
         count = 0
         while True:
             rows = store.measurements(self.fabric_id, after_id=self._last_id, limit=READ_PAGE)
@@ -213,7 +288,10 @@ class FabricKnowledge:
                 cell = self._cells.get(key)
                 if cell is None:
                     cell = self._cells[key] = Cell()
+                    self._context_cells[key[0]].add(key)
                 cell.add(row.context.nbytes, row.latency_us, row.client or row.job_id)
+                if touched is not None:
+                    touched.add(key[0])
                 self._last_id = row.id
             count += len(rows)
             if len(rows) < READ_PAGE:
@@ -221,23 +299,31 @@ class FabricKnowledge:
         self._seen += count
         return count
 
-    def _summary(self, key: CellKey, cell: Cell, noise: float) -> CellSummary:
-        location = cell.location()
-        corroborated = cell.corroborated()
-        if not corroborated:
-            context, config = _representative(key, cell.mean_nbytes)
-            corroborated = abs(location - self.prior.log_time(context, config)) <= PRIOR_AGREEMENT
-        return CellSummary(location, cell.std_error(noise), cell.n, cell.mean_nbytes, cell.sources, corroborated)
+    def _judge(self, context_key: ContextKey) -> dict[CellKey, CellSummary]:
+        """Summaries of one context's cells, each trusted or not as the module docstring says."""
+        views = {key: view for key in self._context_cells[context_key]
+                 if (view := self._cells[key].without(self._distrusted)) is not None}
+        witnesses = {source for view in views.values() for source in view.by_source}
+        quorum = max(2, math.ceil(len(witnesses) / QUORUM_SHARE_INVERSE))
+        summaries = {}
+        for key, cell in views.items():
+            corroborated = cell.corroborated(quorum)
+            contested = not corroborated and cell.sources > 1
+            trusted = corroborated or (cell.sources == 1 and len(witnesses) == 1)
+            location = max(cell.source_locations()) if contested else cell.location()
+            summaries[key] = CellSummary(location, cell.std_error(self._noise), cell.n, cell.mean_nbytes,
+                                         cell.sources, trusted)
+        return summaries
 
     def _examples(
         self, cells: dict[CellKey, CellSummary], donor_cells: dict[CellKey, CellSummary]
     ) -> list[Example]:
-        """Training rows of the surrogate: corroborated cells only, so one source's claims cannot
-        move what the model predicts for anything else."""
+        """Training rows of the surrogate: trusted cells only, so a source's unconfirmed claims
+        cannot move what the model predicts for anything else."""
         examples = []
         for source, scale in ((cells, 1.0), (donor_cells, TRANSFER_WEIGHT)):
             for key, summary in source.items():
-                if not summary.corroborated or (source is donor_cells and key in cells):
+                if not summary.trusted or (source is donor_cells and key in cells):
                     continue
                 context, config = _representative(key, summary.mean_nbytes)
                 examples.append(Example(context, config, summary.location, scale * _example_weight(summary.n)))
@@ -289,6 +375,17 @@ class KnowledgeBase:
         elif time.monotonic() - knowledge.snapshot.built_at > STALE_AFTER_S:
             self.mark(fabric_id)
         return knowledge
+
+    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float) -> bool:
+        """Take in everything stored for the fabric before this call, within `timeout_s`; the
+        background refit that follows updates the surrogate."""
+        knowledge = self.get(fabric_id, fabric)
+        target = self._store.last_measurement_id(fabric_id)
+        if knowledge.last_id >= target:
+            return True
+        caught_up = knowledge.catch_up(self._store, target, timeout_s)
+        self.mark(fabric_id)
+        return caught_up
 
     def mark(self, fabric_id: str) -> None:
         with self._wake:

@@ -139,15 +139,15 @@ class Cell:
             [v for location, samples in per_source if abs(location - center) <= STRAGGLER_GAP for v in samples]
         )
 
-    def corroborated(self) -> bool:
-        """At least two sources agree (within STRAGGLER_GAP) with the cell's location, and they
-        outnumber two to one the sources that found it slower: a claim that others measured and
-        could not reproduce is contested, however many accomplices repeat it."""
+    def corroborated(self, quorum: int = 2) -> bool:
+        """At least `quorum` (and two) sources agree (within STRAGGLER_GAP) with the cell's
+        location, and they outnumber two to one the sources that found it slower: a claim that
+        others measured and could not reproduce is contested, however many accomplices repeat it."""
         center = self.location()
         locations = self.source_locations()
         agreeing = sum(abs(x - center) <= STRAGGLER_GAP for x in locations)
         slower = sum(x - center > STRAGGLER_GAP for x in locations)
-        return agreeing >= 2 and agreeing > 2 * slower
+        return agreeing >= max(quorum, 2) and agreeing > 2 * slower
 
     def std_error(self, noise: float) -> float:
         """Standard error of `location` for a fabric with per-sample noise `noise` (log scale).
@@ -163,7 +163,7 @@ class Cell:
 def distrusted_sources(cells: Iterable[Cell]) -> frozenset[str]:
     """Sources whose claims others keep refuting: in at least MAX_REFUTED_SHARE of the cells they
     share with other sources (and MIN_REFUTED of them), another source measured the same config
-    REFUTE_GAP slower. Honest sources are refuted only by the rare large straggler; a source
+    REFUTE_GAP slower, in at least two samples (a lone straggler refutes nobody). Honest sources are refuted only by the rare large straggler; a source
     that reports bad configs as fast is refuted wherever anyone checks. Decided from all
     sources at once, so framing honest sources with slow claims can only leave nobody
     trusted (and NCCL's defaults in force), never hand the liars the floor."""
@@ -172,9 +172,10 @@ def distrusted_sources(cells: Iterable[Cell]) -> frozenset[str]:
     for cell in cells:
         if len(cell.by_source) < 2:
             continue
-        located = [(_source_location(samples), source) for source, samples in cell.by_source.items()]
-        slowest = max(location for location, _ in located)
-        for location, source in located:
+        located = [(_source_location(samples), source, len(samples)) for source, samples in cell.by_source.items()]
+        # a refutation needs a repeated measurement: one sample may be a straggler's
+        slowest = max((location for location, _, n in located if n >= 2), default=-math.inf)
+        for location, source, _ in located:
             shared[source] += 1
             refuted[source] += slowest - location > REFUTE_GAP
     return frozenset(

@@ -27,6 +27,9 @@ class DynamicclTuner(Tuner):
         self.knowledge.get(fabric_id, fabric)
         self.knowledge.mark(fabric_id)
 
+    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float) -> bool:
+        return self.knowledge.catch_up(fabric_id, fabric, timeout_s)
+
     def describe(self, fabric_id: str, fabric: Fabric) -> dict[str, int]:
         """How far this replica's learner has caught up with the store."""
         snapshot = self.knowledge.get(fabric_id, fabric).snapshot

@@ -59,6 +59,11 @@ class Store(ABC):
         """Measurements of a fabric with id > after_id, in id order."""
 
     @abstractmethod
+    def last_measurement_id(self, fabric_id: str) -> int:
+        """The highest id of the fabric's measurements (0: none); what a reader that has taken in
+        everything stored so far has read up to."""
+
+    @abstractmethod
     def pin(self, key: str, value: str, replace: bool = False) -> str:
         """Store `value` under `key` unless a value is there already (or `replace`), and return
         the value now stored. The first writer wins across replicas."""

@@ -139,6 +139,11 @@ class SqlStore(Store):
             rows = conn.execute(query).mappings().all()
         return [_stored(row) for row in rows]
 
+    def last_measurement_id(self, fabric_id: str) -> int:
+        query = select(func.max(measurements.c.id)).where(measurements.c.fabric_id == fabric_id)
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar_one() or 0
+
     def pin(self, key: str, value: str, replace: bool = False) -> str:
         now = time.time()
         with self.engine.begin() as conn:

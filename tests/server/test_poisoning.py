@@ -1,6 +1,7 @@
 """Poisoned telemetry: a client reporting fake fast timings for a bad config must not get it
-recommended to others. Sources vote (not samples), and a recommendation needs corroborated
-evidence: two agreeing sources, or agreement with NCCL's own cost model."""
+recommended to others. Sources vote (not samples), and on a context several sources report on
+a recommendation needs corroborated evidence: agreeing sources, at least two and a third of
+those sources (knowledge.py's trust model)."""
 
 from __future__ import annotations
 
@@ -40,15 +41,28 @@ def test_agreeing_sources_corroborate_and_dissent_contests():
 
 
 def test_a_source_whose_claims_others_keep_refuting_is_left_out():
-    checked = [cell(("liar-1", 10.0), ("liar-2", 10.0), ("honest", 100.0)) for _ in range(4)]
+    checked = [cell(("liar-1", 10.0), ("liar-2", 10.0), ("honest", 100.0), ("honest", 101.0)) for _ in range(4)]
     unchecked = cell(("liar-1", 10.0), ("liar-2", 10.0))
     honest = [cell(("honest", 100.0), ("other", 104.0)) for _ in range(10)]
-    straggler = [cell(("honest", 100.0), ("other", 250.0))]  # once: noise, not a pattern
+    straggler = [cell(("honest", 100.0), ("other", 250.0), ("other", 240.0))]  # once: noise, not a pattern
     distrusted = distrusted_sources([*checked, unchecked, *honest, *straggler])
     assert distrusted == {"liar-1", "liar-2"}
     assert unchecked.corroborated() and unchecked.without(distrusted) is None
     assert checked[0].without(distrusted).by_source.keys() == {"honest"}
     assert distrusted_sources([*checked[:2], *honest]) == frozenset(), "two refutations may be bad luck"
+
+
+def test_a_lone_straggler_sample_refutes_nobody():
+    """One sample 3x slow is a straggler's, not a refutation: a fleet measuring each config once
+    must not distrust its honest members for it."""
+    stragglers = [cell(("a", 100.0), ("b", 101.0), ("c", 300.0)) for _ in range(5)]
+    assert distrusted_sources(stragglers) == frozenset()
+
+
+def test_colluders_below_a_third_of_a_contexts_sources_cannot_confirm_each_other():
+    collusion = cell(("liar-1", 10.0), ("liar-2", 10.0))
+    assert collusion.corroborated(quorum=2)
+    assert not collusion.corroborated(quorum=4), "10 sources report on the context: 2 is not a third"
 
 
 def test_steady_fake_numbers_cannot_make_the_fabric_look_quiet():

@@ -97,7 +97,8 @@ def test_a_new_fabric_with_the_same_hardware_starts_from_what_its_twin_learned(t
     assert all(p.kind is SuggestionKind.default for p in picks)
     twin = tuner.knowledge.get("cluster-a", PRESET.fabric).snapshot
     explored = [(context, config) for context in CONTEXTS for config in candidate_configs(PRESET.fabric, context)
-                if not config.is_default and (cell := twin.cells.get(cell_key(context, config))) and cell.n >= 2]
+                if not config.is_default and (cell := twin.cells.get(cell_key(context, config)))
+                and cell.n >= 2 and cell.trusted]
     assert explored
     fresh = tuner.knowledge.get("cluster-b", PRESET.fabric).snapshot
     estimates = fresh.estimates([(context, [config]) for context, config in explored])

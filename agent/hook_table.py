@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from dynamiccl.agent.plugin_rules import PLUGIN_LIBRARY_PREFIX, Section, parse_schedule
+from dynamiccl.agent.plugin_rules import Section, is_own_plugin, parse_schedule
 from dynamiccl.agent.tuner_plugin.report import CommReport, PluginReport, parse_report
 
 from dynamiccl.nccl.env import EnvSetting, parse_env
@@ -92,7 +92,7 @@ class ConfigResolver:
         rules_file = env.get("NCCL_TUNER_CONFIG_FILE", "")
         try:
             setting = parse_env(env)
-            if plugin and rules_file and Path(plugin).name.startswith(PLUGIN_LIBRARY_PREFIX):
+            if plugin and rules_file and is_own_plugin(plugin):
                 return cls(setting=setting, rules=[], error=None, plugin=PluginAttribution(Path(rules_file)))
             if plugin and rules_file:
                 with open(rules_file, encoding="utf-8") as handle:

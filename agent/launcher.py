@@ -5,9 +5,12 @@
    server is away), or a server directly with `--server` (pinned by job id).
    A few seconds at most: nothing here may block a launch, so any failure
    means the NCCL default, said plainly.
-2. Apply it: `env` as process-wide NCCL variables (mode env); with mode
-   plugin also the per-size `tuner_config` rules for NCCL's tuner plugin
-   (DynamICCL's own, built on first use, unless another is named).
+2. Apply it: mode env sets `env` as process-wide NCCL variables; mode plugin
+   loads DynamICCL's tuner plugin (built on first use) with the per-size
+   `tuner_config` rules instead, and no env: the rules leave every call they
+   do not cover to NCCL, which an env would restrict. Those rules are not for
+   another tuner plugin (NCCL's example plugin runs every call no rule
+   matches on one channel): named one, the launch says so and uses env.
    NCCL_* variables the user already set win.
    With DynamICCL's own plugin the job is also tuned online: the rules file
    is registered with the node agent, which appends a section per tuning
@@ -39,7 +42,7 @@ import httpx
 from rich.console import Console
 
 from dynamiccl.agent.plugin_online import DEFAULT_ROUND_CALLS, ROUND_CALLS_ENV
-from dynamiccl.agent.plugin_rules import HEADER_TAG, PLUGIN_LIBRARY_PREFIX
+from dynamiccl.agent.plugin_rules import HEADER_TAG, is_own_plugin
 from dynamiccl.agent.tuner_plugin.build import PluginBuildError
 from dynamiccl.agent.tuner_plugin.build import build as build_plugin
 from dynamiccl.agent.tuner_plugin.report import remove_reports
@@ -126,11 +129,29 @@ def plan_env(
 ) -> Plan:
     plan = Plan(env=dict(environ))
     if answer is not None:
-        _apply_env(plan, environ, answer.response.env)
-        if mode is Mode.plugin:
+        if mode is Mode.plugin and _rules_fit(plan, tuner_plugin, rule_count(answer.response.tuner_config)):
             _apply_rules(plan, environ, answer.response.tuner_config, tuner_plugin, job)
+        else:
+            _apply_env(plan, environ, answer.response.env)
     _enable_profiler(plan, environ, job, agent_url)
     return plan
+
+
+def _rules_fit(plan: Plan, plugin: str | None, count: int) -> bool:
+    """Whether the rules can run as written: only DynamICCL's plugin leaves what they do not
+    cover to NCCL. Otherwise a note says why env is used instead."""
+    if not plugin:
+        plan.notes.append(f"mode plugin: no tuner plugin known (set $DYNAMICCL_TUNER_PLUGIN or "
+                          f"--tuner-plugin): falling back to env mode, {count} rules unused")
+        return False
+    if not is_own_plugin(plugin):
+        plan.notes.append(
+            f"mode plugin: {plugin} is not DynamICCL's tuner plugin, and the server's rules are written for "
+            "DynamICCL's: they name only the calls the recommendation changes and leave channels -1 where "
+            "NCCL should choose, while NCCL's example plugin (and tuners built from it) run every call no rule "
+            f"matches, and every -1, on ONE channel. Not loading it: env mode instead, {count} rules unused")
+        return False
+    return True
 
 
 def _set(plan: Plan, environ: Mapping[str, str], name: str, value: str, what: str) -> None:
@@ -162,21 +183,13 @@ def round_calls(environ: Mapping[str, str]) -> tuple[int, str | None]:
     return 0, f"${ROUND_CALLS_ENV}={text!r} is not a call count: online tuning off"
 
 
-def _apply_rules(plan: Plan, environ: Mapping[str, str], rules: str, plugin: str | None, job: str) -> None:
+def _apply_rules(plan: Plan, environ: Mapping[str, str], rules: str, plugin: str, job: str) -> None:
     count = rule_count(rules)
-    if not plugin:
-        plan.notes.append(f"mode plugin: no tuner plugin known (set $DYNAMICCL_TUNER_PLUGIN or "
-                          f"--tuner-plugin): falling back to env mode, {count} rules unused")
-        return
-    online = 0
-    if Path(plugin).name.startswith(PLUGIN_LIBRARY_PREFIX):
-        online, why_not = round_calls(environ)
-        if why_not:
-            plan.notes.append(why_not)
-    else:
-        plan.notes.append(f"online tuning off: {plugin} is not DynamICCL's tuner plugin")
+    online, why_not = round_calls(environ)
+    if why_not:
+        plan.notes.append(why_not)
     if count == 0 and not online:
-        plan.notes.append("mode plugin: the recommendation has no per-size rules: plugin not loaded")
+        plan.notes.append("mode plugin: the recommendation changes no call: plugin not loaded, NCCL chooses")
         return
     if count == 0:  # an empty version 0: the plugin loads, NCCL decides until the first round
         rules = f"# {HEADER_TAG} version=0 from_call=0\n"
@@ -188,7 +201,7 @@ def _apply_rules(plan: Plan, environ: Mapping[str, str], rules: str, plugin: str
         handle.write(rules if rules.endswith("\n") else rules + "\n")
     plan.rules_file = Path(handle.name)
     plan.round_calls = online
-    plan.notes.append(f"{count} tuner rules written to {handle.name}")
+    plan.notes.append(f"{count} tuner rules written to {handle.name}; every other call is NCCL's choice")
     _set(plan, environ, "NCCL_TUNER_CONFIG_FILE", handle.name, "wanted")
     _set(plan, environ, "NCCL_TUNER_PLUGIN", plugin, "wanted")
     if online:

@@ -58,6 +58,11 @@ _SUGGESTION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _SUGGESTION_NOTE = re.compile(r"#\s*suggestion_id=(?P<id>[A-Za-z0-9._:-]{1,128})\s*$")
 
 
+def is_own_plugin(plugin: str | Path) -> bool:
+    """Whether a tuner-plugin library is DynamICCL's (as `dynamiccl plugin build` names it)."""
+    return Path(plugin).name.startswith(PLUGIN_LIBRARY_PREFIX)
+
+
 def valid_suggestion_id(sid: str) -> bool:
     """Whether a suggestion id can ride on a rule line as a comment (and be read back)."""
     return _SUGGESTION_ID.fullmatch(sid) is not None

@@ -1,31 +1,43 @@
-"""Tuning quality: the closed loop on simulated fabrics, strategies side by side.
+"""Tuning quality: the closed loop on simulated clusters, scored as the job runs it.
 
 Each round every strategy is asked what to run for every context, runs it on
-the simulated fabric (`--calls` calls averaged, with the simulator's noise
+the simulated cluster (`--calls` calls averaged, with the simulator's noise
 and stragglers), and reports the measurement. After `--rounds` rounds it is
 asked for its recommendation, which is scored against the simulator's true
-(noiseless) latencies. DynamICCL runs as a real server process and is driven
-through the HTTP API with the project's client; the baselines run in-process
-behind the same `Tuner` interface. Before each DynamICCL round the benchmark
-waits until the server's learner has taken in the last round (in a real job
-rounds are training steps apart, seconds, far longer than a refit). Its
-measurements are posted by `--agents` simulated node agents, each with a token
-of its own (contexts go to the agents in rotation, round after round), as a
-fleet reports: the server only recommends what more than one source backs.
+(noiseless) latencies three ways: the per-context recommendation, the
+`tuner_config` rules as DynamICCL's tuner plugin applies them (a `--mode
+plugin` job: what the job runs), and the `env` as NCCL applies it (a `--mode
+env` job). The cluster's own NCCL decides whatever the rules and env leave to
+it, and on the random clusters that NCCL need not pick what the cost model the
+server knows predicts.
 
-Figures per fabric (geometric means over contexts unless said otherwise):
-  % oracle      oracle time / recommended time
-  speedup       default time / recommended time
-  headroom      default time / oracle time (the most any tuner can gain)
-  worst         the lowest oracle / recommended over contexts
-  regress       contexts where the recommendation is > 2% slower than the default
-  regret        suggested time / oracle time over all rounds, minus 1
-  online        time the default would have spent / time spent, summed over all rounds
-  invalid       suggested or recommended configs the fabric cannot run
-env and rules rows score the rendered process-wide `env` and the per-size
-`tuner_config` as NCCL would apply them.
+DynamICCL runs as a real server process, driven through its public API with
+the project's client, in four ways (`--modes`):
+  one source    one agent posts everything (one job, an open API, a fleet sharing one token)
+  four sources  four agents, a token each, post the contexts in rotation round after round
+  no wait       one agent that asks for suggestions and the recommendation right after it posts
+  liar          four tokens, one of them lying plausibly: every round it claims, for every
+                context, that a truly slower config ran 15% faster than the default
+In the wait modes the benchmark waits until the server's learner has taken in
+the last round before asking (rounds are training steps apart in a real job).
+After the one- and four-source runs a new fabric id with the same hardware is
+tuned for 3 rounds and its recommendation scored ("twin after 3").
 
-Usage: python benchmarks/tuning.py [--presets h100-ib-2n,a100-ib-2n] [--rounds 30]
+Clusters: the presets (`--presets`) and `--random` seeded random clusters
+(`dynamiccl.sim.clusters`: hardware, size and every effect drawn, up to 2-3x
+off NCCL's model, on about half an NCCL that picks by other constants), which
+nothing in the learner was tuned on. The baselines run in-process behind the
+same `Tuner` interface on the presets, one source each, judged by the same guard.
+
+Figures (geometric means over contexts unless said otherwise):
+  % oracle   oracle time / time run          speedup   default time / time run
+  headroom   default time / oracle time      worst     lowest oracle / time run over contexts
+  slower     calls > 2% slower than NCCL's default (true times)
+  regret     suggested time / oracle time over all rounds, minus 1
+  online     time the default would have spent / time spent, over all rounds
+  liar       contexts whose recommendation is the liar's config
+
+Usage: python benchmarks/tuning.py [--presets h100-ib-2n] [--random 20] [--rounds 30]
 """
 
 from __future__ import annotations
@@ -39,7 +51,6 @@ from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 
-import httpx
 import numpy as np
 import typer
 from rich.console import Console
@@ -47,22 +58,34 @@ from rich.progress import Progress
 from rich.table import Table
 
 from dynamiccl.client import DynamicclClient
-from dynamiccl.nccl.space import is_valid
-from dynamiccl.schemas import (
-    Collective,
-    Context,
-    Measurement,
-    NcclConfig,
-    RecommendResponse,
-)
+from dynamiccl.nccl.space import candidate_configs, is_valid
+from dynamiccl.schemas import Collective, Context, Measurement, NcclConfig, RecommendResponse
 from dynamiccl.server.learner import CoordinateDescentTuner, ExhaustiveSweepTuner, NcclDefaultTuner, Tuner, respond
-from dynamiccl.sim import PRESETS, Preset, SimulatedFabric
+from dynamiccl.sim import PRESETS, Preset, SimulatedFabric, random_clusters
 from dynamiccl.workloads.services import local_server
 
 COLLECTIVES = (Collective.allreduce, Collective.allgather, Collective.reducescatter, Collective.broadcast)
 SIZES = tuple(1024 * 4**i for i in range(11))  # 1 KiB .. 1 GiB
 FABRIC_ID = "bench"
-console = Console(width=150)
+LIE_GAIN = 1.15  # the liar's claim: its config ran this much faster than the default
+TWIN_ROUNDS = 3
+console = Console(width=240)
+
+
+@dataclass(frozen=True)
+class Mode:
+    agents: int
+    wait: bool = True
+    liar: bool = False
+    twin: bool = False
+
+
+MODES = {
+    "one source": Mode(agents=1, twin=True),
+    "four sources": Mode(agents=4, twin=True),
+    "no wait": Mode(agents=1, wait=False),
+    "liar": Mode(agents=4, liar=True),
+}
 
 
 def contexts_for(preset: Preset) -> list[Context]:
@@ -103,20 +126,39 @@ def agent_tokens(agents: int) -> dict[str, str]:
     return {f"agent-{k}": f"bench-token-{k}" for k in range(agents)}
 
 
+class Liar:
+    """A plausible liar: for every context, a valid config truly 30% or more slower than the
+    default, claimed every round to run LIE_GAIN faster than the default."""
+
+    def __init__(self, truth: SimulatedFabric, contexts: list[Context]) -> None:
+        self.claims: dict[Context, tuple[NcclConfig, float]] = {}
+        for context in contexts:
+            default = truth.true_latency_us(context, NcclConfig())
+            slow = [c for c in candidate_configs(truth.fabric, context)
+                    if not c.is_default and truth.true_latency_us(context, c) > 1.3 * default]
+            if slow:
+                poison = min(slow, key=lambda c: truth.true_latency_us(context, c))  # the most plausible
+                self.claims[context] = (poison, default / LIE_GAIN)
+
+    def lies(self, calls: int) -> list[Measurement]:
+        return [Measurement(context=c, config=k, latency_us=us, count=calls, source="sim", job_id="bench")
+                for c, (k, us) in self.claims.items()]
+
+
 class OverHttp(Strategy):
     """DynamICCL through its public API, on a server process of its own, fed by a fleet of agents."""
 
-    name = "DynamICCL"
-
-    def __init__(self, base_url: str, sim: SimulatedFabric, fabric_id: str, tokens: dict[str, str]) -> None:
+    def __init__(self, name: str, base_url: str, sim: SimulatedFabric, fabric_id: str, tokens: dict[str, str],
+                 mode: Mode, liar: Liar | None = None) -> None:
+        self.name, self.mode, self.liar = name, mode, liar
         self.agents = [DynamicclClient(base_url, token=token, timeout=60) for token in tokens.values()]
-        self.api = self.agents[0]
-        self.base_url, self.fabric_id = base_url, fabric_id
-        self._headers = {"Authorization": f"Bearer {next(iter(tokens.values()))}"}
+        self.api = self.agents[-1] if liar else self.agents[0]  # the liar (agent 0) does not ask
+        self.fabric_id = fabric_id
         self.api.put_fabric(fabric_id, sim.fabric)
         self._batches = count()
         self._round = 0
         self._sent = 0
+        self.behind = 0
 
     def suggest(self, contexts: list[Context], round_index: int) -> list[NcclConfig]:
         self._wait_learned()
@@ -126,20 +168,25 @@ class OverHttp(Strategy):
     def report(self, measurements: list[Measurement]) -> None:
         for k, agent in enumerate(self.agents):
             share = [m for i, m in enumerate(measurements) if (i + self._round) % len(self.agents) == k]
+            if k == 0 and self.liar is not None:
+                share = share + self.liar.lies(share[0].count if share else 20)
             if share:
                 agent.post_measurements(self.fabric_id, f"batch-{next(self._batches)}", share)
+                self._sent += len(share)
         self._round += 1
-        self._sent += len(measurements)
 
     def recommend(self, contexts: list[Context]) -> RecommendResponse:
         self._wait_learned()
-        return self.api.recommend(self.fabric_id, [c.weighted() for c in contexts])
+        answer = self.api.recommend(self.fabric_id, [c.weighted() for c in contexts])
+        self.behind += bool(answer.learner and answer.learner.behind)
+        return answer
 
     def _wait_learned(self, timeout: float = 120.0) -> None:
+        if not self.mode.wait:
+            return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            status = httpx.get(f"{self.base_url}/v1/fabrics/{self.fabric_id}", headers=self._headers, timeout=30).json()
-            if status.get("learner", {}).get("measurements_learned", 0) >= self._sent:
+            if self.api.get_fabric(self.fabric_id).learner.get("measurements_learned", 0) >= self._sent:
                 return
             time.sleep(0.05)
         raise TimeoutError("the server's learner did not catch up")
@@ -154,11 +201,18 @@ class LoopResult:
     invalid: int = 0
     recommendation: RecommendResponse | None = None
 
+    @property
+    def regret(self) -> float:
+        return math.expm1(float(np.mean(self.regret_logs)))
 
-def run_loop(
-    strategy: Strategy, sim: SimulatedFabric, contexts: list[Context], rounds: int, calls: int,
-    oracle: list[float], default: list[float], progress: Progress, task,
-) -> LoopResult:
+    @property
+    def online(self) -> float:
+        return self.default_us / self.spent_us
+
+
+def run_loop(strategy: Strategy, sim: SimulatedFabric, contexts: list[Context], rounds: int, calls: int,
+             oracle: Sequence[float], default: Sequence[float], progress: Progress | None = None,
+             task=None) -> LoopResult:
     result = LoopResult(strategy.name)
     for round_index in range(rounds):
         configs = strategy.suggest(contexts, round_index)
@@ -176,7 +230,8 @@ def run_loop(
                             count=calls, source="sim", job_id="bench")
             )
         strategy.report(measurements)
-        progress.advance(task)
+        if progress is not None:
+            progress.advance(task)
     result.recommendation = strategy.recommend(contexts)
     result.invalid += sum(
         not is_valid(sim.fabric, r.context, r.config) for r in result.recommendation.recommendations
@@ -189,7 +244,8 @@ class Scores:
     of_oracle: float
     speedup: float
     worst: float
-    regressions: int
+    slower: int  # calls > 2% slower than the default
+    worst_call: float  # the largest time run / default time
 
 
 def score(times: Sequence[float], oracle: Sequence[float], default: Sequence[float]) -> Scores:
@@ -198,67 +254,179 @@ def score(times: Sequence[float], oracle: Sequence[float], default: Sequence[flo
         of_oracle=float(np.exp(np.mean(np.log(o / t)))),
         speedup=float(np.exp(np.mean(np.log(d / t)))),
         worst=float(np.min(o / t)),
-        regressions=int(np.sum(t > 1.02 * d)),
+        slower=int(np.sum(t > 1.02 * d)),
+        worst_call=float(np.max(t / d)),
     )
 
 
+@dataclass
+class Scored:
+    """One strategy on one cluster, scored as recommended, as the rules run and as the env runs."""
+
+    cluster: str
+    strategy: str
+    contexts: int
+    headroom: float
+    recommended: Scores
+    rules: Scores
+    env: Scores
+    loop: LoopResult
+    liar_recommended: int | None = None
+    twin: Scores | None = None
+
+
+class Cluster:
+    """A simulated cluster with its ground truth for scoring."""
+
+    def __init__(self, preset: Preset, seed: int) -> None:
+        self.preset = preset
+        self.contexts = contexts_for(preset)
+        self.truth = SimulatedFabric(preset, seed=seed)
+        self.oracle = [self.truth.oracle(c)[1] for c in self.contexts]
+        self.default = [self.truth.true_latency_us(c, NcclConfig()) for c in self.contexts]
+        self.headroom = float(np.exp(np.mean(np.log(np.asarray(self.default) / np.asarray(self.oracle)))))
+
+    def score(self, answer: RecommendResponse) -> tuple[Scores, Scores, Scores]:
+        truth = self.truth
+        recommended = [truth.true_latency_us(r.context, r.config) for r in answer.recommendations]
+        rules = [truth.latency_under_rules(c, answer.tuner_config) for c in self.contexts]
+        env = [truth.latency_under_env(c, answer.env) for c in self.contexts]
+        return tuple(score(times, self.oracle, self.default) for times in (recommended, rules, env))
+
+
+def bench_cluster(cluster: Cluster, url: str, tokens: dict[str, str], modes: Sequence[str], rounds: int,
+                  calls: int, seed: int, baselines: bool, progress: Progress) -> list[Scored]:
+    preset, contexts = cluster.preset, cluster.contexts
+    strategies: list[tuple[Strategy, Mode | None]] = []
+    if baselines:
+        strategies += [(InProcess(name, tuner, cluster.truth), None) for name, tuner in (
+            ("NCCL default", NcclDefaultTuner()), ("exhaustive sweep", ExhaustiveSweepTuner()),
+            ("coordinate descent", CoordinateDescentTuner()))]
+    for name in modes:
+        mode = MODES[name]
+        liar = Liar(cluster.truth, contexts) if mode.liar else None
+        chosen = dict(list(tokens.items())[: mode.agents])
+        strategies.append((OverHttp(f"DynamICCL, {name}", url, cluster.truth,
+                                    f"{preset.name}-{seed}-{name.replace(' ', '-')}", chosen, mode, liar), mode))
+    results = []
+    for strategy, mode in strategies:
+        task = progress.add_task(f"{preset.name}: {strategy.name}", total=rounds)
+        sim = SimulatedFabric(preset, seed=seed + 1)  # same cluster, its own noise stream
+        loop = run_loop(strategy, sim, contexts, rounds, calls, cluster.oracle, cluster.default, progress, task)
+        progress.remove_task(task)
+        recommended, rules, env = cluster.score(loop.recommendation)
+        scored = Scored(preset.name, strategy.name, len(contexts), cluster.headroom, recommended, rules, env, loop)
+        if mode is not None and mode.liar:
+            claims = strategy.liar.claims
+            scored.liar_recommended = sum(r.config == claims.get(r.context, (None,))[0]
+                                          for r in loop.recommendation.recommendations)
+        if mode is not None and mode.twin:
+            twin = OverHttp(strategy.name, url, cluster.truth, f"{strategy.fabric_id}-twin",
+                            dict(list(tokens.items())[: mode.agents]), mode)
+            twin_loop = run_loop(twin, SimulatedFabric(preset, seed=seed + 2), contexts, TWIN_ROUNDS, calls,
+                                 cluster.oracle, cluster.default)
+            scored.twin = cluster.score(twin_loop.recommendation)[1]
+        results.append(scored)
+    return results
+
+
+def _pct(value: float) -> str:
+    return f"{value:.1%}"
+
+
+def detail_table(title: str, results: list[Scored]) -> Table:
+    table = Table(title=title)
+    for column in ("cluster", "strategy", "headroom", "% oracle", "worst", "rules % oracle", "rules speedup",
+                   "rules slower", "rules worst call", "env % oracle", "env slower", "regret", "online",
+                   "liar", "twin after 3"):
+        table.add_column(column, justify="left" if column in ("cluster", "strategy") else "right")
+    previous = None
+    for r in results:
+        if previous is not None and r.cluster != previous:
+            table.add_section()
+        previous = r.cluster
+        table.add_row(
+            r.cluster, r.strategy, f"{r.headroom:.3f}", _pct(r.recommended.of_oracle), f"{r.recommended.worst:.3f}",
+            _pct(r.rules.of_oracle), f"{r.rules.speedup:.3f}", f"{r.rules.slower}/{r.contexts}",
+            f"{r.rules.worst_call:.2f}", _pct(r.env.of_oracle), str(r.env.slower), _pct(r.loop.regret),
+            f"{r.loop.online:.3f}", "" if r.liar_recommended is None else str(r.liar_recommended),
+            "" if r.twin is None else _pct(r.twin.of_oracle),
+        )
+    return table
+
+
+def summary_table(title: str, results: list[Scored], modes: Sequence[str]) -> Table:
+    """Per DynamICCL mode over all clusters: geometric means of per-cluster figures, worst cases
+    and totals."""
+    table = Table(title=title)
+    for column in ("mode", "clusters", "% oracle", "worst", "regress", "rules % oracle", "rules speedup",
+                   "rules slower calls", "rules worst call", "env speedup", "env slower", "regret (max)",
+                   "online (min)", "liar recommended", "twin after 3"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+
+    def geo(values: list[float]) -> float:
+        return float(np.exp(np.mean(np.log(values))))
+
+    for name in modes:
+        rows = [r for r in results if r.strategy == f"DynamICCL, {name}"]
+        if not rows:
+            continue
+        twins = [r.twin.of_oracle for r in rows if r.twin is not None]
+        liars = [r.liar_recommended for r in rows if r.liar_recommended is not None]
+        table.add_row(
+            name, str(len(rows)), _pct(geo([r.recommended.of_oracle for r in rows])),
+            f"{min(r.recommended.worst for r in rows):.3f}", str(sum(r.recommended.slower for r in rows)),
+            _pct(geo([r.rules.of_oracle for r in rows])), f"{geo([r.rules.speedup for r in rows]):.3f}",
+            f"{sum(r.rules.slower for r in rows)}/{sum(r.contexts for r in rows)}",
+            f"{max(r.rules.worst_call for r in rows):.2f}", f"{geo([r.env.speedup for r in rows]):.3f}",
+            str(sum(r.env.slower for r in rows)),
+            f"{_pct(geo([1 + r.loop.regret for r in rows]) - 1)} ({_pct(max(r.loop.regret for r in rows))})",
+            f"{geo([r.loop.online for r in rows]):.3f} ({min(r.loop.online for r in rows):.3f})",
+            str(sum(liars)) if liars else "", _pct(geo(twins)) if twins else "",
+        )
+    headroom = geo([r.headroom for r in results if r.strategy.startswith("DynamICCL")] or [1.0])
+    table.caption = f"oracle over NCCL's default (headroom), geometric mean over clusters: {headroom:.3f}"
+    return table
+
+
 def main(
-    presets: str = typer.Option(",".join(PRESETS), help="comma-separated preset names"),
+    presets: str = typer.Option(",".join(PRESETS), help="comma-separated preset names ('' for none)"),
+    random: int = typer.Option(20, min=0, help="seeded random clusters"),
+    first_seed: int = typer.Option(0, help="seed of the first random cluster"),
+    modes: str = typer.Option(",".join(MODES), help="comma-separated DynamICCL modes"),
     rounds: int = typer.Option(30, min=1),
     calls: int = typer.Option(20, min=1, help="calls averaged per measurement"),
     seed: int = typer.Option(0),
-    agents: int = typer.Option(4, min=1, help="simulated node agents posting DynamICCL's measurements"),
+    baselines: bool = typer.Option(True, help="run the baselines on the presets too"),
 ) -> None:
-    table = Table(title=f"Tuning quality after {rounds} rounds ({calls} calls a measurement)")
-    for column in ("fabric", "strategy", "% oracle", "speedup", "headroom", "worst", "regress",
-                   "regret", "online", "invalid"):
-        table.add_column(column, justify="left" if column in ("fabric", "strategy") else "right")
-    tokens = agent_tokens(agents)
+    chosen_modes = [m for m in modes.split(",") if m]
+    unknown = set(chosen_modes) - set(MODES)
+    if unknown:
+        raise typer.BadParameter(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
+    tokens = agent_tokens(max(MODES[m].agents for m in chosen_modes))
     os.environ["DYNAMICCL_TOKENS"] = ",".join(f"{name}:{token}" for name, token in tokens.items())
+    preset_results: list[Scored] = []
+    random_results: list[Scored] = []
     with tempfile.TemporaryDirectory() as workdir, \
-            local_server(f"sqlite:///{workdir}/bench.db", Path(workdir)) as server:
-        for name in presets.split(","):
-            _bench_preset(PRESETS[name], server.url, rounds, calls, seed, tokens, table)
-    console.print(table)
-
-
-def _bench_preset(
-    preset: Preset, url: str, rounds: int, calls: int, seed: int, tokens: dict[str, str], table: Table
-) -> None:
-    contexts = contexts_for(preset)
-    truth = SimulatedFabric(preset, seed=seed)
-    oracle = [truth.oracle(c)[1] for c in contexts]
-    default = [truth.true_latency_us(c, NcclConfig()) for c in contexts]
-    headroom = float(np.exp(np.mean(np.log(np.asarray(default) / np.asarray(oracle)))))
-    strategies: list[Strategy] = [
-        InProcess("NCCL default", NcclDefaultTuner(), truth),
-        InProcess("exhaustive sweep", ExhaustiveSweepTuner(), truth),
-        InProcess("coordinate descent", CoordinateDescentTuner(), truth),
-        OverHttp(url, truth, f"{preset.name}-{seed}", tokens),
-    ]
-    with Progress(console=console, transient=True) as progress:
-        for strategy in strategies:
-            task = progress.add_task(f"{preset.name}: {strategy.name}", total=rounds)
-            sim = SimulatedFabric(preset, seed=seed + 1)  # same fabric, its own noise stream
-            result = run_loop(strategy, sim, contexts, rounds, calls, oracle, default, progress, task)
-            _add_rows(table, preset, result, contexts, truth, oracle, default, headroom)
-    table.add_row(preset.name, "oracle", "100.0%", f"{headroom:.3f}", f"{headroom:.3f}", "1.000", "0",
-                  "", "", "0", end_section=True)
-
-
-def _add_rows(table, preset, result: LoopResult, contexts, truth, oracle, default, headroom) -> None:
-    recommendation = result.recommendation
-    rows = [(result.name, [truth.true_latency_us(r.context, r.config) for r in recommendation.recommendations])]
-    if result.name == "DynamICCL":
-        rows.append(("  env applied", [truth.latency_under_env(c, recommendation.env) for c in contexts]))
-        rows.append(("  rules applied", [truth.latency_under_rules(c, recommendation.tuner_config) for c in contexts]))
-    regret = math.expm1(float(np.mean(result.regret_logs)))
-    online = result.default_us / result.spent_us
-    for i, (name, times) in enumerate(rows):
-        s = score(times, oracle, default)
-        loop = (f"{regret:.1%}", f"{online:.3f}", str(result.invalid)) if i == 0 else ("", "", "")
-        table.add_row(preset.name, name, f"{s.of_oracle:.1%}", f"{s.speedup:.3f}", f"{headroom:.3f}",
-                      f"{s.worst:.3f}", str(s.regressions), *loop)
+            local_server(f"sqlite:///{workdir}/bench.db", Path(workdir)) as server, \
+            Progress(console=console, transient=True) as progress:
+        overall = progress.add_task("clusters", total=len([p for p in presets.split(",") if p]) + random)
+        for name in filter(None, presets.split(",")):
+            cluster = Cluster(PRESETS[name], seed)
+            preset_results += bench_cluster(cluster, server.url, tokens, chosen_modes, rounds, calls, seed,
+                                            baselines, progress)
+            progress.advance(overall)
+        for preset in random_clusters(random, first_seed):
+            random_results += bench_cluster(Cluster(preset, seed), server.url, tokens, chosen_modes, rounds,
+                                            calls, seed, False, progress)
+            progress.advance(overall)
+    what = f"after {rounds} rounds ({calls} calls a measurement)"
+    if preset_results:
+        console.print(detail_table(f"Presets, {what}", preset_results))
+        console.print(summary_table("Presets: DynamICCL per mode", preset_results, chosen_modes))
+    if random_results:
+        console.print(detail_table(f"Random clusters, {what}", random_results))
+        console.print(summary_table(f"{random} random clusters: DynamICCL per mode", random_results, chosen_modes))
 
 
 if __name__ == "__main__":

@@ -395,9 +395,9 @@ static LineResult parse_rule(Ctx *ctx, char *line, int line_no, int *coll, Rule 
   if (parse_int(fields[1], 0, LLONG_MAX, &v[1]) || parse_int(fields[2], 0, LLONG_MAX, &v[2]) ||
       v[1] > v[2] || parse_int(fields[5], -1, MAX_CHANNELS, &v[5]) || v[5] == 0)
     return LINE_BAD;
-  for (int i = 6; i < n; i++)
+  for (int i = 6; i < n && i < 9; i++) /* nNodes, nRanks, numPipeOps: >= 1 or -1 */
     if (parse_int(fields[i], -1, INT_MAX, &v[i]) || v[i] == 0) return LINE_BAD;
-  if (v[9] > 1) return LINE_BAD; /* regBuff: 0, 1 or -1 */
+  if (n == 10 && parse_int(fields[9], -1, 1, &v[9])) return LINE_BAD; /* regBuff: 0 (not registered), 1, -1 */
   rule->min_bytes = (size_t)v[1];
   rule->max_bytes = (size_t)v[2];
   rule->channels = (int)v[5];

@@ -97,12 +97,12 @@ def launch(
     agent_url: str | None = typer.Option(None, "--agent", envvar="DYNAMICCL_AGENT_URL",
                                          help="node agent URL (default http://127.0.0.1:7461)"),
     server_url: str | None = typer.Option(None, "--server", help="ask this tuning server directly instead"),
-    mode: str = typer.Option("env", help="env: NCCL variables | plugin: also tuner-plugin rules | off: profiler only"),
+    mode: str = typer.Option("env", help="env: NCCL variables | plugin: DynamICCL's tuner plugin with per-size rules | off: profiler only"),
     fabric_id: str | None = typer.Option(None, envvar="DYNAMICCL_FABRIC_ID", help="fabric id (with --server)"),
     token: str | None = typer.Option(None, envvar="DYNAMICCL_TOKEN", help="bearer token (with --server)"),
     tuner_plugin: str | None = typer.Option(None, envvar="DYNAMICCL_TUNER_PLUGIN",
                                             help="NCCL tuner plugin (mode plugin; default: DynamICCL's, "
-                                                 "built automatically)"),
+                                                 "built automatically; another one means env mode)"),
 ) -> None:
     """Run COMMAND (after --) with the job's learned NCCL configuration and the profiler on."""
     from dynamiccl.agent.launcher import Mode

@@ -99,14 +99,13 @@ def test_agent_down_runs_with_defaults_and_says_so() -> None:
     assert "unreachable" in err and "NCCL default" in err and "default" in err
 
 
-def test_plugin_mode_writes_the_rules_for_the_tuner_plugin(fake) -> None:
+def test_plugin_mode_with_another_tuner_plugin_says_why_the_rules_do_not_fit_it_and_uses_env(fake) -> None:
     rc, seen, err = launch(["--job", "j", "--agent", fake.url, "--mode", "plugin", *probe()],
                            base_env(DYNAMICCL_TUNER_PLUGIN="/opt/libnccl-tuner-example.so"))
     assert rc == 0
-    assert seen["env"]["NCCL_TUNER_PLUGIN"] == "/opt/libnccl-tuner-example.so"
-    assert seen["rules"] == ANSWER["tuner_config"] and seen["env"]["NCCL_ALGO"] == "allreduce:ring"
-    assert not Path(seen["env"]["NCCL_TUNER_CONFIG_FILE"]).exists()  # removed after the job
-    assert "2 tuner rules written" in err
+    assert "NCCL_TUNER_PLUGIN" not in seen["env"] and seen["rules"] is None
+    assert seen["env"]["NCCL_ALGO"] == "allreduce:ring"
+    assert "not DynamICCL's tuner plugin" in err and "ONE channel" in err and "env mode instead" in err
 
 
 def test_plugin_mode_builds_and_loads_dynamiccls_own_plugin(fake, tmp_path: Path) -> None:
@@ -117,6 +116,9 @@ def test_plugin_mode_builds_and_loads_dynamiccls_own_plugin(fake, tmp_path: Path
     plugin = Path(seen["env"]["NCCL_TUNER_PLUGIN"])
     assert rc == 0 and plugin.parent == tmp_path / "dynamiccl" / "plugin" and plugin.is_file()
     assert seen["rules"] == ANSWER["tuner_config"] and "DynamICCL's tuner plugin built" in err
+    assert "NCCL_ALGO" not in seen["env"], "the rules alone: an env would restrict what they leave to NCCL"
+    assert not Path(seen["env"]["NCCL_TUNER_CONFIG_FILE"]).exists()  # removed after the job
+    assert "2 tuner rules written" in err
     rc, seen, err = launch(args, base_env(XDG_CACHE_HOME=str(tmp_path)))
     assert seen["env"]["NCCL_TUNER_PLUGIN"] == str(plugin) and "DynamICCL's tuner plugin up to date" in err
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from dynamiccl.agent.tuner_plugin.driver import (
     full_table,
 )
 from dynamiccl.agent.tuner_plugin.report import read_reports
-from dynamiccl.nccl.tuner_rules import parse_rules
+from dynamiccl.nccl.tuner_rules import applied_rule, parse_rules
 from dynamiccl.schemas import Algo, Collective, Context, Proto
 
 AR, AG = Collective.allreduce, Collective.allgather
@@ -142,6 +143,14 @@ def test_first_match_wins_and_pipe_ops_and_reg_buff_filter(rules_path: Path, ope
     assert pair(comm.choose(AR, 10, pipe_ops=4)) == (Algo.ring, Proto.ll, 2)
     assert pair(comm.choose(AR, 10, reg_buff=1)) == (Algo.ring, Proto.ll128, None)
     assert pair(comm.choose(AR, 10)) == (Algo.tree, Proto.simple, None)
+
+
+def test_reg_buff_zero_means_unregistered_buffers_only(rules_path: Path, open_comm) -> None:
+    """regBuff 0 is a valid value in NVIDIA's format ("not registered"), not a malformed line."""
+    rules_path.write_text("allreduce,0,1000,ring,simple,-1,-1,-1,-1,0\n")
+    comm = open_comm()
+    assert pair(comm.choose(AR, 10, reg_buff=0)) == (Algo.ring, Proto.simple, None)
+    assert pair(comm.choose(AR, 10, reg_buff=1)) == NCCL
 
 
 # ---------------------------------------------------------------- fallbacks
@@ -490,3 +499,38 @@ def test_plugin_show_prints_what_ran(rules_path: Path, open_comm) -> None:
         "allreduce", "1 GiB to <2 GiB", "NCCL (its cost model's pick)", "tree", "ll", "NCCL's", "0", "1"]
     missing = CliRunner().invoke(app, ["show", str(rules_path.with_name("other.rules"))])
     assert missing.exit_code == 1
+
+
+# ---------------------------------------------------------------- one reference
+
+
+def test_the_plugin_applies_rules_exactly_as_the_python_reference_does(rules_path: Path, open_comm) -> None:
+    """`dynamiccl.nccl.tuner_rules.applied_rule` is what the server's rules, the simulator and the
+    hook assume the plugin does: the same calls through both, random rules, tables and arguments."""
+    rng = random.Random(0)
+    collectives = [AR, AG, Collective.reducescatter, Collective.broadcast, Collective.reduce]
+    pairs = [(a, p) for a in (Algo.ring, Algo.tree, Algo.nvls, Algo.pat) for p in PROTOS]
+    for trial in range(20):
+        lines = []
+        for _ in range(12):
+            low = rng.choice([0, 1 << 10, 1 << 16, 1 << 20])
+            algo, proto = rng.choice(pairs)
+            lines.append(",".join(map(str, [
+                rng.choice(collectives).value, low, low + rng.choice([0, 1 << 12, 1 << 20, 1 << 30]),
+                algo.value, proto.value, rng.choice([-1, 1, 8, 32]), rng.choice([-1, 1, 2]),
+                rng.choice([-1, 8, 16]), rng.choice([-1, 1, 2]), rng.choice([-1, 0, 1])])))
+        text = "\n".join(lines) + "\n"
+        rules_path.write_text(text)
+        rules = parse_rules(text)
+        for nranks, nnodes in ((8, 1), (16, 2)):
+            comm = open_comm(nranks, nnodes, comm_id=trial * 10 + nnodes)
+            for _ in range(40):
+                collective = rng.choice(collectives)
+                nbytes = rng.choice([0, 1 << 10, (1 << 16) + 1, 1 << 20, 5 << 20, 1 << 31])
+                pipe_ops, reg_buff = rng.choice([1, 2]), rng.choice([0, 1])
+                offered = {pair: 10.0 + i for i, pair in enumerate(pairs) if rng.random() < 0.7}
+                decision = comm.choose(collective, nbytes, cost_table(offered), pipe_ops=pipe_ops, reg_buff=reg_buff)
+                context = Context(collective=collective, nbytes=nbytes, nranks=nranks, nnodes=nnodes)
+                rule = applied_rule(rules, context, lambda a, p: (a, p) in offered, pipe_ops, reg_buff)
+                expected = NCCL if rule is None else (rule.algo, rule.proto, rule.nchannels)
+                assert pair(decision) == expected, (text, context, pipe_ops, reg_buff, sorted(offered))

@@ -68,6 +68,11 @@ class ServerMetrics:
         self.observe_errors = Counter(
             "dynamiccl_observe_errors", "Errors while handing stored batches to the learner.", registry=r
         )
+        self.configs_withdrawn = Gauge(
+            "dynamiccl_configs_withdrawn", "(context, config) pairs the evidence rates faster than NCCL's "
+            "default but that a source ran slower: withdrawn from recommendation, per fabric.",
+            ["fabric"], registry=r,
+        )
         self.learner_behind = Counter(
             "dynamiccl_learner_behind", "suggest and recommend answers given before the learner had "
             "taken in every batch stored before them (marked learner.behind).", registry=r

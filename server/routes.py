@@ -171,8 +171,9 @@ def _learner_state(tuner: Tuner, fabric_id: str, fabric: Fabric, metrics: Server
     caught_up = tuner.catch_up(fabric_id, fabric, LEARNER_WAIT_S)
     if not caught_up:
         metrics.learner_behind.inc()
-    learned = tuner.describe(fabric_id, fabric).get("measurements_learned", 0)
-    return LearnerState(measurements_learned=learned, behind=not caught_up)
+    described = tuner.describe(fabric_id, fabric)
+    metrics.configs_withdrawn.labels(fabric_id).set(described.get("configs_withdrawn", 0))
+    return LearnerState(measurements_learned=described.get("measurements_learned", 0), behind=not caught_up)
 
 
 @router.post("/suggest", response_model=SuggestResponse, responses=_errors(404), openapi_extra=scopes(Scope.agent))

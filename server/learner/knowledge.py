@@ -30,7 +30,12 @@ for transfer to neighbouring sizes and similar fabrics, and for the surrogate:
   and never trusted, however many accomplices repeat the claim; for
   exploration its slowest source's word counts;
 * a source whose claims others keep refuting is not listened to at all
-  (`distrusted_sources`).
+  (`distrusted_sources`);
+* verified in use: a config that a source ran (twice or more) and found
+  slower than NCCL's default, against its own measurements of the default
+  where it has them, is withdrawn (`slower_in_use`): not recommended again,
+  whatever others measured, until the evidence changes; a job that applied
+  it gets the default at its next plugin round or launch.
 
 So one source can decide the recommendations of contexts only it reports on
 (its own job's calls; with per-agent tokens, its node's), and can keep NCCL's
@@ -53,7 +58,9 @@ from dynamiccl.nccl.space import gpu_generation
 from dynamiccl.schemas import Context, Fabric, NcclConfig
 from dynamiccl.server.learner.base import Estimate
 from dynamiccl.server.learner.prior import NcclPrior
+from dynamiccl.server.learner.guard import MIN_GAIN
 from dynamiccl.server.learner.stats import (
+    DEFAULT_KEY,
     DEFAULT_NOISE,
     Cell,
     CellKey,
@@ -61,6 +68,7 @@ from dynamiccl.server.learner.stats import (
     cell_key,
     distrusted_sources,
     pooled_noise,
+    slower_in_use,
 )
 from dynamiccl.server.learner.surrogate import Example, ResidualModel
 from dynamiccl.server.storage.base import Store
@@ -110,6 +118,7 @@ class CellSummary:
     mean_nbytes: int
     sources: int
     trusted: bool
+    withdrawn: bool = False  # faster by the evidence, slower where a source ran it: not recommended
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,8 @@ class Snapshot:
     noise: float
     measurements_seen: int
     distrusted: frozenset[str] = frozenset()
+    withdrawn: int = 0  # cells withdrawn from recommendation (slower where a source ran them)
+    last_id: int = 0  # the id of the last stored measurement taken in
     built_at: float = field(default_factory=time.monotonic)
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
     _memo_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
@@ -210,11 +221,6 @@ class FabricKnowledge:
         self._recent_lock = threading.Lock()
         self.snapshot = Snapshot(self.prior, {}, {}, ResidualModel(self.prior, []), DEFAULT_NOISE, 0)
 
-    @property
-    def last_id(self) -> int:
-        """The id of the last stored measurement taken in."""
-        return self._last_id
-
     def refresh(self, store: Store, donors: Iterable[FabricKnowledge], fit: bool = True) -> bool:
         """Fold in new measurements, re-judge every cell (sources distrusted, noise) and, with
         `fit`, refit the surrogate; False when nothing changed. The fit runs without holding the
@@ -245,12 +251,12 @@ class FabricKnowledge:
         re-judge the contexts they touched, keeping the current surrogate (the worker refits it
         next) and every remembered estimate the new rows cannot have changed. False when the
         fabric stayed busy longer than the timeout."""
-        if self._last_id >= target_id:
+        if self.snapshot.last_id >= target_id:
             return True
         if not self._lock.acquire(timeout=max(timeout_s, 0.0)):
             return False
         try:
-            if self._last_id >= target_id:  # another request folded it in while this one waited
+            if self.snapshot.last_id >= target_id:  # another request took it in while this one waited
                 return True
             touched: set[ContextKey] = set()
             self._read_new(store, touched)
@@ -263,11 +269,12 @@ class FabricKnowledge:
             self.snapshot = snapshot
         finally:
             self._lock.release()
-        return self._last_id >= target_id
+        return self.snapshot.last_id >= target_id
 
     def _snapshot(self, model: ResidualModel, donor_cells: dict[CellKey, CellSummary]) -> Snapshot:
+        withdrawn = sum(summary.withdrawn for summary in self._summaries.values())
         return Snapshot(self.prior, dict(self._summaries), donor_cells, model, self._noise, self._seen,
-                        self._distrusted)
+                        self._distrusted, withdrawn, self._last_id)
 
     def estimates(self, requests: list[tuple[Context, list[NcclConfig]]]) -> list[list[Estimate]]:
         """The current snapshot's estimates; what was asked is remembered, so the next snapshot
@@ -300,19 +307,27 @@ class FabricKnowledge:
         return count
 
     def _judge(self, context_key: ContextKey) -> dict[CellKey, CellSummary]:
-        """Summaries of one context's cells, each trusted or not as the module docstring says."""
+        """Summaries of one context's cells, each trusted or not as the module docstring says, and
+        withdrawn where a source that ran the config found it slower than the default."""
         views = {key: view for key in self._context_cells[context_key]
                  if (view := self._cells[key].without(self._distrusted)) is not None}
         witnesses = {source for view in views.values() for source in view.by_source}
         quorum = max(2, math.ceil(len(witnesses) / QUORUM_SHARE_INVERSE))
+        default = views.get((context_key, DEFAULT_KEY))
         summaries = {}
         for key, cell in views.items():
+            location = cell.location()
             corroborated = cell.corroborated(quorum)
             contested = not corroborated and cell.sources > 1
-            trusted = corroborated or (cell.sources == 1 and len(witnesses) == 1)
-            location = max(cell.source_locations()) if contested else cell.location()
+            withdrawn = (
+                default is not None and key[1] != DEFAULT_KEY and location < default.location() - MIN_GAIN
+                and slower_in_use(cell, default, self._noise)
+            )
+            trusted = (corroborated or (cell.sources == 1 and len(witnesses) == 1)) and not withdrawn
+            if contested or withdrawn:  # for exploration too, the slowest source's word counts
+                location = max(cell.source_locations())
             summaries[key] = CellSummary(location, cell.std_error(self._noise), cell.n, cell.mean_nbytes,
-                                         cell.sources, trusted)
+                                         cell.sources, trusted, withdrawn)
         return summaries
 
     def _examples(
@@ -381,7 +396,7 @@ class KnowledgeBase:
         background refit that follows updates the surrogate."""
         knowledge = self.get(fabric_id, fabric)
         target = self._store.last_measurement_id(fabric_id)
-        if knowledge.last_id >= target:
+        if knowledge.snapshot.last_id >= target:
             return True
         caught_up = knowledge.catch_up(self._store, target, timeout_s)
         self.mark(fabric_id)

@@ -44,6 +44,9 @@ REFUTE_GAP = math.log(2.0)
 #: A source refuted this often (and at least MIN_REFUTED times) is not listened to at all.
 MAX_REFUTED_SHARE = 0.2
 MIN_REFUTED = 3
+#: A config a source ran this much slower than the default (log scale, 2%: "never slower") is
+#: withdrawn from recommendation, whatever others measured.
+WITHDRAW_GAP = math.log(1.02)
 
 
 def size_bucket(nbytes: int) -> int:
@@ -142,7 +145,8 @@ class Cell:
     def corroborated(self, quorum: int = 2) -> bool:
         """At least `quorum` (and two) sources agree (within STRAGGLER_GAP) with the cell's
         location, and they outnumber two to one the sources that found it slower: a claim that
-        others measured and could not reproduce is contested, however many accomplices repeat it."""
+        others measured and could not reproduce is contested, however many accomplices repeat it
+        (a dissenter's lone straggler keeps NCCL's default until its next sample)."""
         center = self.location()
         locations = self.source_locations()
         agreeing = sum(abs(x - center) <= STRAGGLER_GAP for x in locations)
@@ -184,6 +188,23 @@ def distrusted_sources(cells: Iterable[Cell]) -> frozenset[str]:
     )
 
 
+def slower_in_use(cell: Cell, default: Cell, noise: float) -> bool:
+    """Whether a source that ran a config (twice or more) found it slower than NCCL's default by
+    more than WITHDRAW_GAP and noise can explain: against its own measurements of the default
+    where it has two or more (a paired comparison on the same nodes), else against the
+    default's location."""
+    overall = default.location()
+    for source, samples in cell.by_source.items():
+        if len(samples) < 2:
+            continue
+        own = default.by_source.get(source)
+        baseline, baseline_n = (_source_location(own), len(own)) if own and len(own) >= 2 else (overall, default.n)
+        margin = WITHDRAW_GAP + 2.5 * noise * math.sqrt(1 / len(samples) + 1 / baseline_n)
+        if _source_location(samples) - baseline > margin:
+            return True
+    return False
+
+
 def pooled_noise(cells: list[Cell]) -> float:
     """Per-sample noise of a fabric (MAD of samples around their cell's location, over cells with
     repeated samples). Each source's own estimate is a vote, the upper median wins: a source that
@@ -204,6 +225,7 @@ def pooled_noise(cells: list[Cell]) -> float:
 
 
 CellKey = tuple[ContextKey, tuple[str, str, int]]
+DEFAULT_KEY = NcclConfig().key()
 
 
 def cell_key(context: Context, config: NcclConfig) -> CellKey:

@@ -33,7 +33,8 @@ class DynamicclTuner(Tuner):
     def describe(self, fabric_id: str, fabric: Fabric) -> dict[str, int]:
         """How far this replica's learner has caught up with the store."""
         snapshot = self.knowledge.get(fabric_id, fabric).snapshot
-        return {"measurements_learned": snapshot.measurements_seen, "sources_distrusted": len(snapshot.distrusted)}
+        return {"measurements_learned": snapshot.measurements_seen, "sources_distrusted": len(snapshot.distrusted),
+                "configs_withdrawn": snapshot.withdrawn}
 
     def suggest(
         self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context], seed: int

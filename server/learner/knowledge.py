@@ -149,8 +149,8 @@ class Snapshot:
                 self._memo.clear()
             if missing:
                 pairs = [(context, config) for context, configs in missing for config in configs]
-                means, stds = self.model.predict(pairs)
-                flat = iter(self._combine(pairs, means, stds))
+                means, stds, novel = self.model.predict(pairs)
+                flat = iter(self._combine(pairs, means, stds, novel))
                 for key in missing:
                     self._memo[key] = [next(flat) for _ in key[1]]
             return [self._memo[key] for key in keys]
@@ -163,9 +163,9 @@ class Snapshot:
         with self._memo_lock:
             self._memo.update(kept)
 
-    def _combine(self, pairs, means, stds) -> list[Estimate]:
+    def _combine(self, pairs, means, stds, novel) -> list[Estimate]:
         results = []
-        for (context, config), mean, std in zip(pairs, means, stds):
+        for (context, config), mean, std, unexplored in zip(pairs, means, stds, novel):
             key = ContextKey.of(context)
             cell = self.cells.get((key, config.key()))
             if cell is not None:  # the model learned from this very cell: do not count it twice
@@ -182,6 +182,7 @@ class Snapshot:
                     samples=cell.n if cell else 0,
                     transferred=transferred,
                     trusted=cell.trusted if cell is not None else transferred,
+                    novel=bool(unexplored) and cell is None,
                 )
             )
         return results

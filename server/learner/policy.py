@@ -6,7 +6,10 @@ what it may cost: its expected improvement over the best known config, times
 the number of future calls that would profit (`HORIZON`), must exceed its
 expected extra time now. A config the evidence says is slow is never tried;
 a config the model cannot rule out gets tried once, and tuning pays for
-itself. What is recommended is the guard's business (guard.py).
+itself. A new best config is confirmed (measured again, with the default
+where that is the less certain) before anything else is explored, until the
+guard can recommend it. What is recommended is the guard's business
+(guard.py).
 """
 
 from __future__ import annotations
@@ -18,13 +21,18 @@ import numpy as np
 from scipy.special import ndtr  # the standard normal CDF (scipy.stats costs a second to import)
 
 from dynamiccl.server.learner.base import Estimate
-from dynamiccl.server.learner.guard import CONFIDENCE, probability_of_gain
+from dynamiccl.server.learner.guard import CONFIDENCE, MIN_SAMPLES, probability_of_gain
 
 SQRT_2PI = math.sqrt(2.0 * math.pi)
 #: Future uses of a context that an exploration's finding would speed up.
 HORIZON = 25.0
 #: Samples of the NCCL default, the baseline of every comparison, before anything else is tried.
-DEFAULT_SAMPLES = 5
+DEFAULT_SAMPLES = 3
+#: Samples of the best config worth taking to confirm its gain before exploring further.
+CONFIRM_SAMPLES = 8
+#: How far (log scale) NCCL's model may be off for an (algorithm, protocol) nobody measured near
+#: a size: per effect, clusters depart from it by up to 2-3x.
+NOVEL_STD = 0.5
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,8 @@ def choose_suggestion(estimates: list[Estimate], rng: np.random.Generator) -> Ch
     std = np.array([e.std for e in estimates])
     measured = np.array([e.samples > 0 for e in estimates])
     best = int(np.flatnonzero(measured)[np.argmin(mean[measured])])
+    if best and _unconfirmed(estimates[0], estimates[best]):
+        return Choice(_confirm(estimates, best), explore=False)
     value = HORIZON * expected_improvement(mean[best], mean, std) - np.maximum(mean - mean[best], 0.0)
     value[best] = 0.0
     top = float(value.max())
@@ -55,6 +65,45 @@ def choose_suggestion(estimates: list[Estimate], rng: np.random.Generator) -> Ch
         return Choice(_confirm(estimates, best), explore=False)
     ties = np.flatnonzero(value >= top - 1e-12)
     return Choice(int(rng.choice(ties)), explore=True)
+
+
+def settled(estimates: list[Estimate]) -> bool:
+    """Whether the context is past its baseline and has no unconfirmed best: free to try
+    something new."""
+    if estimates[0].samples < DEFAULT_SAMPLES:
+        return False
+    measured = [i for i, e in enumerate(estimates) if e.samples > 0]
+    best = min(measured, key=lambda i: estimates[i].mean)
+    return not (best and _unconfirmed(estimates[0], estimates[best]))
+
+
+def novel_trial(estimates: list[Estimate]) -> tuple[int, float] | None:
+    """The most valuable config of an (algorithm, protocol) never measured near this size, with
+    NCCL's model given its real uncertainty (NOVEL_STD): (index, value), or None when none is
+    worth its cost. The prior orders what is tried; it forbids nothing it could be wrong about.
+    The caller spends such trials sparingly (one a round per context group: what one teaches
+    the surrogate carries to the neighbouring sizes)."""
+    novel = [i for i, e in enumerate(estimates) if e.novel]
+    if not novel:
+        return None
+    measured = [i for i, e in enumerate(estimates) if e.samples > 0]
+    best = min(e.mean for e in (estimates[i] for i in measured))
+    mean = np.array([estimates[i].mean for i in novel])
+    std = np.hypot([estimates[i].std for i in novel], NOVEL_STD)
+    value = HORIZON * expected_improvement(best, mean, std) - np.maximum(mean - best, 0.0)
+    top = int(np.argmax(value))
+    return (novel[top], float(value[top])) if value[top] > 0 else None
+
+
+def _unconfirmed(default: Estimate, incumbent: Estimate) -> bool:
+    """Whether the best measured config needs measuring again (or the default, see `_confirm`)
+    before anything else is explored: it costs nothing (it is the best known), and a gain not
+    confirmed is never recommended. Bounded by CONFIRM_SAMPLES, so a gain too small to confirm
+    does not stop exploration for good."""
+    if incumbent.samples < MIN_SAMPLES or not incumbent.trusted:
+        return incumbent.samples < CONFIRM_SAMPLES
+    fewest = min(default.samples, incumbent.samples)
+    return probability_of_gain(default, incumbent) < CONFIDENCE and fewest < CONFIRM_SAMPLES
 
 
 def _confirm(estimates: list[Estimate], best: int) -> int:

@@ -64,13 +64,16 @@ class ResidualModel:
     def __init__(self, prior: NcclPrior, examples: list[Example], seed: int = 0) -> None:
         self.prior = prior
         self._support: Counter[tuple] = Counter()
+        self._family_support: Counter[tuple] = Counter()  # the same without channels
         self._forest: ExtraTreesRegressor | None = None
         if not examples:
             return
         features, targets, weights = [], [], []
         for example in examples:
             resolved = prior.resolve(example.context, example.config)
-            self._support[_support_key(example.context, resolved)] += 1
+            key = _support_key(example.context, resolved)
+            self._support[key] += 1
+            self._family_support[key[:-1]] += 1
             features.append(self.features(example.context, example.config))
             targets.append(example.log_latency - prior.log_time(example.context, example.config))
             weights.append(example.weight)
@@ -106,13 +109,19 @@ class ResidualModel:
         *head, size, channels = key
         return sum(self._support[(*head, size + ds, channels)] for ds in (-1, 0, 1))
 
-    def predict(self, pairs: list[tuple[Context, NcclConfig]]) -> tuple[np.ndarray, np.ndarray]:
-        """(mean, std) of log latency for each (context, config), in one batch."""
+    def novel(self, context: Context, config: NcclConfig) -> bool:
+        """Whether nothing of the config's (algorithm, protocol) was measured at this call's size,
+        on any channel count: NCCL's model, and trends that trees cannot extrapolate, speak for it."""
+        return not self._family_support[_support_key(context, self.prior.resolve(context, config))[:-1]]
+
+    def predict(self, pairs: list[tuple[Context, NcclConfig]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean, std, novel) of log latency for each (context, config), in one batch."""
         prior = np.array([self.prior.log_time(c, k) for c, k in pairs])
         support = np.array([self._neighbour_support(c, k) for c, k in pairs])
+        novel = np.array([self.novel(c, k) for c, k in pairs], dtype=bool)
         unseen_var = UNSEEN_RESIDUAL_STD**2 / (1.0 + support)
         if self._forest is None or not pairs:
-            return prior, np.sqrt(unseen_var)
+            return prior, np.sqrt(unseen_var), novel
         features = np.asarray([self.features(c, k) for c, k in pairs])
         per_tree = np.stack([tree.predict(features) for tree in self._forest.estimators_])
-        return prior + per_tree.mean(axis=0), np.sqrt(per_tree.var(axis=0) + unseen_var)
+        return prior + per_tree.mean(axis=0), np.sqrt(per_tree.var(axis=0) + unseen_var), novel

@@ -9,10 +9,11 @@ import numpy as np
 
 from dynamiccl.nccl.space import candidate_configs
 from dynamiccl.schemas import Context, Fabric, Measurement, SuggestionKind
-from dynamiccl.server.learner.base import Decision, Pick, Tuner
+from dynamiccl.server.learner.base import Decision, Estimate, Pick, Tuner
 from dynamiccl.server.learner.guard import decide
 from dynamiccl.server.learner.knowledge import KnowledgeBase
-from dynamiccl.server.learner.policy import choose_suggestion
+from dynamiccl.server.learner.policy import Choice, choose_suggestion, novel_trial, settled
+from dynamiccl.server.learner.stats import ContextKey
 from dynamiccl.server.storage.base import Store
 
 
@@ -41,10 +42,13 @@ class DynamicclTuner(Tuner):
     ) -> list[Pick]:
         knowledge = self.knowledge.get(fabric_id, fabric)
         candidates = [candidate_configs(fabric, c) for c in contexts]
+        estimates = knowledge.estimates(list(zip(contexts, candidates)))
         rng = np.random.default_rng(seed)
+        choices = [choose_suggestion(e, rng) for e in estimates]
+        for index, trial in self._novel_trials(contexts, estimates).items():
+            choices[index] = Choice(trial, explore=True)
         picks = []
-        for configs, estimates in zip(candidates, knowledge.estimates(list(zip(contexts, candidates)))):
-            choice = choose_suggestion(estimates, rng)
+        for configs, choice in zip(candidates, choices):
             config = configs[choice.index]
             if config.is_default:
                 kind = SuggestionKind.default
@@ -52,6 +56,19 @@ class DynamicclTuner(Tuner):
                 kind = SuggestionKind.explore if choice.explore else SuggestionKind.exploit
             picks.append(Pick(config, kind))
         return picks
+
+    @staticmethod
+    def _novel_trials(contexts: Sequence[Context], estimates: list[list[Estimate]]) -> dict[int, int]:
+        """Per context group (collective, ranks, nodes), the one most valuable trial of an
+        (algorithm, protocol) NCCL's model alone rates there: {context index: candidate index}."""
+        best: dict[tuple, tuple[float, int, int]] = {}
+        for i, (context, e) in enumerate(zip(contexts, estimates)):
+            if not settled(e) or (trial := novel_trial(e)) is None:
+                continue
+            group = ContextKey.of(context).group
+            if group not in best or trial[1] > best[group][0]:
+                best[group] = (trial[1], i, trial[0])
+        return {i: candidate for _, i, candidate in best.values()}
 
     def recommend(self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context]) -> list[Decision]:
         knowledge = self.knowledge.get(fabric_id, fabric)

@@ -1,15 +1,19 @@
 """The learner in a closed loop on a simulated fabric: it gains where there is headroom, never
 regresses, never suggests what the fabric cannot run, and carries what it learned to a twin fabric."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from dynamiccl.nccl import candidate_configs, is_valid
-from dynamiccl.schemas import Context, Measurement, NcclConfig, SuggestionKind
+from dynamiccl.nccl.cost_model import NcclCostModel
+from dynamiccl.schemas import Algo, Context, Measurement, NcclConfig, Proto, SuggestionKind
 from dynamiccl.server.learner import respond
 from dynamiccl.server.learner.stats import cell_key
 from dynamiccl.server.learner.tuner import DynamicclTuner
 from dynamiccl.sim import PRESETS, SimulatedFabric
+from dynamiccl.sim.truth import Effects
 
 PRESET = PRESETS["h100-ib-2n"]
 AGENTS = 4
@@ -103,3 +107,34 @@ def test_a_new_fabric_with_the_same_hardware_starts_from_what_its_twin_learned(t
     fresh = tuner.knowledge.get("cluster-b", PRESET.fabric).snapshot
     estimates = fresh.estimates([(context, [config]) for context, config in explored])
     assert all(e.transferred and e.samples == 0 for (e,) in estimates), "the twin's measurements back its configs"
+
+
+def test_a_config_nccls_model_rates_twice_as_slow_but_that_is_fastest_is_found(tuner, sqlite_store):
+    """On a cluster where ring/LL moves 4x what NCCL's model says, mid-size all-gathers and
+    reduce-scatters run fastest on a pair the model rates 2x slower than its own choice: the prior
+    orders what is tried, it does not forbid it. Exploration stays cheap while it looks."""
+    preset = dataclasses.replace(PRESET, name="ring-ll-4x", effects=Effects(pair_bias=((Algo.ring, Proto.ll, 4.0),)))
+    truth, sim, model = SimulatedFabric(preset, seed=0), SimulatedFabric(preset, seed=1), NcclCostModel(preset.fabric)
+    contexts = [Context(collective=c, nbytes=4**k * 1024, nranks=16, nnodes=2)
+                for c in ("allgather", "reducescatter") for k in range(11)]
+    hard = [i for i, c in enumerate(contexts)
+            if not (best := truth.oracle(c)[0]).is_default
+            and model.time_us(c, best.algo, best.proto, best.nchannels) >= 2 * model.time_us(c, None, None, None)]
+    assert hard, "the cluster has such contexts"
+    sqlite_store.put_fabric("f", preset.fabric)
+    default = np.array([truth.true_latency_us(c, NcclConfig()) for c in contexts])
+    excess = 0.0
+    for round_index in range(30):
+        assert tuner.catch_up("f", preset.fabric, timeout_s=30) and tuner.knowledge.wait_idle(timeout=30)
+        picks = tuner.suggest("f", preset.fabric, contexts, seed=round_index)
+        ran = np.array([truth.true_latency_us(c, p.config) for c, p in zip(contexts, picks)])
+        excess += float(np.sum(np.maximum(ran - default, 0.0)))
+        batch = [Measurement(context=c, config=p.config, latency_us=sim.run(c, p.config), count=20, source="sim")
+                 for c, p in zip(contexts, picks)]
+        sqlite_store.add_batch("f", f"round-{round_index}", batch, "job")
+        tuner.observe("f", preset.fabric, batch)
+    assert tuner.catch_up("f", preset.fabric, timeout_s=30) and tuner.knowledge.wait_idle(timeout=30)
+    decisions = tuner.recommend("f", preset.fabric, contexts)
+    for i in hard:
+        assert truth.oracle(contexts[i])[1] / truth.true_latency_us(contexts[i], decisions[i].config) >= 0.95
+    assert excess / (30 * default.sum()) <= 0.10, "time lost to exploration, over what the default would take"

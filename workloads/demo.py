@@ -35,7 +35,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dynamiccl.client import DynamicclClient
-from dynamiccl.nccl.tuner_rules import parse_rules
 from dynamiccl.schemas import Collective, Context, Measurement, NcclConfig, RecommendResponse
 from dynamiccl.sim import SimulatedFabric, get_preset
 from dynamiccl.sweep import message_sizes
@@ -107,8 +106,9 @@ class Outcome:
     scenario: Scenario
     default: dict[Context, float]
     oracle: dict[Context, float]
-    tuned: dict[Context, float] = field(default_factory=dict)  # the tuner rules applied
-    env_only: dict[Context, float] = field(default_factory=dict)  # only the NCCL_* variables
+    recommended: dict[Context, float] = field(default_factory=dict)  # each call's recommendation
+    tuned: dict[Context, float] = field(default_factory=dict)  # what a --mode plugin job runs: the rules
+    env_only: dict[Context, float] = field(default_factory=dict)  # what a --mode env job runs
     explored_us: float = 0.0  # step time of the tuning rounds, summed
     speedup_by_round: list[float] = field(default_factory=list)
     answer: RecommendResponse | None = None
@@ -161,10 +161,9 @@ class OnlineTuning:
         self._wait_learned(fabric_id)
         weights = scenario.weights()
         answer = self.api.recommend(fabric_id, [c.weighted(weights[c]) for c in scenario.contexts])
-        # No rule at all means the launcher does not load the plugin: NCCL's default runs.
-        has_rules = bool(parse_rules(answer.tuner_config))
-        outcome.tuned = {c: sim.latency_under_rules(c, answer.tuner_config) if has_rules else outcome.default[c]
-                         for c in scenario.contexts}
+        outcome.recommended = {r.context: sim.true_latency_us(r.context, r.config) for r in answer.recommendations}
+        # As DynamICCL's plugin runs them: every call no rule covers is NCCL's own choice.
+        outcome.tuned = {c: sim.latency_under_rules(c, answer.tuner_config) for c in scenario.contexts}
         outcome.env_only = {c: sim.latency_under_env(c, answer.env) for c in scenario.contexts}
         outcome.speedup_by_round.append(outcome.step_us(outcome.default) / outcome.step_us(outcome.tuned))
         outcome.answer = answer
@@ -188,19 +187,23 @@ def _ms(us: float) -> str:
 
 def outcome_table(outcomes: Iterable[Outcome]) -> Table:
     table = Table(title="Communication time per training step (slowest pipeline stage, simulated, ms)")
-    for column in ("fabric", "workload", "GPUs", "NCCL default", "DynamICCL", "oracle", "speedup",
-                   "of headroom", "env only", "tuning rounds"):
+    for column in ("fabric", "workload", "GPUs", "NCCL default", "plugin job", "oracle", "speedup",
+                   "of headroom", "calls slower", "recommended", "env job", "tuning rounds"):
         table.add_column(column, justify="left" if column in ("fabric", "workload") else "right")
     for o in outcomes:
         default, tuned, oracle = o.step_us(o.default), o.step_us(o.tuned), o.step_us(o.oracle)
         headroom = default - oracle
         captured = f"{(default - tuned) / headroom:.0%}" if headroom > 0.005 * default else "none left"
+        slower = sum(o.tuned[c] > 1.02 * o.default[c] for c in o.scenario.contexts)
         rounds = len(o.speedup_by_round)
         table.add_row(o.scenario.preset, o.scenario.name, str(o.scenario.gpus), _ms(default), _ms(tuned),
-                      _ms(oracle), f"{default / tuned:.3f}x", captured, f"{default / o.step_us(o.env_only):.3f}x",
+                      _ms(oracle), f"{default / tuned:.3f}x", captured, f"{slower}/{len(o.scenario.contexts)}",
+                      f"{default / o.step_us(o.recommended):.3f}x", f"{default / o.step_us(o.env_only):.3f}x",
                       f"{default * rounds / o.explored_us:.3f}x")
-    table.caption = ("DynamICCL: its per-size tuner rules applied (as NCCL's example tuner plugin applies them); "
-                     "env only: just its NCCL_* variables; tuning rounds: speedup while exploring")
+    table.caption = ("plugin job: what a `dynamiccl launch --mode plugin` job runs, the tuner rules as DynamICCL's "
+                     "plugin applies them (calls slower: > 2% slower than NCCL's default); recommended: the "
+                     "per-call recommendations; env job: what --mode env runs; tuning rounds: speedup while "
+                     "exploring")
     return table
 
 

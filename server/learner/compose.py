@@ -71,6 +71,16 @@ def _group(decision: Decision) -> Collective | str:
     return _P2P if decision.context.collective.is_p2p else decision.context.collective
 
 
+def _env_option(group: Collective | str, config: NcclConfig) -> NcclConfig | None:
+    """What a process-wide setting can take from a departing config: a collective's pair, or the
+    point-to-point channel count (None: nothing it could set)."""
+    if group == _P2P:
+        return NcclConfig(nchannels=config.nchannels) if config.nchannels is not None else None
+    if config.algo is None or config.proto is None:
+        return None
+    return NcclConfig(algo=config.algo, proto=config.proto)
+
+
 def choose_env(weights: Sequence[float], decisions: Sequence[Decision]) -> dict[str, str]:
     groups: dict[Collective | str, list[int]] = defaultdict(list)
     for i, decision in enumerate(decisions):
@@ -78,17 +88,13 @@ def choose_env(weights: Sequence[float], decisions: Sequence[Decision]) -> dict[
             groups[_group(decision)].append(i)
     algos, protos, p2p_channels = {}, {}, None
     for group, members in groups.items():
-        departing = [decisions[i].config for i in members if decisions[i].departs]
-        options = {
-            NcclConfig(nchannels=c.nchannels) if group == _P2P else NcclConfig(algo=c.algo, proto=c.proto)
-            for c in departing if (c.nchannels if group == _P2P else c.algo and c.proto) is not None
-        }
+        options = {_env_option(group, decisions[i].config) for i in members if decisions[i].departs} - {None}
 
-        def total(option: NcclConfig | None) -> float:
-            """Weighted pessimistic time of the group's calls with `option` set (None: nothing)."""
-            return sum(weights[i] * forced_cost(decisions[i], option or NcclConfig()) for i in members)
+        def total(option: NcclConfig) -> float:
+            """Weighted pessimistic time of the group's calls with `option` set (the default: nothing)."""
+            return sum(weights[i] * forced_cost(decisions[i], option) for i in members)
 
-        base = total(None)
+        base = total(NcclConfig())
         best, best_cost = None, base
         for option in sorted(options, key=lambda o: o.label()):
             if (cost := total(option)) < best_cost:

@@ -8,12 +8,12 @@ source's location is the median of its log latencies (the smaller of two when
 there are two). A source may also lie, so sources vote, not samples: a cell's
 location is the median of the samples of the sources that agree with the
 median of the sources' own locations, so piling up samples buys a source no
-say against the others. Only a *corroborated* cell is evidence for a
-recommendation: at least two sources agree with its location and they
-outnumber two to one those that found it slower. A claim that others measured
-and could not reproduce stays contested, however many accomplices repeat it,
-and a source whose claims others keep refuting is not listened to at all
-(`distrusted_sources`).
+say against the others. `corroborated`: enough sources agree with its
+location and they outnumber two to one those that found it slower; a claim
+that others measured and could not reproduce stays contested, however many
+accomplices repeat it, and a source whose claims others keep refuting is not
+listened to at all (`distrusted_sources`). What counts as evidence for a
+recommendation is knowledge.py's trust model.
 """
 
 from __future__ import annotations

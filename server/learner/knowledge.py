@@ -17,7 +17,8 @@ for transfer to neighbouring sizes and similar fabrics, and for the surrogate:
 * a cell that at least two sources agree on, and a third of those that
   report on its context, and that they outnumber two to one those that
   found it slower, is trusted (`Cell.corroborated`): colluders below a third
-  of a context's sources cannot confirm each other before others check;
+  of a context's sources cannot confirm each other before others check
+  (NCCL's default, the baseline that is never itself recommended, needs two);
 * a cell measured by one source is trusted when that source is the only one
   that has reported on the context at all: nobody else measures it, so its
   consistent evidence (the default and the config, each measured
@@ -318,7 +319,8 @@ class FabricKnowledge:
         summaries = {}
         for key, cell in views.items():
             location = cell.location()
-            corroborated = cell.corroborated(quorum)
+            # NCCL's default is the baseline, never itself recommended: two agreeing sources do
+            corroborated = cell.corroborated(2 if key[1] == DEFAULT_KEY else quorum)
             contested = not corroborated and cell.sources > 1
             withdrawn = (
                 default is not None and key[1] != DEFAULT_KEY and location < default.location() - MIN_GAIN

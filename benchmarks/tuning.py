@@ -33,9 +33,14 @@ Figures (geometric means over contexts unless said otherwise):
   % oracle   oracle time / time run          speedup   default time / time run
   headroom   default time / oracle time      worst     lowest oracle / time run over contexts
   slower     calls > 2% slower than NCCL's default (true times)
-  regret     suggested time / oracle time over all rounds, minus 1
+  regret     suggested time / oracle time over all rounds, minus 1 (includes the headroom left
+             while the default is measured first)
+  explore    exploration cost: time spent beyond the default's on calls suggested slower than it,
+             over the default's time, all rounds
   online     time the default would have spent / time spent, over all rounds
   liar       contexts whose recommendation is the liar's config
+  example plugin slower   calls slower if the same rules were loaded into NCCL's example plugin
+             (one channel for every call no rule matches: why `dynamiccl launch` will not)
 
 Usage: python benchmarks/tuning.py [--presets h100-ib-2n] [--random 20] [--rounds 30]
 """
@@ -197,6 +202,7 @@ class LoopResult:
     name: str
     spent_us: float = 0.0
     default_us: float = 0.0
+    excess_us: float = 0.0  # time spent beyond the default's on calls that ran slower than it
     regret_logs: list[float] = field(default_factory=list)
     invalid: int = 0
     recommendation: RecommendResponse | None = None
@@ -208,6 +214,10 @@ class LoopResult:
     @property
     def online(self) -> float:
         return self.default_us / self.spent_us
+
+    @property
+    def exploration_cost(self) -> float:
+        return self.excess_us / self.default_us
 
 
 def run_loop(strategy: Strategy, sim: SimulatedFabric, contexts: list[Context], rounds: int, calls: int,
@@ -224,6 +234,7 @@ def run_loop(strategy: Strategy, sim: SimulatedFabric, contexts: list[Context], 
             true_us = sim.true_latency_us(context, config)
             result.spent_us += true_us
             result.default_us += default[i]
+            result.excess_us += max(true_us - default[i], 0.0)
             result.regret_logs.append(math.log(true_us / oracle[i]))
             measurements.append(
                 Measurement(context=context, config=config, latency_us=sim.run(context, config, calls),
@@ -270,6 +281,7 @@ class Scored:
     recommended: Scores
     rules: Scores
     env: Scores
+    example_plugin: Scores
     loop: LoopResult
     liar_recommended: int | None = None
     twin: Scores | None = None
@@ -286,12 +298,15 @@ class Cluster:
         self.default = [self.truth.true_latency_us(c, NcclConfig()) for c in self.contexts]
         self.headroom = float(np.exp(np.mean(np.log(np.asarray(self.default) / np.asarray(self.oracle)))))
 
-    def score(self, answer: RecommendResponse) -> tuple[Scores, Scores, Scores]:
-        truth = self.truth
+    def score(self, answer: RecommendResponse) -> tuple[Scores, Scores, Scores, Scores]:
+        """The recommendation, its rules under DynamICCL's plugin, its env, and (to show why the
+        launcher will not do it) its rules under NCCL's example plugin."""
+        truth, rules_text = self.truth, answer.tuner_config
         recommended = [truth.true_latency_us(r.context, r.config) for r in answer.recommendations]
-        rules = [truth.latency_under_rules(c, answer.tuner_config) for c in self.contexts]
+        rules = [truth.latency_under_rules(c, rules_text) for c in self.contexts]
         env = [truth.latency_under_env(c, answer.env) for c in self.contexts]
-        return tuple(score(times, self.oracle, self.default) for times in (recommended, rules, env))
+        example = [truth.latency_under_rules(c, rules_text, example_plugin=True) for c in self.contexts]
+        return tuple(score(times, self.oracle, self.default) for times in (recommended, rules, env, example))
 
 
 def bench_cluster(cluster: Cluster, url: str, tokens: dict[str, str], modes: Sequence[str], rounds: int,
@@ -314,8 +329,8 @@ def bench_cluster(cluster: Cluster, url: str, tokens: dict[str, str], modes: Seq
         sim = SimulatedFabric(preset, seed=seed + 1)  # same cluster, its own noise stream
         loop = run_loop(strategy, sim, contexts, rounds, calls, cluster.oracle, cluster.default, progress, task)
         progress.remove_task(task)
-        recommended, rules, env = cluster.score(loop.recommendation)
-        scored = Scored(preset.name, strategy.name, len(contexts), cluster.headroom, recommended, rules, env, loop)
+        scored = Scored(preset.name, strategy.name, len(contexts), cluster.headroom,
+                        *cluster.score(loop.recommendation), loop)
         if mode is not None and mode.liar:
             claims = strategy.liar.claims
             scored.liar_recommended = sum(r.config == claims.get(r.context, (None,))[0]
@@ -337,8 +352,8 @@ def _pct(value: float) -> str:
 def detail_table(title: str, results: list[Scored]) -> Table:
     table = Table(title=title)
     for column in ("cluster", "strategy", "headroom", "% oracle", "worst", "rules % oracle", "rules speedup",
-                   "rules slower", "rules worst call", "env % oracle", "env slower", "regret", "online",
-                   "liar", "twin after 3"):
+                   "rules slower", "rules worst call", "env % oracle", "env slower", "example plugin slower",
+                   "regret", "explore", "online", "liar", "twin after 3"):
         table.add_column(column, justify="left" if column in ("cluster", "strategy") else "right")
     previous = None
     for r in results:
@@ -348,7 +363,8 @@ def detail_table(title: str, results: list[Scored]) -> Table:
         table.add_row(
             r.cluster, r.strategy, f"{r.headroom:.3f}", _pct(r.recommended.of_oracle), f"{r.recommended.worst:.3f}",
             _pct(r.rules.of_oracle), f"{r.rules.speedup:.3f}", f"{r.rules.slower}/{r.contexts}",
-            f"{r.rules.worst_call:.2f}", _pct(r.env.of_oracle), str(r.env.slower), _pct(r.loop.regret),
+            f"{r.rules.worst_call:.2f}", _pct(r.env.of_oracle), str(r.env.slower), str(r.example_plugin.slower),
+            _pct(r.loop.regret), _pct(r.loop.exploration_cost),
             f"{r.loop.online:.3f}", "" if r.liar_recommended is None else str(r.liar_recommended),
             "" if r.twin is None else _pct(r.twin.of_oracle),
         )
@@ -361,7 +377,7 @@ def summary_table(title: str, results: list[Scored], modes: Sequence[str]) -> Ta
     table = Table(title=title)
     for column in ("mode", "clusters", "% oracle", "worst", "regress", "rules % oracle", "rules speedup",
                    "rules slower calls", "rules worst call", "env speedup", "env slower", "regret (max)",
-                   "online (min)", "liar recommended", "twin after 3"):
+                   "explore (max)", "online (min)", "liar recommended", "twin after 3"):
         table.add_column(column, justify="left" if column == "mode" else "right")
 
     def geo(values: list[float]) -> float:
@@ -381,6 +397,8 @@ def summary_table(title: str, results: list[Scored], modes: Sequence[str]) -> Ta
             f"{max(r.rules.worst_call for r in rows):.2f}", f"{geo([r.env.speedup for r in rows]):.3f}",
             str(sum(r.env.slower for r in rows)),
             f"{_pct(geo([1 + r.loop.regret for r in rows]) - 1)} ({_pct(max(r.loop.regret for r in rows))})",
+            f"{_pct(float(np.mean([r.loop.exploration_cost for r in rows])))} "
+            f"({_pct(max(r.loop.exploration_cost for r in rows))})",
             f"{geo([r.loop.online for r in rows]):.3f} ({min(r.loop.online for r in rows):.3f})",
             str(sum(liars)) if liars else "", _pct(geo(twins)) if twins else "",
         )

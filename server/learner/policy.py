@@ -54,8 +54,7 @@ def choose_suggestion(estimates: list[Estimate], rng: np.random.Generator) -> Ch
         return Choice(0, explore=False)
     mean = np.array([e.mean for e in estimates])
     std = np.array([e.std for e in estimates])
-    measured = np.array([e.samples > 0 for e in estimates])
-    best = int(np.flatnonzero(measured)[np.argmin(mean[measured])])
+    best = _best_measured(estimates)
     if best and _unconfirmed(estimates[0], estimates[best]):
         return Choice(_confirm(estimates, best), explore=False)
     value = HORIZON * expected_improvement(mean[best], mean, std) - np.maximum(mean - mean[best], 0.0)
@@ -67,18 +66,22 @@ def choose_suggestion(estimates: list[Estimate], rng: np.random.Generator) -> Ch
     return Choice(int(rng.choice(ties)), explore=True)
 
 
+def _best_measured(estimates: list[Estimate]) -> int:
+    """The index of the fastest config with samples of its own (the default has some first)."""
+    return min((i for i, e in enumerate(estimates) if e.samples > 0), key=lambda i: estimates[i].mean)
+
+
 def settled(estimates: list[Estimate]) -> bool:
     """Whether the context is past its baseline and has no unconfirmed best: free to try
     something new."""
     if estimates[0].samples < DEFAULT_SAMPLES:
         return False
-    measured = [i for i, e in enumerate(estimates) if e.samples > 0]
-    best = min(measured, key=lambda i: estimates[i].mean)
+    best = _best_measured(estimates)
     return not (best and _unconfirmed(estimates[0], estimates[best]))
 
 
 def novel_trial(estimates: list[Estimate]) -> tuple[int, float] | None:
-    """The most valuable config of an (algorithm, protocol) never measured near this size, with
+    """The most valuable config of an (algorithm, protocol) never measured at this size, with
     NCCL's model given its real uncertainty (NOVEL_STD): (index, value), or None when none is
     worth its cost. The prior orders what is tried; it forbids nothing it could be wrong about.
     The caller spends such trials sparingly (one a round per context group: what one teaches
@@ -86,8 +89,7 @@ def novel_trial(estimates: list[Estimate]) -> tuple[int, float] | None:
     novel = [i for i, e in enumerate(estimates) if e.novel]
     if not novel:
         return None
-    measured = [i for i, e in enumerate(estimates) if e.samples > 0]
-    best = min(e.mean for e in (estimates[i] for i in measured))
+    best = estimates[_best_measured(estimates)].mean
     mean = np.array([estimates[i].mean for i in novel])
     std = np.hypot([estimates[i].std for i in novel], NOVEL_STD)
     value = HORIZON * expected_improvement(best, mean, std) - np.maximum(mean - best, 0.0)

@@ -5,7 +5,13 @@ import math
 import numpy as np
 
 from dynamiccl.server.learner.base import Estimate
-from dynamiccl.server.learner.policy import DEFAULT_SAMPLES, choose_suggestion, expected_improvement
+from dynamiccl.server.learner.policy import (
+    DEFAULT_SAMPLES,
+    Choice,
+    choose_suggestion,
+    expected_improvement,
+    novel_trial,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -42,3 +48,23 @@ def test_once_everything_plausible_is_measured_the_best_is_exploited():
 def test_expected_improvement_grows_with_uncertainty():
     ei = expected_improvement(0.0, np.array([0.1, 0.1]), np.array([0.01, 0.2]))
     assert ei[1] > ei[0] >= 0
+
+
+def test_a_new_best_is_confirmed_before_anything_else_is_explored():
+    promising = [est(100), est(80, samples=1, std=0.15), est(90, std=0.2, samples=0)]
+    assert choose_suggestion(promising, RNG) == Choice(1, explore=False)
+    confirmed = [est(100), est(80, samples=3), est(90, std=0.2, samples=0)]
+    assert choose_suggestion(confirmed, RNG).index == 2, "then exploration resumes"
+
+
+def test_nccls_model_orders_what_is_tried_but_forbids_nothing_it_may_be_wrong_about():
+    # alone, a config rated up to ~1.9x slower is worth one trial; what neighbouring sizes teach
+    # the surrogate moves the rest (test_dynamiccl_tuner: 2x and more, found)
+    rated_much_slower = Estimate(mean=math.log(180), std=0.15, samples=0, novel=True)
+    index, value = novel_trial([est(100), rated_much_slower])
+    assert index == 1 and value > 0
+    measured_nearby = Estimate(mean=math.log(180), std=0.15, samples=0, novel=False)
+    assert novel_trial([est(100), measured_nearby]) is None
+    assert choose_suggestion([est(100), measured_nearby], RNG).index == 0
+    hopeless = Estimate(mean=math.log(2000), std=0.15, samples=0, novel=True)
+    assert novel_trial([est(100), hopeless]) is None, "still worth its cost, or not tried"

@@ -28,8 +28,8 @@ for transfer to neighbouring sizes and similar fabrics, and for the surrogate:
   unconfirmed until a second source agrees (suggest sends its best configs
   back to the fleet, so one does); NCCL's cost model confirms nothing;
 * a cell another source contradicts (found slower beyond noise) is contested
-  and never trusted, however many accomplices repeat the claim; for
-  exploration its slowest source's word counts;
+  and never trusted, however many accomplices repeat the claim (a lone
+  straggler contests too, until the next samples outvote it);
 * a source whose claims others keep refuting is not listened to at all
   (`distrusted_sources`);
 * verified in use: a config that a source ran (twice or more) and found
@@ -212,7 +212,7 @@ class FabricKnowledge:
         self.signature = hardware_signature(fabric)
         self.prior = NcclPrior(fabric)
         self._cells: dict[CellKey, Cell] = {}
-        self._context_cells: dict[ContextKey, set[CellKey]] = defaultdict(set)
+        self._context_cells: dict[ContextKey, list[CellKey]] = defaultdict(list)  # in arrival order
         self._summaries: dict[CellKey, CellSummary] = {}
         self._distrusted: frozenset[str] = frozenset()
         self._noise = DEFAULT_NOISE
@@ -262,7 +262,7 @@ class FabricKnowledge:
                 return True
             touched: set[ContextKey] = set()
             self._read_new(store, touched)
-            for context_key in touched:
+            for context_key in sorted(touched):  # one order on every replica: the surrogate's rows
                 self._summaries.update(self._judge(context_key))
             previous = self.snapshot
             snapshot = self._snapshot(previous.model, previous.donor_cells)
@@ -297,7 +297,7 @@ class FabricKnowledge:
                 cell = self._cells.get(key)
                 if cell is None:
                     cell = self._cells[key] = Cell()
-                    self._context_cells[key[0]].add(key)
+                    self._context_cells[key[0]].append(key)
                 cell.add(row.context.nbytes, row.latency_us, row.client or row.job_id)
                 if touched is not None:
                     touched.add(key[0])
@@ -321,13 +321,12 @@ class FabricKnowledge:
             location = cell.location()
             # NCCL's default is the baseline, never itself recommended: two agreeing sources do
             corroborated = cell.corroborated(2 if key[1] == DEFAULT_KEY else quorum)
-            contested = not corroborated and cell.sources > 1
             withdrawn = (
                 default is not None and key[1] != DEFAULT_KEY and location < default.location() - MIN_GAIN
                 and slower_in_use(cell, default, self._noise)
             )
             trusted = (corroborated or (cell.sources == 1 and len(witnesses) == 1)) and not withdrawn
-            if contested or withdrawn:  # for exploration too, the slowest source's word counts
+            if withdrawn:  # for exploration too, the word of the source that ran it slower counts
                 location = max(cell.source_locations())
             summaries[key] = CellSummary(location, cell.std_error(self._noise), cell.n, cell.mean_nbytes,
                                          cell.sources, trusted, withdrawn)

@@ -49,8 +49,9 @@ def expected_improvement(best: float, mean: np.ndarray, std: np.ndarray) -> np.n
 
 def choose_suggestion(estimates: list[Estimate], rng: np.random.Generator) -> Choice:
     """Index 0 is the NCCL default; it is measured first (DEFAULT_SAMPLES times, so that one
-    straggler cannot make everything else look fast), as the baseline everything is judged by."""
-    if estimates[0].samples < DEFAULT_SAMPLES:
+    straggler cannot make everything else look fast, and until its evidence is trusted), as the
+    baseline everything is judged by."""
+    if _baseline_pending(estimates[0]):
         return Choice(0, explore=False)
     mean = np.array([e.mean for e in estimates])
     std = np.array([e.std for e in estimates])
@@ -66,6 +67,13 @@ def choose_suggestion(estimates: list[Estimate], rng: np.random.Generator) -> Ch
     return Choice(int(rng.choice(ties)), explore=True)
 
 
+def _baseline_pending(default: Estimate) -> bool:
+    """Whether the default needs measuring before anything else: DEFAULT_SAMPLES times, and
+    again (up to CONFIRM_SAMPLES) while its evidence is not trusted (one straggler among a
+    fleet's samples contests it), since nothing is recommended against an untrusted baseline."""
+    return default.samples < DEFAULT_SAMPLES or (not default.trusted and default.samples < CONFIRM_SAMPLES)
+
+
 def _best_measured(estimates: list[Estimate]) -> int:
     """The index of the fastest config with samples of its own (the default has some first)."""
     return min((i for i, e in enumerate(estimates) if e.samples > 0), key=lambda i: estimates[i].mean)
@@ -74,7 +82,7 @@ def _best_measured(estimates: list[Estimate]) -> int:
 def settled(estimates: list[Estimate]) -> bool:
     """Whether the context is past its baseline and has no unconfirmed best: free to try
     something new."""
-    if estimates[0].samples < DEFAULT_SAMPLES:
+    if _baseline_pending(estimates[0]):
         return False
     best = _best_measured(estimates)
     return not (best and _unconfirmed(estimates[0], estimates[best]))

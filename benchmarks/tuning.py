@@ -163,7 +163,6 @@ class OverHttp(Strategy):
         self._batches = count()
         self._round = 0
         self._sent = 0
-        self.behind = 0
 
     def suggest(self, contexts: list[Context], round_index: int) -> list[NcclConfig]:
         self._wait_learned()
@@ -182,9 +181,7 @@ class OverHttp(Strategy):
 
     def recommend(self, contexts: list[Context]) -> RecommendResponse:
         self._wait_learned()
-        answer = self.api.recommend(self.fabric_id, [c.weighted() for c in contexts])
-        self.behind += bool(answer.learner and answer.learner.behind)
-        return answer
+        return self.api.recommend(self.fabric_id, [c.weighted() for c in contexts])
 
     def _wait_learned(self, timeout: float = 120.0) -> None:
         if not self.mode.wait:

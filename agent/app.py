@@ -3,7 +3,9 @@
 `POST /local/v1/measurements`, `POST /local/v1/recommend`,
 `POST /local/v1/plugin/register` and `/unregister` (plugin-mode jobs tuned
 online, see plugin_online), `GET /healthz`, `GET /metrics`. Malformed input is a 422 naming the field (and counted);
-nothing a caller sends can stop the agent.
+nothing a caller sends can stop the agent. Measurements of configs the fabric
+cannot run are a 422 naming each of them, with `accepted` counting the others,
+which are taken.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Annotated, Literal
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -96,9 +99,16 @@ def create_app(agent: Agent, manage_agent: bool = True) -> FastAPI:
         agent.metrics.bad_requests.inc()
         return await request_validation_exception_handler(request, error)
 
-    @app.post("/local/v1/measurements", status_code=202)
-    def measurements(body: LocalMeasurements) -> LocalAccepted:
-        return LocalAccepted(accepted=agent.ingest(body.measurements, job_id=body.job_id))
+    @app.post("/local/v1/measurements", status_code=202, response_model=LocalAccepted)
+    def measurements(body: LocalMeasurements) -> Response:
+        ingested = agent.ingest(body.measurements, job_id=body.job_id)
+        if not ingested.refused:
+            return JSONResponse(LocalAccepted(accepted=ingested.accepted).model_dump(), status_code=202)
+        detail = [
+            {"type": "invalid_config", "loc": ["body", "measurements", r.index, "config"], "msg": r.reason}
+            for r in ingested.refused
+        ]
+        return JSONResponse({"detail": detail, "accepted": ingested.accepted}, status_code=422)
 
     @app.post("/local/v1/recommend")
     def recommend(body: LocalRecommendRequest) -> LocalRecommendResponse:

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from dynamiccl.client import DynamicclClient
+from dynamiccl.nccl.space import InvalidConfig, check_config
 from dynamiccl.schemas import DEFAULT_CONFIG, Fabric, Measurement, NcclConfig, WeightedContext
 
 from dynamiccl.agent.aggregator import DEFAULT_WINDOW_S, Aggregator
@@ -34,6 +35,20 @@ from dynamiccl.agent.spool import DEFAULT_MAX_BATCHES, DEFAULT_MAX_BYTES, Spool
 from dynamiccl.agent.workload import WorkloadRecorder
 
 log = logging.getLogger("dynamiccl.agent")
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A measurement the agent would not take: its index in what was handed in, and why."""
+
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ingested:
+    accepted: int
+    refused: tuple[Refused, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,7 +96,7 @@ class Agent:
             max_backoff=config.max_backoff_s,
             on_sent=lambda _batch: self.metrics.sent(),
             on_failure=self.metrics.send_failures.inc,
-            on_bad_batch=lambda _batch: self.metrics.spool_dropped.labels("refused").inc(),
+            on_refused=self.metrics.measurements_refused.labels("server").inc,
             on_unknown_fabric=self.registrar.request,
         )
         self.aggregator = Aggregator(
@@ -151,14 +166,32 @@ class Agent:
             except Exception:  # e.g. an unwritable spool: keep the thread, the next window may fit
                 log.exception("spooling a window failed")
 
-    def ingest(self, measurements: Sequence[Measurement], job_id: str | None = None) -> int:
-        """Take measurements from a hook or reader; `job_id` fills in where a measurement has none."""
-        if job_id is not None:
-            measurements = [m if m.job_id else m.model_copy(update={"job_id": job_id}) for m in measurements]
-        self.metrics.observe(measurements)
-        self.workload.record(measurements)
-        self.aggregator.add(measurements)
-        return len(measurements)
+    def ingest(self, measurements: Sequence[Measurement], job_id: str | None = None) -> Ingested:
+        """Take measurements from a hook or reader; `job_id` fills in where a measurement has none.
+
+        Each is checked against the fabric's config space here, one by one: a measurement of a config
+        this fabric cannot run would make the server refuse the whole batch it travels in, so it is
+        refused (and counted) now and the others are taken.
+        """
+        taken: list[Measurement] = []
+        refused: list[Refused] = []
+        for index, measurement in enumerate(measurements):
+            try:
+                check_config(self.config.fabric, measurement.context, measurement.config)
+            except InvalidConfig as error:
+                refused.append(Refused(index, str(error)))
+                continue
+            if job_id is not None and not measurement.job_id:
+                measurement = measurement.model_copy(update={"job_id": job_id})
+            taken.append(measurement)
+        if refused:
+            self.metrics.measurements_refused.labels("agent").inc(len(refused))
+            log.warning("refused %d of %d measurements (first: #%d, %s)",
+                        len(refused), len(measurements), refused[0].index, refused[0].reason)
+        self.metrics.observe(taken)
+        self.workload.record(taken)
+        self.aggregator.add(taken)
+        return Ingested(accepted=len(taken), refused=tuple(refused))
 
     def recommend(self, job_id: str, contexts: Sequence[WeightedContext] | None, refresh: bool) -> Answer:
         answer = self.recommender.recommend(job_id, contexts, refresh)

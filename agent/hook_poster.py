@@ -117,12 +117,16 @@ class Poster:
             except httpx.HTTPError as error:
                 self._failed(f"agent unreachable at {self.url} ({error.__class__.__name__})")
                 return
-            if response.status_code != 202:
-                # A refused batch would be refused again: drop it rather than wedge the backlog.
-                self._failed(f"agent refused a batch: {response.status_code} {response.text[:200]}")
-                self.stats.dropped += len(batch)
-            else:
+            if response.status_code == 202:
                 self.stats.posted += len(batch)
+            else:
+                # A refused batch would be refused again: drop it rather than wedge the backlog.
+                # A 422 may still have taken the valid measurements (`accepted`).
+                accepted = _accepted(response)
+                self._failed(f"agent refused {len(batch) - accepted} of {len(batch)} measurements: "
+                             f"{response.status_code} {response.text[:200]}")
+                self.stats.posted += accepted
+                self.stats.dropped += len(batch) - accepted
             for _ in batch:
                 self._backlog.popleft()
 
@@ -145,3 +149,12 @@ class Poster:
         remaining = max(0.05, deadline - time.monotonic())
         self._timeout_s = min(self._timeout_s, remaining)
         self.flush(deadline=deadline)
+
+
+def _accepted(response: httpx.Response) -> int:
+    """How many measurements of a refused batch the agent took anyway (0 when it does not say)."""
+    try:
+        accepted = response.json().get("accepted", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return accepted if isinstance(accepted, int) else 0

@@ -192,7 +192,7 @@ class InspectorFollower:
     """Polls an InspectorReader on a thread and hands what it reads to `sink`."""
 
     def __init__(
-        self, reader: InspectorReader, sink: Callable[[list[Measurement]], None], interval_s: float = 1.0
+        self, reader: InspectorReader, sink: Callable[[list[Measurement]], object], interval_s: float = 1.0
     ) -> None:
         self.reader = reader
         self.sink = sink

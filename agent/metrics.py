@@ -48,8 +48,13 @@ class AgentMetrics:
         self.spool_bytes = Gauge("dynamiccl_agent_spool_bytes", "Bytes waiting in the spool", registry=r)
         self.spool_dropped = Counter(
             "dynamiccl_agent_spool_dropped_batches",
-            "Batches dropped unsent: spool over its bounds, disk full, or refused by the server as bad",
-            ["reason"], registry=r,
+            "Batches dropped unsent: spool over its bounds or disk full", ["reason"], registry=r,
+        )
+        self.measurements_refused = Counter(
+            "dynamiccl_agent_measurements_refused",
+            "Measurements dropped as bad, one by one: at ingest (a config the fabric cannot run) "
+            "or by the server (what it still refused once its batch was narrowed down)",
+            ["where"], registry=r,
         )
         self.batches_sent = Counter("dynamiccl_agent_batches_sent", "Batches the server accepted", registry=r)
         self.send_failures = Counter(

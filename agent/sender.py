@@ -3,31 +3,58 @@
 A batch is acked (deleted from the spool) only once the server answered 202,
 a duplicate included: the batch id is the batch's own, so a retry after a lost
 response is recognised by the server and counts nothing twice. Failures back
-off exponentially with jitter. A batch the server refuses as bad (422, 413,
-other 4xx) is dropped and counted so it cannot block the queue forever;
-refusals that are not about the batch are retried instead: 408/429 (load),
-401/403 (the token: every batch would fail alike until it is fixed) and 404
-(the fabric is unknown to the server, e.g. its database was reset: the agent
-registers it again).
+off exponentially with jitter.
+
+A batch the server refuses as bad (422, 413, other 4xx) is narrowed down
+rather than dropped: the measurements a 422 names are dropped, and the rest is
+sent again as a batch of its own; a refusal that names none splits the batch in
+halves, down to single measurements. Only what the server still refuses on its
+own is dropped, counted and logged with the server's reason, so one bad
+measurement cannot take honest ones with it, nor block the queue. The parts'
+batch ids derive from the batch's, so a narrowing interrupted by an outage and
+redone later stores nothing twice. Refusals that are not about the batch are
+retried instead: 408/429 (load), 401/403 (the token: every batch would fail
+alike until it is fixed) and 404 (the fabric is unknown to the server, e.g. its
+database was reset: the agent registers it again).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import httpx
 
 from dynamiccl.client import ApiError, DynamicclClient
+from dynamiccl.schemas import Measurement
 
 from dynamiccl.agent.spool import Spool, SpooledBatch
 
 log = logging.getLogger("dynamiccl.agent.sender")
 
 RETRIED_4XX = frozenset({401, 403, 404, 408, 429})
+
+
+def part_id(batch_id: str, part: str) -> str:
+    """The batch id of one part of a narrowed batch: the same on every attempt, within the id limit."""
+    digest = hashlib.blake2b(f"{batch_id}|{part}".encode(), digest_size=8).hexdigest()
+    return f"{batch_id[:100]}~{digest}"
+
+
+def named_measurements(detail: object, size: int) -> set[int]:
+    """Indices of measurements a 422's detail names (`loc` body, measurements, i, ...)."""
+    named: set[int] = set()
+    for error in detail if isinstance(detail, list) else ():
+        loc = error.get("loc") if isinstance(error, dict) else None
+        if isinstance(loc, list | tuple) and len(loc) >= 3 and list(loc[:2]) == ["body", "measurements"]:
+            index = loc[2]
+            if isinstance(index, int) and 0 <= index < size:
+                named.add(index)
+    return named
 
 
 def backoff_delay(failures: int, base: float, cap: float) -> float:
@@ -47,7 +74,7 @@ class Sender:
         idle_poll: float = 1.0,
         on_sent: Callable[[SpooledBatch], None] | None = None,
         on_failure: Callable[[], None] | None = None,
-        on_bad_batch: Callable[[SpooledBatch], None] | None = None,
+        on_refused: Callable[[int], None] | None = None,
         on_unknown_fabric: Callable[[], None] | None = None,
     ) -> None:
         self.spool = spool
@@ -60,7 +87,7 @@ class Sender:
         self.last_success: float | None = None  # unix time of the last batch the server took
         self._on_sent = on_sent
         self._on_failure = on_failure
-        self._on_bad_batch = on_bad_batch
+        self._on_refused = on_refused
         self._on_unknown_fabric = on_unknown_fabric
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -106,22 +133,8 @@ class Sender:
         return 0.0
 
     def _send(self, batch: SpooledBatch) -> bool:
-        """True when the batch is done with (stored, duplicate, or dropped as bad)."""
-        try:
-            self.client.post_measurements(batch.fabric_id, batch.batch_id, batch.measurements)
-        except ApiError as error:
-            if error.status_code == 404 and self._on_unknown_fabric is not None:
-                self._on_unknown_fabric()
-            if error.status_code >= 500 or error.status_code in RETRIED_4XX:
-                log.warning("batch %s not sent, will retry: %s", batch.batch_id, error)
-                return False
-            log.error("server refused batch %s as bad, dropping it: %s", batch.batch_id, error)
-            self.spool.ack(batch.batch_id)
-            if self._on_bad_batch is not None:
-                self._on_bad_batch(batch)
-            return True
-        except (httpx.HTTPError, ValueError) as error:  # ValueError: an answer that is not BatchAccepted
-            log.warning("batch %s not sent, will retry: %s", batch.batch_id, error)
+        """True when the batch is done with (stored, duplicate, or narrowed down to what is bad)."""
+        if not self._deliver(batch.fabric_id, batch.batch_id, batch.measurements):
             return False
         self.spool.ack(batch.batch_id)
         self.failures = 0
@@ -129,3 +142,40 @@ class Sender:
         if self._on_sent is not None:
             self._on_sent(batch)
         return True
+
+    def _deliver(self, fabric_id: str, batch_id: str, measurements: Sequence[Measurement]) -> bool:
+        """Post a batch, narrowing it down if the server refuses it as bad; False: retry it later."""
+        try:
+            self.client.post_measurements(fabric_id, batch_id, measurements)
+        except ApiError as error:
+            if error.status_code == 404 and self._on_unknown_fabric is not None:
+                self._on_unknown_fabric()
+            if error.status_code >= 500 or error.status_code in RETRIED_4XX:
+                log.warning("batch %s not sent, will retry: %s", batch_id, error)
+                return False
+            return self._narrow(fabric_id, batch_id, measurements, error)
+        except (httpx.HTTPError, ValueError) as error:  # ValueError: an answer that is not BatchAccepted
+            log.warning("batch %s not sent, will retry: %s", batch_id, error)
+            return False
+        return True
+
+    def _narrow(self, fabric_id: str, batch_id: str, measurements: Sequence[Measurement], error: ApiError) -> bool:
+        named = named_measurements(error.detail, len(measurements))
+        if len(measurements) == 1 or len(named) == len(measurements):
+            log.error("server refused %d measurement(s) of batch %s, dropping them: %s",
+                      len(measurements), batch_id, error)
+            if self._on_refused is not None:
+                self._on_refused(len(measurements))
+            return True
+        if named:
+            log.error("server refused %d of %d measurements of batch %s, dropping those: %s",
+                      len(named), len(measurements), batch_id, error)
+            if self._on_refused is not None:
+                self._on_refused(len(named))
+            rest = [m for i, m in enumerate(measurements) if i not in named]
+            return self._deliver(fabric_id, part_id(batch_id, "rest"), rest)
+        half = len(measurements) // 2
+        return all([
+            self._deliver(fabric_id, part_id(batch_id, "a"), measurements[:half]),
+            self._deliver(fabric_id, part_id(batch_id, "b"), measurements[half:]),
+        ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -26,7 +27,9 @@ class FakeServer:
     """Just enough of the v1 API: fabrics, idempotent batches, pinned recommendations.
 
     `down` makes every call a connection error; `lose_responses` stores a batch and then loses
-    the answer (a read timeout) that many times; `status` answers every batch with that code.
+    the answer (a read timeout) that many times; `status` answers every batch with that code;
+    `refuse` refuses a batch holding any measurement it is true of, naming those (as the real
+    server does) unless `name_refused` is False.
     """
 
     def __init__(self) -> None:
@@ -38,6 +41,8 @@ class FakeServer:
         self.status: int | None = None
         self.posts = 0
         self.pins: dict[str, dict] = {}
+        self.refuse: Callable[[dict], bool] | None = None
+        self.name_refused = True
         self._lock = threading.Lock()
         self.transport = httpx.MockTransport(self.handle)
 
@@ -71,6 +76,10 @@ class FakeServer:
         body = json.loads(request.content)
         if body["fabric_id"] not in self.fabrics:
             return httpx.Response(404, json={"detail": "unknown fabric"})
+        refused = [i for i, m in enumerate(body["measurements"]) if self.refuse is not None and self.refuse(m)]
+        if refused:
+            named = [["body", "measurements", i, "config"] if self.name_refused else ["body"] for i in refused]
+            return httpx.Response(422, json={"detail": [{"loc": loc, "msg": "bad config"} for loc in named]})
         duplicate = body["batch_id"] in self.batches
         if not duplicate:
             self.batches[body["batch_id"]] = len(body["measurements"])

@@ -84,6 +84,19 @@ def test_bad_input_is_a_422_naming_the_field(make_agent, fake_server, make_measu
     assert wait_for(lambda: fake_server.measurements == 3)
 
 
+def test_a_config_the_fabric_cannot_run_is_refused_alone(make_agent, fake_server, make_measurement):
+    """NVLS on a PCIe node among ten measurements: a 422 naming it, and the nine others delivered."""
+    agent, client = make_agent()
+    payload = body(make_measurement, 10)
+    payload["measurements"][6]["config"] = {"algo": "nvls", "proto": "simple"}
+    response = client.post("/local/v1/measurements", json=payload)
+    assert response.status_code == 422 and response.json()["accepted"] == 9
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "measurements", 6, "config"] and "nvls" in error["msg"]
+    assert wait_for(lambda: fake_server.measurements == 9)
+    assert 'dynamiccl_agent_measurements_refused_total{where="agent"} 1.0' in client.get("/metrics").text
+
+
 def test_too_many_measurements_are_refused(make_agent, make_measurement):
     agent, client = make_agent()
     one = make_measurement().model_dump(mode="json")

@@ -59,7 +59,9 @@ class _TunerV6(ctypes.Structure):
     _fields_ = [*_TunerV5._fields_, ("getChunkSize", ctypes.c_void_p)]
 
 
-_STRUCTS: dict[int, type[ctypes.Structure]] = {3: _TunerV3, 4: _TunerV4, 5: _TunerV5, 6: _TunerV6}
+#: v7 (NCCL 2.32.6) has v6's table; only the constants struct passed to init grows.
+_STRUCTS: dict[int, type[ctypes.Structure]] = {3: _TunerV3, 4: _TunerV4, 5: _TunerV5, 6: _TunerV6, 7: _TunerV6}
+EXPORTED_VERSIONS = tuple(_STRUCTS)
 
 
 def cost_table(costs: dict[tuple[Algo, Proto], float] | None = None, default: float = IGNORE) -> list[float]:
@@ -147,7 +149,8 @@ class TunerLibrary:
 
     def __init__(self, path: Path, version: int = 5) -> None:
         if version not in _STRUCTS:
-            raise ValueError(f"tuner API v{version} is not one the plugin exports (3 to 6)")
+            raise ValueError(f"tuner API v{version} is not one the plugin exports "
+                             f"({EXPORTED_VERSIONS[0]} to {EXPORTED_VERSIONS[-1]})")
         self.path = path
         self.version = version
         self.library = ctypes.CDLL(str(path))

@@ -13,7 +13,11 @@
  * Rule lines use the CSV format of NCCL's example tuner plugin:
  *   collective,min_bytes,max_bytes,algorithm,protocol,channels,nNodes,nRanks[,numPipeOps[,regBuff]]
  * -1 means "any" (nNodes, nRanks, numPipeOps, regBuff) or "NCCL decides"
- * (channels); first match wins; '#' starts a comment. Rules are grouped in
+ * (channels); regBuff 0 means "buffers not registered". As in NCCL's example
+ * plugin, the first matching rule whose pair NCCL offers for the call wins: a
+ * matching rule whose pair NCCL marks unavailable, or that names an algorithm
+ * or protocol this plugin does not know, gives way to the next matching rule.
+ * '#' starts a comment. Rules are grouped in
  * sections, each opened by a header line
  *   # dynamiccl: version=V from_call=K
  * Rules before the first header form section version 0 from call 0, so a
@@ -52,11 +56,13 @@
  *
  * Never failing NCCL
  * ------------------
- * getCollInfo() always returns ncclSuccess. A call no rule matches, a rule
- * naming an algorithm or protocol this plugin does not know, or a pair NCCL
- * marks unavailable (NCCL_ALGO_PROTO_IGNORE) leaves the table untouched:
- * NCCL's own choice. Each such case is logged once per communicator through
- * the logFunction NCCL passes to init (NULL is tolerated).
+ * getCollInfo() always returns ncclSuccess. A call that no applicable rule
+ * matches leaves the table untouched: NCCL's own choice. A rule passed over
+ * (unknown name, or a pair NCCL marks NCCL_ALGO_PROTO_IGNORE) is logged once
+ * per communicator through the logFunction NCCL passes to init (NULL is
+ * tolerated). With DYNAMICCL_TUNER_LOG_RULES=1 every rule line is logged as it
+ * was understood, and every refused line with the reason (what `dynamiccl
+ * plugin check` prints).
  *
  * Cost on NCCL's call path: a counter decrement per call; every
  * DYNAMICCL_TUNER_CHECK_CALLS calls (64) one coarse clock read; at most every
@@ -71,9 +77,11 @@
  * and, per (collective, log2 size class), the last choice made (rule or
  * NCCL's cost-model pick) and for how many calls in a row it was made.
  *
- * ABI: NCCL's tuner interface v3, v4, v5 and v6 (declared below from NCCL's
- * headers; no NCCL source is needed to build), exported as
- * ncclTunerPlugin_v3 ... ncclTunerPlugin_v6. NCCL takes the newest it knows.
+ * ABI: NCCL's tuner interface v3 to v7 (declared below from NCCL's headers; no
+ * NCCL source is needed to build), exported as ncclTunerPlugin_v3 ...
+ * ncclTunerPlugin_v7. NCCL takes the newest it knows. v7 (NCCL 2.32.6) has
+ * v6's function table; only its constants struct (5 compute capabilities)
+ * differs, and this plugin reads no constants.
  */
 
 #define _GNU_SOURCE
@@ -128,9 +136,10 @@ typedef enum {
 #define NUM_COLLS 5 /* the collectives NCCL consults the tuner for */
 #define ALGO_PROTO_IGNORE (-1.0f)
 
-/* v5 passes NVLink-domain info and NCCL's tuning constants; this plugin reads neither. */
+/* v5+ pass NVLink-domain info and NCCL's tuning constants; this plugin reads neither. */
 typedef struct ncclNvlDomainInfo_v5 ncclNvlDomainInfo_v5_t;
 typedef struct ncclTunerConstants_v5 ncclTunerConstants_v5_t;
+typedef struct ncclTunerConstants_v7 ncclTunerConstants_v7_t; /* NCCL_NUM_COMPCAPS_V7 = 5 */
 
 typedef struct {
   const char *name;
@@ -174,6 +183,19 @@ typedef struct {
                                int proto, int nChannels, size_t *chunkSize);
 } ncclTuner_v6_t;
 
+typedef struct {
+  const char *name;
+  ncclResult_t (*init)(void **context, uint64_t commId, size_t nRanks, size_t nNodes,
+                       ncclDebugLogger_t logFunction, ncclNvlDomainInfo_v5_t *nvlDomainInfo,
+                       ncclTunerConstants_v7_t *constants);
+  ncclResult_t (*getCollInfo)(void *context, ncclFunc_t collType, size_t nBytes, int numPipeOps,
+                              float **collCostTable, int numAlgo, int numProto, int regBuff,
+                              int *nChannels);
+  ncclResult_t (*finalize)(void *context);
+  ncclResult_t (*getChunkSize)(void *context, ncclFunc_t collType, size_t nBytes, int algo,
+                               int proto, int nChannels, size_t *chunkSize);
+} ncclTuner_v7_t;
+
 /* ---------------- names ---------------- */
 
 static const char *const COLL_NAMES[NUM_COLLS] = {"broadcast", "reduce", "allgather",
@@ -200,7 +222,7 @@ static int name_index(const char *const *names, int n, const char *text) {
 
 typedef struct {
   size_t min_bytes, max_bytes;
-  int algo, proto; /* -1: a name this plugin does not know: NCCL decides */
+  int algo, proto;
   int channels;    /* -1: NCCL decides */
   int pipe_ops;    /* -1: any */
   int reg_buff;    /* -1: any */
@@ -210,7 +232,8 @@ typedef struct {
   int64_t version;
   int64_t from_call;
   int broken; /* a rule line did not parse: NCCL decides while this section is in force */
-  /* Per collective, in file order, only the rules that can match this communicator. */
+  /* Per collective, in file order, only the rules that can match this communicator
+   * (a line naming an unknown algorithm or protocol can never apply: it is left out). */
   Rule *rules[NUM_COLLS];
   int nrules[NUM_COLLS];
   int cap[NUM_COLLS];
@@ -260,6 +283,7 @@ typedef struct Ctx {
   off_t size;
   struct timespec mtime;
   unsigned once;
+  int log_rules; /* DYNAMICCL_TUNER_LOG_RULES=1: log every rule line as understood */
 
   Cell cells[NUM_COLLS][NUM_SIZE_CLASSES];
 } Ctx;
@@ -376,28 +400,57 @@ static int section_add(Section *s, int coll, const Rule *rule) {
   return 0;
 }
 
-typedef enum { LINE_OK, LINE_SKIP, LINE_BAD } LineResult;
+/* LINE_OTHER_COMM: a rule for communicators of other sizes; LINE_UNKNOWN: names a collective,
+ * algorithm or protocol this plugin does not know (never applies); LINE_BAD: not a rule. */
+typedef enum { LINE_OK, LINE_OTHER_COMM, LINE_UNKNOWN, LINE_BAD } LineResult;
 
-/* One rule line (comment already stripped). LINE_SKIP: cannot match this communicator. */
-static LineResult parse_rule(Ctx *ctx, char *line, int line_no, int *coll, Rule *rule) {
+static const char *any_or(long long value, char *buf, size_t size) {
+  if (value == -1) return "any";
+  snprintf(buf, size, "%lld", value);
+  return buf;
+}
+
+#define WHY_SIZE 160
+
+/* One rule line (comment already stripped); `why` (WHY_SIZE) says what is wrong unless LINE_OK. */
+static LineResult parse_rule(Ctx *ctx, char *line, int line_no, int *coll, Rule *rule, char *why) {
   char *fields[10];
   int n = 0;
   for (char *field = line; field != NULL; n++) {
-    if (n == 10) return LINE_BAD;
+    if (n == 10) {
+      snprintf(why, WHY_SIZE, "more than 10 fields");
+      return LINE_BAD;
+    }
     char *comma = strchr(field, ',');
     if (comma) *comma = '\0';
     fields[n] = trim(field);
     field = comma ? comma + 1 : NULL;
   }
-  if (n < 8) return LINE_BAD;
+  const char *bad = NULL;
   long long v[10];
   for (int i = 5; i < 10; i++) v[i] = -1;
-  if (parse_int(fields[1], 0, LLONG_MAX, &v[1]) || parse_int(fields[2], 0, LLONG_MAX, &v[2]) ||
-      v[1] > v[2] || parse_int(fields[5], -1, MAX_CHANNELS, &v[5]) || v[5] == 0)
+  if (n < 8)
+    bad = "fewer than 8 fields";
+  else if (parse_int(fields[1], 0, LLONG_MAX, &v[1]))
+    bad = "min_bytes is not a byte count";
+  else if (parse_int(fields[2], 0, LLONG_MAX, &v[2]))
+    bad = "max_bytes is not a byte count";
+  else if (v[1] > v[2])
+    bad = "min_bytes is above max_bytes";
+  else if (parse_int(fields[5], -1, MAX_CHANNELS, &v[5]) || v[5] == 0)
+    bad = "channels must be -1 (NCCL decides) or 1 to 255";
+  else if (parse_int(fields[6], -1, INT_MAX, &v[6]) || v[6] == 0)
+    bad = "nNodes must be -1 (any) or at least 1";
+  else if (parse_int(fields[7], -1, INT_MAX, &v[7]) || v[7] == 0)
+    bad = "nRanks must be -1 (any) or at least 1";
+  else if (n >= 9 && (parse_int(fields[8], -1, INT_MAX, &v[8]) || v[8] == 0))
+    bad = "numPipeOps must be -1 (any) or at least 1";
+  else if (n == 10 && parse_int(fields[9], -1, 1, &v[9]))
+    bad = "regBuff must be -1 (any), 0 (not registered) or 1 (registered)";
+  if (bad != NULL) {
+    snprintf(why, WHY_SIZE, "%s", bad);
     return LINE_BAD;
-  for (int i = 6; i < n && i < 9; i++) /* nNodes, nRanks, numPipeOps: >= 1 or -1 */
-    if (parse_int(fields[i], -1, INT_MAX, &v[i]) || v[i] == 0) return LINE_BAD;
-  if (n == 10 && parse_int(fields[9], -1, 1, &v[9])) return LINE_BAD; /* regBuff: 0 (not registered), 1, -1 */
+  }
   rule->min_bytes = (size_t)v[1];
   rule->max_bytes = (size_t)v[2];
   rule->channels = (int)v[5];
@@ -407,15 +460,25 @@ static LineResult parse_rule(Ctx *ctx, char *line, int line_no, int *coll, Rule 
   rule->proto = name_index(PROTO_NAMES, NUM_PROTO_NAMES, fields[4]);
   *coll = name_index(COLL_NAMES, NUM_COLLS, fields[0]);
   if (*coll < 0 || rule->algo < 0 || rule->proto < 0) {
+    snprintf(why, WHY_SIZE, "unknown %s '%.40s'",
+             *coll < 0 ? "collective" : rule->algo < 0 ? "algorithm" : "protocol",
+             *coll < 0 ? fields[0] : rule->algo < 0 ? fields[3] : fields[4]);
     if (first_time(ctx, ONCE_UNKNOWN_NAME))
-      say(ctx, NCCL_LOG_INFO, __LINE__,
-          "%s line %d names an unknown %s (%s,%s,%s): NCCL decides the calls it covers", ctx->path,
-          line_no, *coll < 0 ? "collective" : rule->algo < 0 ? "algorithm" : "protocol", fields[0],
-          fields[3], fields[4]);
-    if (*coll < 0) return LINE_SKIP; /* no call of this communicator can be meant */
+      say(ctx, NCCL_LOG_INFO, __LINE__, "%s line %d: %s: the line never applies", ctx->path,
+          line_no, why);
+    return LINE_UNKNOWN;
+  }
+  if (ctx->log_rules) {
+    char b[5][24];
+    say(ctx, NCCL_LOG_INFO, __LINE__,
+        "%s line %d rule: %s bytes %zu..%zu %s/%s channels=%s nNodes=%s nRanks=%s numPipeOps=%s "
+        "regBuff=%s", ctx->path, line_no, COLL_NAMES[*coll], rule->min_bytes, rule->max_bytes,
+        ALGO_NAMES[rule->algo], PROTO_NAMES[rule->proto], any_or(v[5], b[0], sizeof(b[0])),
+        any_or(v[6], b[1], sizeof(b[1])), any_or(v[7], b[2], sizeof(b[2])),
+        any_or(v[8], b[3], sizeof(b[3])), any_or(v[9], b[4], sizeof(b[4])));
   }
   if ((v[6] != -1 && (size_t)v[6] != ctx->nnodes) || (v[7] != -1 && (size_t)v[7] != ctx->nranks))
-    return LINE_SKIP;
+    return LINE_OTHER_COMM;
   return LINE_OK;
 }
 
@@ -491,6 +554,10 @@ static int merge_file(Ctx *ctx, char *text, uint64_t *lowest_from) {
       added += close_section(ctx, &cur, state == PARSING, lowest_from);
       int64_t version = 0, from_call = 0;
       if (parse_header(header, &version, &from_call) != 0 || version <= last_version) {
+        if (ctx->log_rules)
+          say(ctx, NCCL_LOG_INFO, __LINE__,
+              "%s line %d refused: a section header needs version=V from_call=K with versions "
+              "increasing (its rules are skipped)", ctx->path, line_no);
         if (first_time(ctx, ONCE_BAD_HEADER))
           say(ctx, NCCL_LOG_WARN, __LINE__,
               "%s line %d: a section header needs version=V from_call=K with versions "
@@ -515,14 +582,17 @@ static int merge_file(Ctx *ctx, char *text, uint64_t *lowest_from) {
     if (state != PARSING) continue;
     int coll;
     Rule rule;
-    LineResult result = parse_rule(ctx, line, line_no, &coll, &rule);
+    char why[WHY_SIZE];
+    LineResult result = parse_rule(ctx, line, line_no, &coll, &rule, why);
+    if (ctx->log_rules && (result == LINE_BAD || result == LINE_UNKNOWN))
+      say(ctx, NCCL_LOG_INFO, __LINE__, "%s line %d refused: %s", ctx->path, line_no, why);
     if (result == LINE_BAD) {
       cur.broken = 1;
       if (first_time(ctx, ONCE_BAD_LINE))
         say(ctx, NCCL_LOG_WARN, __LINE__,
-            "%s line %d is not a rule (collective,min_bytes,max_bytes,algorithm,protocol,"
+            "%s line %d is not a rule (%s; collective,min_bytes,max_bytes,algorithm,protocol,"
             "channels,nNodes,nRanks[,numPipeOps[,regBuff]]): NCCL decides every call while "
-            "rules version %lld is in force", ctx->path, line_no, (long long)cur.version);
+            "rules version %lld is in force", ctx->path, line_no, why, (long long)cur.version);
     } else if (result == LINE_OK && section_add(&cur, coll, &rule) != 0) {
       cur.broken = 1; /* out of memory: never a partial rule set */
     }
@@ -735,6 +805,7 @@ static ncclResult_t start(void **context, int has_comm_id, uint64_t comm_id, siz
     ctx->check_every = (int)env_long("DYNAMICCL_TUNER_CHECK_CALLS", 64, 1, 1 << 30);
     ctx->reload_ns = env_long("DYNAMICCL_TUNER_RELOAD_MS", 200, -1, 86400000L) * 1000000LL;
     ctx->report_ns = env_long("DYNAMICCL_TUNER_REPORT_MS", 1000, -1, 86400000L) * 1000000LL;
+    ctx->log_rules = (int)env_long("DYNAMICCL_TUNER_LOG_RULES", 0, 0, 1);
     if (ctx->reload_ns < 0 && ctx->report_ns < 0) ctx->check_every = 0;
     ctx->countdown = ctx->check_every;
     ctx->last_check_ns = coarse_ns();
@@ -775,7 +846,8 @@ static void record(Ctx *ctx, int coll, size_t nBytes, uint64_t choice) {
   }
 }
 
-/* Applies the rule in force to one call, or leaves NCCL's choice; records what ran. */
+/* Applies the first matching rule in force whose pair NCCL offers, or leaves NCCL's choice;
+ * records what ran. */
 static void decide(Ctx *ctx, int coll, size_t nBytes, int numPipeOps, float **collCostTable,
                    int numAlgo, int numProto, int regBuff, int *nChannels) {
   if (coll < 0 || coll >= NUM_COLLS || collCostTable == NULL || numAlgo <= 0 || numProto <= 0)
@@ -783,32 +855,29 @@ static void decide(Ctx *ctx, int coll, size_t nBytes, int numPipeOps, float **co
   float *table = (float *)collCostTable; /* float[numAlgo][numProto], contiguous */
   const Section *s = ctx->active ? &ctx->sections[0] : NULL;
   int64_t version = s ? s->version : -1;
-  const Rule *rule = NULL;
   if (s != NULL && !s->broken) {
-    const Rule *r = s->rules[coll];
-    for (int i = 0, n = s->nrules[coll]; i < n; i++, r++)
-      if (nBytes >= r->min_bytes && nBytes <= r->max_bytes &&
-          (r->pipe_ops == -1 || r->pipe_ops == numPipeOps) &&
-          (r->reg_buff == -1 || r->reg_buff == regBuff)) {
-        rule = r;
-        break;
+    const Rule *rule = s->rules[coll];
+    for (int i = 0, n = s->nrules[coll]; i < n; i++, rule++) {
+      if (nBytes < rule->min_bytes || nBytes > rule->max_bytes ||
+          (rule->pipe_ops != -1 && rule->pipe_ops != numPipeOps) ||
+          (rule->reg_buff != -1 && rule->reg_buff != regBuff))
+        continue;
+      float *cost = rule->algo < numAlgo && rule->proto < numProto
+                        ? &table[rule->algo * numProto + rule->proto]
+                        : NULL;
+      if (cost != NULL && *cost >= 0.0f) {
+        *cost = 0.0f;
+        if (rule->channels > 0 && nChannels != NULL) *nChannels = rule->channels;
+        record(ctx, coll, nBytes,
+               pack_choice(SOURCE_RULE, rule->algo, rule->proto, rule->channels, version));
+        return;
       }
-  }
-  if (rule != NULL && rule->algo >= 0 && rule->proto >= 0) {
-    float *cost = rule->algo < numAlgo && rule->proto < numProto
-                      ? &table[rule->algo * numProto + rule->proto]
-                      : NULL;
-    if (cost != NULL && *cost >= 0.0f) {
-      *cost = 0.0f;
-      if (rule->channels > 0 && nChannels != NULL) *nChannels = rule->channels;
-      record(ctx, coll, nBytes,
-             pack_choice(SOURCE_RULE, rule->algo, rule->proto, rule->channels, version));
-      return;
+      if (first_time(ctx, ONCE_UNAVAILABLE))
+        say(ctx, NCCL_LOG_INFO, __LINE__,
+            "%s of %zu bytes: the rule's %s/%s is not available to NCCL here: the next matching "
+            "rule applies, or NCCL decides", COLL_NAMES[coll], nBytes, ALGO_NAMES[rule->algo],
+            PROTO_NAMES[rule->proto]);
     }
-    if (first_time(ctx, ONCE_UNAVAILABLE))
-      say(ctx, NCCL_LOG_INFO, __LINE__,
-          "%s of %zu bytes: the rule's %s/%s is not available to NCCL here: NCCL decides",
-          COLL_NAMES[coll], nBytes, ALGO_NAMES[rule->algo], PROTO_NAMES[rule->proto]);
   }
   int pick = cheapest(table, numAlgo * numProto);
   record(ctx, coll, nBytes,
@@ -859,6 +928,14 @@ static ncclResult_t init_v5(void **context, uint64_t commId, size_t nRanks, size
   return start(context, 1, commId, nRanks, nNodes, logFunction);
 }
 
+static ncclResult_t init_v7(void **context, uint64_t commId, size_t nRanks, size_t nNodes,
+                            ncclDebugLogger_t logFunction, ncclNvlDomainInfo_v5_t *nvlDomainInfo,
+                            ncclTunerConstants_v7_t *constants) {
+  (void)nvlDomainInfo;
+  (void)constants;
+  return start(context, 1, commId, nRanks, nNodes, logFunction);
+}
+
 static ncclResult_t init_v3(size_t nRanks, size_t nNodes, ncclDebugLogger_t logFunction,
                             void **context) {
   return start(context, 0, 0, nRanks, nNodes, logFunction);
@@ -873,6 +950,9 @@ static ncclResult_t collinfo_v3(void *context, ncclFunc_t collType, size_t nByte
 
 #define PLUGIN_NAME "DynamICCL"
 
+EXPORT const ncclTuner_v7_t ncclTunerPlugin_v7 = {.name = PLUGIN_NAME, .init = init_v7,
+                                                   .getCollInfo = collinfo, .finalize = finish,
+                                                   .getChunkSize = NULL};
 EXPORT const ncclTuner_v6_t ncclTunerPlugin_v6 = {.name = PLUGIN_NAME, .init = init_v5,
                                                    .getCollInfo = collinfo, .finalize = finish,
                                                    .getChunkSize = NULL};

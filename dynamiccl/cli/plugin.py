@@ -47,6 +47,35 @@ def _size_range(size_log2: int) -> str:
 
 
 @app.command()
+def check(rules_file: Annotated[Path, typer.Argument(help="a rules file in the format of NCCL's example tuner "
+                                                           "plugin (or DynamICCL's sectioned one)")]) -> None:
+    """Read RULES_FILE through the plugin itself and print each rule as it understood it, or each line it
+    refuses and why. Exits 1 if any line is refused or the file cannot be used."""
+    from dynamiccl.agent.tuner_plugin.build import PluginBuildError
+    from dynamiccl.agent.tuner_plugin.build import build as build_plugin
+    from dynamiccl.agent.tuner_plugin.check import check_rules_file
+
+    errors = Console(stderr=True, soft_wrap=True)
+    try:
+        library = build_plugin().path
+    except PluginBuildError as error:
+        errors.print(f"dynamiccl plugin check: {error}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    result = check_rules_file(rules_file, library)
+    for warning in result.warnings:
+        errors.print(f"{rules_file}: {warning}", markup=False, highlight=False)
+    table = Table(title=f"{rules_file}: {sum(line.accepted for line in result.lines)} rules read, "
+                        f"{sum(not line.accepted for line in result.lines)} lines refused", title_justify="left")
+    for column in ("line", "read as", "rule, or why the line is refused"):
+        table.add_column(column)
+    for line in result.lines:
+        table.add_row(str(line.line_no), "rule" if line.accepted else "[red]refused[/red]", line.reading)
+    Console(soft_wrap=True).print(table)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
 def show(rules_file: Annotated[Path, typer.Argument(help="the rules file NCCL_TUNER_CONFIG_FILE names")]) -> None:
     """Print what the plugin chose per communicator and size class, from its reports next to RULES_FILE."""
     from dynamiccl.agent.tuner_plugin.report import read_reports

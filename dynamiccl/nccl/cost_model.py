@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from dynamiccl.nccl.env import parse_env
 from dynamiccl.nccl.space import GpuGeneration, InvalidConfig, gpu_generation, valid_algorithms, valid_protocols
-from dynamiccl.nccl.tuner_rules import applied_rule, first_match, parse_rules
+from dynamiccl.nccl.tuner_rules import applied_rule, parse_rules
 from dynamiccl.schemas import Algo, Collective, Context, Fabric, NcclConfig, Proto
 
 _LL, _LL128, _SIMPLE = Proto.ll, Proto.ll128, Proto.simple
@@ -412,27 +412,23 @@ class NcclCostModel:
     def resolve_rules(self, context: Context, rules_text: str, example_plugin: bool = False) -> NcclConfig:
         """What NCCL runs with a tuner plugin loaded with these rules (numPipeOps 1, regBuff 0).
 
-        DynamICCL's plugin (agent/tuner_plugin/dynamiccl_tuner.c): the rule it applies
-        (`applied_rule`: the first match, if NCCL offers its pair) gets cost 0, so NCCL runs that
-        pair, on the rule's channel count or, with -1, on NCCL's own count for the pair; a call
-        without an applied rule is NCCL's own choice, untouched.
-
-        NCCL's example plugin (`example_plugin`; plugins/tuner/example/plugin.c, NCCL 2.22 to
-        2.30) also skips a matching rule whose pair is unavailable and tries the next, but it
-        answers one channel unless the rule sets a count, and NCCL uses the plugin's count: a call
-        no rule matches, or one matched by a rule with channels -1, runs on ONE channel."""
+        Both DynamICCL's plugin (agent/tuner_plugin/dynamiccl_tuner.c) and NCCL's example
+        plugin apply `applied_rule` (the first match whose pair NCCL offers): its pair gets cost
+        0, so NCCL runs it. DynamICCL's plugin runs it on the rule's channel count or, with -1,
+        on NCCL's own count for the pair, and leaves a call without an applied rule to NCCL,
+        untouched. NCCL's example plugin (`example_plugin`; plugins/tuner/example/plugin.c,
+        NCCL 2.22 to 2.30) answers one channel unless the rule sets a count, and NCCL uses the
+        plugin's count: a call no rule applies to, or one whose rule has channels -1, runs on
+        ONE channel."""
         if context.nranks == 1:
             return NcclConfig()
         if context.collective.is_p2p:
             return self.default(context)  # the plugin is asked about collectives only
-        rules = parse_rules(rules_text)
+        rule = applied_rule(parse_rules(rules_text), context, lambda algo, proto: self.usable(context, algo, proto))
         if example_plugin:
-            usable = [r for r in rules if self.usable(context, r.algo, r.proto)]
-            rule = first_match(usable, context)
             pairs = [(rule.algo, rule.proto)] if rule else self._pairs(context)
             algo, proto = self._argmin(context, pairs, None)
             return NcclConfig(algo=algo, proto=proto, nchannels=rule.nchannels if rule and rule.nchannels else 1)
-        rule = applied_rule(rules, context, lambda algo, proto: self.usable(context, algo, proto))
         if rule is None:
             return self.default(context)
         return self.resolve(context, rule.config)

@@ -1,6 +1,6 @@
 """Per-size rules in the CSV format of NCCL's example tuner plugin.
 
-One rule a line, first match wins, `#` starts a comment:
+One rule a line, the first that matches and that NCCL can run wins, `#` starts a comment:
 `collective_type,min_bytes,max_bytes,algorithm,protocol,channels,nNodes,nRanks,numPipeOps,regBuff`
 with `-1` meaning "any" (or "NCCL decides" for channels). The last two
 columns are optional.
@@ -154,11 +154,7 @@ def parse_rules(text: str) -> list[TunerRule]:
 def first_match(
     rules: Iterable[TunerRule], context: Context, num_pipe_ops: int = 1, reg_buff: int = 0
 ) -> TunerRule | None:
-    """The first rule that covers this call (first match wins), or None.
-
-    This is the one Python reference of how a tuner plugin matches rules; DynamICCL's plugin
-    (agent/tuner_plugin/dynamiccl_tuner.c) is tested against it call for call. The plugin then
-    applies the rule's pair only where NCCL's cost table offers it: `applied_rule`."""
+    """The first rule that covers this call, whatever NCCL offers, or None."""
     return next((rule for rule in rules if rule.matches(context, num_pipe_ops, reg_buff)), None)
 
 
@@ -169,7 +165,14 @@ def applied_rule(
     num_pipe_ops: int = 1,
     reg_buff: int = 0,
 ) -> TunerRule | None:
-    """The rule DynamICCL's plugin applies to this call: the first match, if NCCL offers its
-    (algorithm, protocol) pair (`usable`); None means NCCL's own choice for the whole call."""
-    rule = first_match(rules, context, num_pipe_ops, reg_buff)
-    return rule if rule is not None and usable(rule.algo, rule.proto) else None
+    """The rule a tuner plugin applies to this call: the first that covers it and whose
+    (algorithm, protocol) pair NCCL offers (`usable`); a covering rule whose pair NCCL marks
+    unavailable gives way to the next. None means NCCL's own choice for the whole call.
+
+    This is the one Python reference of how DynamICCL's plugin (agent/tuner_plugin/
+    dynamiccl_tuner.c, tested against it call for call) and NCCL's example plugin pick a rule;
+    they differ only in the channels of what no rule sets (NCCL's count, or one channel)."""
+    return next(
+        (rule for rule in rules if rule.matches(context, num_pipe_ops, reg_buff) and usable(rule.algo, rule.proto)),
+        None,
+    )

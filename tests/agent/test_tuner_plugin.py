@@ -9,18 +9,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from dynamiccl.agent.plugin_rules import RulesFile, Section, expected_rule, render_schedule
 from dynamiccl.agent.tuner_plugin.driver import (
     ALGOS,
     PROTOS,
     Communicator,
+    EXPORTED_VERSIONS,
     Decision,
     TunerLibrary,
     cost_table,
     full_table,
 )
+from dynamiccl.agent.tuner_plugin.check import check_rules_file
 from dynamiccl.agent.tuner_plugin.report import read_reports
+from dynamiccl.cli.plugin import app
 from dynamiccl.nccl.tuner_rules import applied_rule, parse_rules
 from dynamiccl.schemas import Algo, Collective, Context, Proto
 
@@ -91,14 +95,15 @@ def test_every_abi_version_is_exported_under_nccls_symbol_names(library: Path) -
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True,
                              check=True).stdout.split()
     exported = {s for s in symbols if s.startswith("ncclTunerPlugin_")}
-    assert exported == {"ncclTunerPlugin_v3", "ncclTunerPlugin_v4", "ncclTunerPlugin_v5", "ncclTunerPlugin_v6"}
+    assert exported == {f"ncclTunerPlugin_v{v}" for v in EXPORTED_VERSIONS} and EXPORTED_VERSIONS == (3, 4, 5, 6, 7)
     # nothing else leaks: only the tables NCCL looks for are exported
     assert not [s for s in symbols if s in ("collinfo", "start", "merge_file", "advance")]
-    v6 = TunerLibrary(library, version=6)
-    assert v6.name == "DynamICCL" and not v6.api.getChunkSize  # optional, NULL: NCCL's chunk size
+    for version in (6, 7):
+        table = TunerLibrary(library, version=version)
+        assert table.name == "DynamICCL" and not table.api.getChunkSize  # optional, NULL: NCCL's chunk size
 
 
-@pytest.mark.parametrize("version", [3, 4, 5, 6])
+@pytest.mark.parametrize("version", EXPORTED_VERSIONS)
 def test_each_abi_version_applies_the_rules(library: Path, rules_path: Path, version: int) -> None:
     rules_path.write_text(BASE)
     with TunerLibrary(library, version=version).communicator(8, 1) as comm:
@@ -226,9 +231,9 @@ def test_binary_or_huge_files_are_ignored(rules_path: Path, open_comm) -> None:
     assert pair(open_comm(log=log).choose(AR, 50)) == NCCL and log.count("is over") == 1
 
 
-def test_unknown_names_mean_nccls_choice_for_the_calls_they_cover(rules_path: Path, open_comm) -> None:
+def test_a_line_naming_something_unknown_never_applies(rules_path: Path, open_comm) -> None:
     rules_path.write_text(
-        "allreduce,0,100,warp_drive,ll,-1,-1,-1\n"  # unknown algorithm: NCCL, not the next rule
+        "allreduce,0,100,warp_drive,ll,-1,-1,-1\n"  # unknown algorithm: the next matching rule applies
         "allreduce,0,200,ring,ll,-1,-1,-1\n"
         "allreduce,201,300,ring,quantum,-1,-1,-1\n"
         "alltoeveryone,0,1000,ring,ll,-1,-1,-1\n"  # unknown collective: the line matches nothing
@@ -236,20 +241,22 @@ def test_unknown_names_mean_nccls_choice_for_the_calls_they_cover(rules_path: Pa
     )
     log = Log()
     comm = open_comm(log=log)
-    assert [pair(comm.choose(AR, n)) for n in (50, 150, 250)] == [NCCL, (Algo.ring, Proto.ll, None), NCCL]
+    ring_ll = (Algo.ring, Proto.ll, None)
+    assert [pair(comm.choose(AR, n)) for n in (50, 150, 250)] == [ring_ll, ring_ll, NCCL]
     assert pair(comm.choose(AG, 50)) == (Algo.ring, Proto.simple, None)
     for _ in range(10):
         comm.choose(AR, 50)
-    assert log.count("names an unknown", INFO) == 1  # once per communicator
+    assert log.count("unknown algorithm", INFO) == 1  # once per communicator
 
 
-def test_pairs_nccl_marks_unavailable_are_left_to_nccl(rules_path: Path, open_comm) -> None:
-    rules_path.write_text("allreduce,0,1000,nvls,simple,16,-1,-1\n")
+def test_a_pair_nccl_marks_unavailable_gives_way_to_the_next_matching_rule(rules_path: Path, open_comm) -> None:
+    rules_path.write_text("allreduce,0,1000,nvls,simple,16,-1,-1\nallreduce,0,500,ring,ll,4,-1,-1\n")
     log = Log()
     comm = open_comm(log=log)
     table = cost_table({(Algo.ring, Proto.ll): 5.0, (Algo.tree, Proto.ll): 3.0})  # nvls: IGNORE
     for _ in range(3):
-        decision = comm.choose(AR, 100, table=table)
+        assert pair(comm.choose(AR, 100, table=table)) == (Algo.ring, Proto.ll, 4)
+        decision = comm.choose(AR, 800, table=table)  # no other rule: NCCL decides
         assert pair(decision) == NCCL and list(decision.table) == table
     assert log.count("not available to NCCL", INFO) == 1
     available = cost_table({(Algo.nvls, Proto.simple): 9.0, (Algo.ring, Proto.ll): 5.0})
@@ -479,10 +486,6 @@ def test_communicators_on_several_threads_while_reports_are_written(rules_path: 
 
 
 def test_plugin_show_prints_what_ran(rules_path: Path, open_comm) -> None:
-    from typer.testing import CliRunner
-
-    from dynamiccl.cli.plugin import app
-
     rules_path.write_text(BASE)
     comm = open_comm(16, 2, comm_id=0xbeef)
     comm.choose(AG, 4096)
@@ -499,6 +502,53 @@ def test_plugin_show_prints_what_ran(rules_path: Path, open_comm) -> None:
         "allreduce", "1 GiB to <2 GiB", "NCCL (its cost model's pick)", "tree", "ll", "NCCL's", "0", "1"]
     missing = CliRunner().invoke(app, ["show", str(rules_path.with_name("other.rules"))])
     assert missing.exit_code == 1
+
+
+# ---------------------------------------------------------------- reading others' files
+
+NVIDIA_EXAMPLE = Path(__file__).parent / "data" / "nvidia_example_nccl_tuner.conf"  # plugins/tuner/example, as shipped
+
+
+def test_plugin_check_reads_nvidias_example_file_rule_for_rule(library: Path, tmp_path: Path) -> None:
+    result = check_rules_file(NVIDIA_EXAMPLE, library)
+    assert result.ok and [line.line_no for line in result.lines] == [19, 23, 26, 30, 33, 36, 40, 42, 45]
+    assert result.lines[1].reading == ("allreduce bytes 65537..1048576 ring/simple channels=4 nNodes=4 nRanks=32 "
+                                       "numPipeOps=1 regBuff=0")
+    cli = CliRunner().invoke(app, ["check", str(NVIDIA_EXAMPLE)], env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert cli.exit_code == 0 and "9 rules read, 0 lines refused" in cli.output
+
+
+def test_nvidias_example_file_applies_as_nvidias_plugin_applies_it(monkeypatch: pytest.MonkeyPatch,
+                                                                   open_comm) -> None:
+    monkeypatch.setenv("NCCL_TUNER_CONFIG_FILE", str(NVIDIA_EXAMPLE))
+    four_nodes, one_node = open_comm(32, 4), open_comm(8, 1)
+    assert pair(four_nodes.choose(AR, 100_000, pipe_ops=1, reg_buff=0)) == (Algo.ring, Proto.simple, 4)
+    assert pair(four_nodes.choose(AR, 100_000, pipe_ops=1, reg_buff=1)) == NCCL  # that rule is for regBuff 0
+    assert pair(one_node.choose(AR, 1024, reg_buff=1)) == (Algo.tree, Proto.simple, 2)
+    # NCCL offers no tree for reducescatter: the rule gives way, and no other matches
+    no_tree = cost_table({(Algo.ring, Proto.simple): 5.0, (Algo.ring, Proto.ll): 3.0})
+    assert pair(one_node.choose(Collective.reducescatter, 1024, no_tree, pipe_ops=1, reg_buff=1)) == NCCL
+
+
+def test_plugin_check_names_every_refused_line_and_fails(rules_path: Path, library: Path) -> None:
+    rules_path.write_text(
+        "allreduce,0,10,ring,ll,0,-1,-1\n"
+        "allreduce,0,oops,ring\n"
+        "allreduce,0,10,warp,ll,-1,-1,-1\n"
+        "allreduce,0,10,ring,ll,-1,-1,-1,1,2\n"
+        "# dynamiccl: version=x\n"
+        "allgather,0,10,ring,ll,-1,-1,-1\n"
+    )
+    result = check_rules_file(rules_path, library)
+    assert not result.ok and [(line.line_no, line.accepted) for line in result.lines] == [
+        (1, False), (2, False), (3, False), (4, False), (5, False)]
+    assert [line.reading.split(" (")[0] for line in result.lines] == [
+        "channels must be -1", "fewer than 8 fields", "unknown algorithm 'warp'",
+        "regBuff must be -1", "a section header needs version=V from_call=K with versions increasing"]
+    cli = CliRunner().invoke(app, ["check", str(rules_path)], env={"XDG_CACHE_HOME": str(rules_path.parent)})
+    assert cli.exit_code == 1 and "5 lines refused" in cli.output
+    missing = check_rules_file(rules_path.with_name("absent.rules"), library)
+    assert not missing.ok and "cannot read" in missing.warnings[0]
 
 
 # ---------------------------------------------------------------- one reference

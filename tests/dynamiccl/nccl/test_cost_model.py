@@ -70,7 +70,7 @@ def test_env_restricts_algorithm_protocol_and_channels_like_nccl():
     assert allgather == unrestricted, "NCCL_ALGO for allreduce leaves allgather to NCCL"
 
 
-def test_dynamiccl_plugin_leaves_unmatched_calls_and_minus_one_channels_to_nccl():
+def test_dynamiccl_plugin_leaves_calls_no_rule_applies_to_and_minus_one_channels_to_nccl():
     rules = "allreduce,0,65536,ring,ll,4,-1,-1\nallreduce,65537,1099511627776,tree,simple,-1,-1,-1\n"
     assert H100.resolve_rules(ctx(1024), rules) == NcclConfig(algo="ring", proto="ll", nchannels=4)
     tree = H100.resolve_rules(ctx(1 << 30), rules)
@@ -79,8 +79,9 @@ def test_dynamiccl_plugin_leaves_unmatched_calls_and_minus_one_channels_to_nccl(
     unmatched = ctx(1024, "broadcast")
     assert H100.resolve_rules(unmatched, rules) == H100.default(unmatched)
     nvls_first = "allgather,0,1099511627776,nvls,simple,16,-1,-1\nallgather,0,1099511627776,ring,simple,8,-1,-1\n"
-    across = ctx(1 << 20, "allgather", nranks=16, nnodes=2)  # NVLS cannot run it: NCCL decides the call
-    assert H100.resolve_rules(across, nvls_first) == H100.default(across)
+    across = ctx(1 << 20, "allgather", nranks=16, nnodes=2)  # NVLS cannot run it: the next rule applies
+    assert H100.resolve_rules(across, nvls_first) == NcclConfig(algo="ring", proto="simple", nchannels=8)
+    assert H100.resolve_rules(across, nvls_first.splitlines()[0]) == H100.default(across)  # none left: NCCL
 
 
 def test_rules_apply_by_size_and_otherwise_the_example_plugin_answers_one_channel():

@@ -34,7 +34,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from dynamiccl.nccl.env import parse_env
+from dynamiccl.nccl.env import read_env
 from dynamiccl.nccl.space import GpuGeneration, InvalidConfig, gpu_generation, valid_algorithms, valid_protocols
 from dynamiccl.nccl.tuner_rules import applied_rule, parse_rules
 from dynamiccl.schemas import Algo, Collective, Context, Fabric, NcclConfig, Proto
@@ -354,9 +354,12 @@ class NcclCostModel:
 
     def _pairs(self, context: Context, algos: Iterable[Algo] | None = None,
                protos: Iterable[Proto] | None = None) -> list[tuple[Algo, Proto]]:
-        algos = valid_algorithms(self.fabric, context) if algos is None else tuple(algos)
-        protos = tuple(Proto) if protos is None else tuple(protos)
-        return [(a, p) for a in algos for p in protos if self.usable(context, a, p)]
+        """The usable pairs among those enabled (None: all), in NCCL's order."""
+        enabled_algos = None if algos is None else set(algos)
+        enabled_protos = None if protos is None else set(protos)
+        return [(a, p) for a in valid_algorithms(self.fabric, context) for p in Proto
+                if (enabled_algos is None or a in enabled_algos) and (enabled_protos is None or p in enabled_protos)
+                and self.usable(context, a, p)]
 
     def _argmin(self, context: Context, pairs: list[tuple[Algo, Proto]], nchannels: int | None) -> tuple[Algo, Proto]:
         """NCCL's pick: the cheapest pair on its table (first one on ties, in NCCL's order)."""
@@ -387,26 +390,26 @@ class NcclCostModel:
         return self.resolve(context, NcclConfig())
 
     def resolve_env(self, context: Context, env: Mapping[str, str]) -> NcclConfig:
-        """What NCCL runs under a process-wide setting rendered by `dynamiccl.nccl.env`.
+        """What NCCL runs under a process environment (`dynamiccl.nccl.env.read_env`).
 
-        NCCL_ALGO / NCCL_PROTO leave only the named algorithm / protocol enabled for that
-        collective; NCCL_MIN/MAX_NCHANNELS fix the communicator's channel count (NVLS's too),
-        and small calls still get fewer channels. When nothing enabled can run the call, NCCL
-        fails it ("No algorithm/protocol available"): InvalidConfig."""
+        NCCL_ALGO / NCCL_PROTO leave only the algorithms / protocols they enable for that
+        collective (a name, a list, or all but an exclusion), and NCCL picks the cheapest of
+        those; the channel bounds (NCCL_MIN/MAX_CTAS, or the older NCHANNELS names) clamp the
+        communicator's count (NVLS's too), and small calls still get fewer channels. When nothing
+        enabled can run the call, NCCL fails it ("No algorithm/protocol available"): InvalidConfig."""
         if context.nranks == 1:
             return NcclConfig()
-        setting = parse_env(env)
+        nccl_env = read_env(env)
         if context.collective.is_p2p:
-            return NcclConfig(nchannels=setting.p2p_nchannels or self.topology.channels(context.nnodes))
-        algo = setting.algos.get(context.collective)
-        proto = setting.protos.get(context.collective)
-        pairs = self._pairs(context, None if algo is None else (algo,), None if proto is None else (proto,))
+            return NcclConfig(nchannels=nccl_env.p2p_nchannels or self.topology.channels(context.nnodes))
+        pairs = self._pairs(context, nccl_env.algos.get(context.collective), nccl_env.protos.get(context.collective))
         if not pairs:
             raise InvalidConfig(
                 f"NCCL fails {context.collective.value} on {context.nnodes} node(s) under {dict(env)}: "
                 "no enabled algorithm/protocol can run it")
-        algo, proto = self._argmin(context, pairs, setting.nchannels)
-        channels = setting.nchannels or self.default_channels(algo, context.nnodes)
+        pinned = nccl_env.pinned_channels
+        algo, proto = self._argmin(context, pairs, pinned)
+        channels = pinned or nccl_env.clamp_channels(self.default_channels(algo, context.nnodes))
         return NcclConfig(algo=algo, proto=proto, nchannels=self.reduced_channels(context, algo, proto, channels))
 
     def resolve_rules(self, context: Context, rules_text: str, example_plugin: bool = False) -> NcclConfig:

@@ -36,7 +36,7 @@ def test_an_nccl_config_for_the_real_sweep_is_forced_on_the_swept_collective() -
 
     env = _config_env("ring/simple/8", Collective.allgather)
     assert env == {"NCCL_ALGO": "allgather:Ring", "NCCL_PROTO": "allgather:Simple",
-                   "NCCL_MIN_NCHANNELS": "8", "NCCL_MAX_NCHANNELS": "8"}
+                   "NCCL_MIN_CTAS": "8", "NCCL_MAX_CTAS": "8"}
     with pytest.raises(typer.BadParameter, match="'ring': expected ALGO/PROTO"):
         _config_env("ring", Collective.allreduce)
     with pytest.raises(typer.BadParameter, match="warp"):

@@ -6,6 +6,7 @@ import pytest
 
 from dynamiccl.nccl.cost_model import NcclCostModel, bus_bandwidth_gbs
 from dynamiccl.nccl.env import EnvSetting, render_env
+from dynamiccl.nccl.space import valid_algorithms
 from dynamiccl.nccl.space import InvalidConfig, is_valid
 from dynamiccl.schemas import Algo, Collective, Context, Fabric, NcclConfig, Proto
 
@@ -68,6 +69,17 @@ def test_env_restricts_algorithm_protocol_and_channels_like_nccl():
     assert allgather.nchannels == 8, "the channel count is process-wide"
     unrestricted = H100.resolve_env(ctx(1 << 30, "allgather"), render_env(EnvSetting(nchannels=8)))
     assert allgather == unrestricted, "NCCL_ALGO for allreduce leaves allgather to NCCL"
+
+
+def test_a_users_exclusion_and_channel_cap_leave_nccl_the_cheapest_of_the_rest():
+    call = ctx(1 << 30)
+    default = H100.default(call)
+    env = {"NCCL_ALGO": f"^{default.algo.value}", "NCCL_MAX_CTAS": "4"}
+    chosen = H100.resolve_env(call, env)
+    assert chosen.algo != default.algo and chosen.nchannels <= 4
+    rest = [(a, p) for a in valid_algorithms(H100.fabric, call) if a != default.algo for p in Proto
+            if H100.usable(call, a, p)]
+    assert (chosen.algo, chosen.proto) == min(rest, key=lambda pair: H100.time_us(call, *pair, None))
 
 
 def test_dynamiccl_plugin_leaves_calls_no_rule_applies_to_and_minus_one_channels_to_nccl():

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dynamiccl.nccl import EnvSetting, InvalidConfig, TunerRule, first_match, parse_env, parse_rules, render_env, render_rules
-from dynamiccl.nccl.env import ENV_COLLECTIVES
+from dynamiccl.nccl.env import ENV_COLLECTIVES, channel_variables, read_env
 from dynamiccl.nccl.tuner_rules import RULE_COLLECTIVES
 from dynamiccl.schemas import Algo, Collective, Context, Proto
 
@@ -46,18 +46,30 @@ def test_tuner_rules_round_trip(rules):
     assert parse_rules(render_rules(rules)) == rules
 
 
-def test_env_uses_nccl_per_collective_syntax_and_spelling():
+def test_env_uses_nccl_per_collective_syntax_spelling_and_cta_names():
     setting = EnvSetting(
         algos={Collective.allgather: Algo.ring, Collective.allreduce: Algo.nvls_tree},
         protos={Collective.allreduce: Proto.simple},
         nchannels=16,
     )
-    assert render_env(setting) == {
+    assert render_env(setting) == render_env(setting, "2.28.9") == {
         "NCCL_ALGO": "allreduce:NVLSTree;allgather:Ring",
         "NCCL_PROTO": "allreduce:Simple",
-        "NCCL_MIN_NCHANNELS": "16",
-        "NCCL_MAX_NCHANNELS": "16",
+        "NCCL_MIN_CTAS": "16",
+        "NCCL_MAX_CTAS": "16",
     }
+
+
+@pytest.mark.parametrize(("version", "names"), [
+    ("2.16.5", ("NCCL_MIN_NCHANNELS", "NCCL_MAX_NCHANNELS")),
+    ("2.17.1", ("NCCL_MIN_CTAS", "NCCL_MAX_CTAS")),
+    ("2.32.6+cuda13.0", ("NCCL_MIN_CTAS", "NCCL_MAX_CTAS")),
+    ("unknown", ("NCCL_MIN_CTAS", "NCCL_MAX_CTAS")),
+])
+def test_channel_variables_follow_the_fabrics_nccl_version(version, names):
+    assert channel_variables(version) == names
+    rendered = render_env(EnvSetting(nchannels=8), version)
+    assert rendered == dict.fromkeys(names, "8") and parse_env(rendered) == EnvSetting(nchannels=8)
 
 
 def test_a_default_setting_renders_nothing():
@@ -69,20 +81,38 @@ def test_a_bare_name_applies_to_every_collective():
     assert set(setting.protos) == set(ENV_COLLECTIVES)
 
 
+def test_users_lists_and_exclusions_are_read_as_what_nccl_may_choose_from():
+    env = read_env({"NCCL_ALGO": "ring,tree;allgather:^nvls,pat", "NCCL_PROTO": "^LL128"})
+    assert env.algos[Collective.allreduce] == {Algo.ring, Algo.tree}
+    assert env.algos[Collective.allgather] == set(Algo) - {Algo.nvls, Algo.pat}
+    assert env.protos[Collective.broadcast] == {Proto.ll, Proto.simple}
+    with pytest.raises(InvalidConfig, match="NCCL_ALGO leaves allreduce a choice"):
+        env.setting()
+
+
+def test_both_channel_spellings_are_read_and_the_tighter_bounds_win():
+    env = read_env({"NCCL_MIN_NCHANNELS": "4", "NCCL_MAX_NCHANNELS": "32", "NCCL_MAX_CTAS": "16", "NCCL_MIN_CTAS": "2"})
+    assert (env.min_channels, env.max_channels) == (4, 16) and env.pinned_channels is None
+    assert [env.clamp_channels(n) for n in (1, 8, 64)] == [4, 8, 16]
+    assert read_env({"NCCL_MIN_CTAS": "8", "NCCL_MAX_CTAS": "8"}).pinned_channels == 8
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"NCCL_ALGO": "allreduce:butterfly"}, "unknown name"),
+        ({"NCCL_ALGO": "allreduce:butterfly"}, "unknown name 'butterfly'"),
         ({"NCCL_ALGO": "allmagic:ring"}, "unknown collective"),
-        ({"NCCL_ALGO": "allreduce:tree,ring"}, "lists and exclusions"),
-        ({"NCCL_PROTO": "^LL"}, "lists and exclusions"),
+        ({"NCCL_ALGO": "allreduce:tree,ring"}, "leaves allreduce a choice"),
+        ({"NCCL_PROTO": "^LL"}, "NCCL_PROTO leaves .* a choice \\(ll128,simple\\)"),
         ({"NCCL_ALGO": "alltoall:ring"}, "point-to-point"),
-        ({"NCCL_MIN_NCHANNELS": "8", "NCCL_MAX_NCHANNELS": "16"}, "differ"),
+        ({"NCCL_MIN_CTAS": "8", "NCCL_MAX_CTAS": "16"}, "a range"),
+        ({"NCCL_MIN_CTAS": "32", "NCCL_MAX_NCHANNELS": "16"}, "above the maximum"),
         ({"NCCL_MIN_NCHANNELS": "many", "NCCL_MAX_NCHANNELS": "many"}, "not an integer"),
+        ({"NCCL_MAX_CTAS": "0"}, "at least 1"),
         ({"NCCL_MIN_NCHANNELS": "65", "NCCL_MAX_NCHANNELS": "65"}, "1 to 64"),
     ],
 )
-def test_env_nccl_would_not_accept_is_refused(env, message):
+def test_env_that_is_not_one_setting_is_refused_saying_why(env, message):
     with pytest.raises(InvalidConfig, match=message):
         parse_env(env)
 

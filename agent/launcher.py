@@ -11,7 +11,11 @@
    do not cover to NCCL, which an env would restrict. Those rules are not for
    another tuner plugin (NCCL's example plugin runs every call no rule
    matches on one channel): named one, the launch says so and uses env.
-   NCCL_* variables the user already set win.
+   NCCL_* variables the user already set win, but for the tuner plugin: mode
+   plugin always sets NCCL_TUNER_PLUGIN and NCCL_TUNER_CONFIG_FILE, saying
+   which tuner it displaces (the user's own, or aws-ofi-nccl's, which sets
+   NCCL_TUNER_PLUGIN itself when it is unset); mode env says when another
+   tuner plugin will be loaded that may override the env per call.
    With DynamICCL's own plugin the job is also tuned online: the rules file
    is registered with the node agent, which appends a section per tuning
    round (agent/plugin_online.py); rounds are `$DYNAMICCL_ROUND_CALLS`
@@ -54,6 +58,8 @@ RECOMMEND_TIMEOUT_S = 3.0
 REGISTER_TIMEOUT_S = 3.0
 SITECUSTOMIZE_DIR = Path(__file__).resolve().parent / "sitecustomize"
 DEFAULT_ANSWER = RecommendResponse(recommendations=[], env={}, tuner_config="")
+#: Files by which aws-ofi-nccl (the network plugin of AWS's EFA) is found on a library path.
+AWS_OFI_NCCL_FILES = ("libnccl-net-ofi.so", "libnccl-ofi-tuner.so")
 
 
 class Mode(StrEnum):
@@ -154,6 +160,18 @@ def _rules_fit(plan: Plan, plugin: str | None, count: int) -> bool:
     return True
 
 
+def other_tuner(environ: Mapping[str, str]) -> str | None:
+    """The tuner NCCL would load for this job without DynamICCL's: the user's NCCL_TUNER_PLUGIN, or
+    aws-ofi-nccl's (found on LD_LIBRARY_PATH or named by NCCL_NET_PLUGIN), or None."""
+    if environ.get("NCCL_TUNER_PLUGIN"):
+        return f"your NCCL_TUNER_PLUGIN={environ['NCCL_TUNER_PLUGIN']}"
+    net_plugin = environ.get("NCCL_NET_PLUGIN", "").lower()
+    library_dirs = [Path(d) for d in environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if d]
+    if "ofi" in net_plugin or any((d / name).is_file() for d in library_dirs for name in AWS_OFI_NCCL_FILES):
+        return "aws-ofi-nccl's tuner (it sets NCCL_TUNER_PLUGIN itself when it is unset)"
+    return None
+
+
 def _set(plan: Plan, environ: Mapping[str, str], name: str, value: str, what: str) -> None:
     if name in environ and environ[name] != value:
         plan.notes.append(f"{name}={environ[name]} kept: you set it ({what} {value!r})")
@@ -167,6 +185,20 @@ def _apply_env(plan: Plan, environ: Mapping[str, str], env: Mapping[str, str]) -
         plan.notes.append("no NCCL variables to set: NCCL chooses")
     for name, value in sorted(env.items()):
         _set(plan, environ, name, value, "recommended")
+    tuner = other_tuner(environ)
+    if tuner is not None:
+        plan.notes.append(f"{tuner} will be loaded: a tuner plugin decides every call within what the env "
+                          "leaves enabled and may set its channel count, so it may override this env "
+                          "(--mode plugin loads DynamICCL's plugin in its place)")
+
+
+def _force(plan: Plan, environ: Mapping[str, str], name: str, value: str) -> None:
+    """Set `name` even over the user's value (the plugin and its rules only work together)."""
+    if environ.get(name) not in (None, value):
+        plan.notes.append(f"{name}={environ[name]} replaced: mode plugin needs {name}={value}")
+    else:
+        plan.notes.append(f"{name}={value}")
+    plan.env[name] = value
 
 
 def rule_count(rules: str) -> int:
@@ -189,7 +221,9 @@ def _apply_rules(plan: Plan, environ: Mapping[str, str], rules: str, plugin: str
     if why_not:
         plan.notes.append(why_not)
     if count == 0 and not online:
-        plan.notes.append("mode plugin: the recommendation changes no call: plugin not loaded, NCCL chooses")
+        tuner = other_tuner(environ)
+        plan.notes.append("mode plugin: the recommendation changes no call: plugin not loaded, "
+                          + (f"{tuner} decides" if tuner else "NCCL chooses"))
         return
     if count == 0:  # an empty version 0: the plugin loads, NCCL decides until the first round
         rules = f"# {HEADER_TAG} version=0 from_call=0\n"
@@ -202,8 +236,11 @@ def _apply_rules(plan: Plan, environ: Mapping[str, str], rules: str, plugin: str
     plan.rules_file = Path(handle.name)
     plan.round_calls = online
     plan.notes.append(f"{count} tuner rules written to {handle.name}; every other call is NCCL's choice")
-    _set(plan, environ, "NCCL_TUNER_CONFIG_FILE", handle.name, "wanted")
-    _set(plan, environ, "NCCL_TUNER_PLUGIN", plugin, "wanted")
+    _force(plan, environ, "NCCL_TUNER_CONFIG_FILE", handle.name)
+    tuner = other_tuner(environ)
+    if tuner is not None and environ.get("NCCL_TUNER_PLUGIN") != plugin:
+        plan.notes.append(f"DynamICCL's tuner plugin displaces {tuner}: NCCL loads one tuner")
+    _force(plan, environ, "NCCL_TUNER_PLUGIN", plugin)
     if online:
         plan.env[ROUND_CALLS_ENV] = str(online)
 

@@ -123,6 +123,32 @@ def test_plugin_mode_builds_and_loads_dynamiccls_own_plugin(fake, tmp_path: Path
     assert seen["env"]["NCCL_TUNER_PLUGIN"] == str(plugin) and "DynamICCL's tuner plugin up to date" in err
 
 
+def test_plugin_mode_sets_the_tuner_plugin_explicitly_and_says_which_tuner_it_displaces(fake, tmp_path: Path) -> None:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    args = ["--job", "j", "--agent", fake.url, "--mode", "plugin", *probe()]
+    rc, seen, err = launch(args, base_env(XDG_CACHE_HOME=str(tmp_path), NCCL_TUNER_PLUGIN="/opt/mine/libtuner.so",
+                                          NCCL_TUNER_CONFIG_FILE="/opt/mine/tuner.conf"))
+    assert rc == 0 and Path(seen["env"]["NCCL_TUNER_PLUGIN"]).parent == tmp_path / "dynamiccl" / "plugin"
+    assert seen["rules"] == ANSWER["tuner_config"]
+    assert "displaces your NCCL_TUNER_PLUGIN=/opt/mine/libtuner.so" in err
+    assert "NCCL_TUNER_CONFIG_FILE=/opt/mine/tuner.conf replaced" in err
+    # On AWS, aws-ofi-nccl loads its own tuner whenever NCCL_TUNER_PLUGIN is unset.
+    ofi = tmp_path / "ofi" / "lib"
+    ofi.mkdir(parents=True)
+    (ofi / "libnccl-net-ofi.so").touch()
+    rc, seen, err = launch(args, base_env(XDG_CACHE_HOME=str(tmp_path), LD_LIBRARY_PATH=str(ofi)))
+    assert rc == 0 and "NCCL_TUNER_PLUGIN" in seen["env"] and "displaces aws-ofi-nccl's tuner" in err
+
+
+def test_env_mode_says_another_tuner_plugin_may_override_the_env(fake) -> None:
+    rc, seen, err = launch(["--job", "j", "--agent", fake.url, *probe()],
+                           base_env(NCCL_TUNER_PLUGIN="/opt/mine/libtuner.so"))
+    assert rc == 0 and seen["env"]["NCCL_ALGO"] == "allreduce:ring"
+    assert seen["env"]["NCCL_TUNER_PLUGIN"] == "/opt/mine/libtuner.so", "env mode leaves the user's tuner alone"
+    assert "your NCCL_TUNER_PLUGIN=/opt/mine/libtuner.so will be loaded" in err and "may override this env" in err
+
+
 def test_plugin_mode_without_a_compiler_falls_back_to_env(fake, tmp_path: Path) -> None:
     rc, seen, err = launch(["--job", "j", "--agent", fake.url, "--mode", "plugin", *probe()],
                            base_env(CC="/nowhere/cc", XDG_CACHE_HOME=str(tmp_path)))

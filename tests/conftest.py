@@ -11,16 +11,22 @@ import pytest
 
 
 class RecordingHttpServer:
-    """A real HTTP server on loopback that records each POST (path, JSON body) and answers with
-    `answer(path, body) -> (status, JSON body)`: a stand-in agent or server for subprocesses."""
+    """A real HTTP server on loopback that records each POST (path, JSON body) and GET (path, {})
+    and answers with `answer(path, body) -> (status, JSON body)`: a stand-in agent or server for
+    subprocesses."""
 
     def __init__(self, answer: Callable[[str, dict], tuple[int, dict]]) -> None:
         self.requests: list[tuple[str, dict]] = []
         requests = self.requests
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self._answer({})
+
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                self._answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+            def _answer(self, body: dict) -> None:
                 requests.append((self.path, body))
                 status, reply = answer(self.path, body)
                 payload = json.dumps(reply).encode()

@@ -39,6 +39,35 @@ def demo(
 
 
 @app.command()
+def doctor(
+    agent_url: str = typer.Option(None, "--agent", envvar="DYNAMICCL_AGENT_URL",
+                                  help="the node agent's local URL (default http://127.0.0.1:7461)"),
+    server_url: str | None = typer.Option(None, "--server", envvar="DYNAMICCL_SERVER", help="the tuning server"),
+) -> None:
+    """Check, on this node, what DynamICCL depends on: torch and NCCL, GPUs and topology, the tuner plugin
+    (built, and loaded by real NCCL), the hook's NCCL path, Inspector, agent, server and clock."""
+    import os
+
+    from rich.console import Console
+    from rich.markup import escape
+
+    from dynamiccl.agent.doctor import Node, Status, diagnose
+    from dynamiccl.agent.launcher import DEFAULT_AGENT_URL
+
+    node = Node(environ=dict(os.environ), agent_url=agent_url or DEFAULT_AGENT_URL, server_url=server_url)
+    styles = {Status.ok: "green", Status.warn: "yellow", Status.fail: "red", Status.skip: "dim"}
+    console = Console(soft_wrap=True, highlight=False)
+    failed = False
+    for finding in diagnose(node):
+        failed |= finding.status is Status.fail
+        fix = f" [bold]fix:[/bold] {escape(finding.fix)}" if finding.fix else ""
+        console.print(f"[{styles[finding.status]}]{finding.status.value:<4}[/] {finding.check:<15} "
+                      f"{escape(finding.detail)}{fix}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def server(
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, help="port to listen on"),

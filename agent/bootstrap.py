@@ -3,8 +3,10 @@
 `dynamiccl launch` prepends that folder to PYTHONPATH, so every Python
 process of the job (torchrun, each rank, any helper) runs `activate()` at
 start-up. It does nothing unless DYNAMICCL_HOOK=1; then it installs the hook
-as soon as the process imports `torch.distributed` (right away if it already
-has), so processes that never touch torch pay nothing. It must never break
+as soon as the process has imported `torch` (right away if it already has),
+so processes that never touch torch pay nothing. It waits for the whole of
+`torch`, not `torch.distributed`: torch imports torch.distributed half-way
+through its own import, before `torch.library`, which the hook needs. It must never break
 the script: any failure is swallowed and reported once on stderr.
 """
 
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 ENABLE_VARIABLE = "DYNAMICCL_HOOK"
-TRIGGER = "torch.distributed"
+TRIGGER = "torch"
 _reported = False
 
 
@@ -47,7 +49,7 @@ def _install() -> None:
 
 
 class _InstallAfterImport(importlib.abc.MetaPathFinder):
-    """Finds `torch.distributed` the normal way, then installs the hook once it has executed."""
+    """Finds `torch` the normal way, then installs the hook once it has executed."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None

@@ -2,20 +2,35 @@
 
     from dynamiccl.agent import hook
     profiler = hook.install(job_id="llama8b-0412")   # before or after init_process_group
-    model = DDP(model); hook.register_ddp_hook(model)  # DDP buckets bypass Python wrappers
 
-What is wrapped: `torch.distributed.X` and `torch.distributed.distributed_c10d.X`
-for the collectives in `hook_ops.COLLECTIVE_OPS`; point-to-point (isend,
-irecv, send, recv, batch_isend_irecv) on the ProcessGroup methods they all
-end in, because `isend`/`irecv` must stay the very objects `P2POp` compares
-against.
+`dynamiccl launch` does this for an unmodified script (sitecustomize).
+
+Where calls are seen: a Python kernel for each c10d dispatcher operator
+(`hook_ops.C10D_OPS`: `c10d::allreduce_`, `c10d::_allgather_base_`, ...),
+registered at the ADInplaceOrView dispatch key, which runs before the
+operator's CPU/CUDA kernel for every caller: DDP's C++ reducer, FSDP2,
+functional collectives (DTensor, `torch.compile`), coalesced calls. It notes
+the call and redispatches to the real kernel. The Python entry points most
+calls come through (`torch.distributed` functions, the ProcessGroup
+point-to-point methods behind isend/irecv/batch_isend_irecv) are wrapped as
+well, a path several times cheaper than a dispatcher kernel: they note the
+call themselves and run it with the kernels excluded, so nothing is counted
+twice. `isend`/`irecv` stay the objects `P2POp` compares against.
 
 How calls are timed:
-- gloo (and any non-NCCL backend): wall clock in the wrapper. Blocking calls
-  are timed around the call; async calls until the Work's `wait()` returns,
-  `is_completed()` first says True, or its future completes.
-- NCCL: ProcessGroupNCCL's own CUDA-event timing (see hook_nccl); the
-  wrapper only records the op's size.
+- NCCL: ProcessGroupNCCL's own CUDA-event timing (see hook_nccl); the hook
+  only records the op's size under its sequence number.
+- gloo (and any non-NCCL backend): wall time. Through a Python entry point:
+  blocking calls around the call, async ones until the Work's `wait()`
+  returns, `is_completed()` first says True, or its future completes. Through
+  a kernel: from issue to a callback on the Work's future (start: the issue,
+  or the group's previous completion if later, so queued calls do not count
+  their wait); gloo's send/recv and reduce-scatter Works have no future, so
+  those are counted (`untimed`), not timed, when issued from C++.
+
+One call of a communicator is one call in `count`: only the communicator's
+lowest global rank reports its calls (every rank times the same collective;
+reporting from all of them would count each call nranks times).
 
 Every timed call lands in a CallTable keyed by (collective, nbytes, nranks,
 nnodes, backend); a Poster thread turns each window into Measurements and
@@ -40,7 +55,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from dynamiccl.agent import hook_nccl
-from dynamiccl.agent.hook_ops import COLLECTIVE_OPS, P2P_METHODS, OpSpec, p2p_bytes
+from dynamiccl.agent.hook_ops import C10D_OPS, P2P_METHODS, PYTHON_FUNCTIONS, C10dOp, PythonOp, total_bytes
 from dynamiccl.agent.hook_poster import DEFAULT_AGENT_URL, Poster
 from dynamiccl.agent.hook_table import CallKey, CallTable, ConfigResolver, to_measurements
 from dynamiccl.schemas import Collective
@@ -51,15 +66,20 @@ _ORIGINAL = "__dynamiccl_original__"
 _MAX_GROUPS = 1024
 
 
-@dataclass(frozen=True)
+@dataclass
 class GroupInfo:
-    """What the hook needs about a process group, computed once per (group, device type)."""
+    """What the hook needs about a process group, computed once per (group, device type).
+
+    `reports`: this rank is the group's lowest, the one that reports its calls.
+    `last_end`: when the group's last timed gloo call completed (perf_counter)."""
 
     member: bool
+    reports: bool = False
     nranks: int = 1
     nnodes: int = 1
     nccl: bool = False
     ledger: hook_nccl.SizeLedger | None = None
+    last_end: float = 0.0
 
 
 def _nnodes(ranks: list[int]) -> int:
@@ -134,7 +154,8 @@ class Profiler:
     poster: Poster = field(init=False)
     table: CallTable = field(default_factory=CallTable)
     resolver: ConfigResolver = field(default_factory=ConfigResolver.from_env)
-    calls: int = 0  # calls seen by the wrappers (timed or not)
+    calls: int = 0  # calls seen (timed or not)
+    untimed: int = 0  # calls reported by this rank that nothing could time (see the module docstring)
     errors: int = 0  # failures inside the hook itself, swallowed
     _groups: dict[tuple[Any, str], GroupInfo] = field(default_factory=dict)
 
@@ -142,6 +163,7 @@ class Profiler:
         ledgers = [g.ledger for g in self._groups.values() if g.ledger is not None]
         return {
             "calls": self.calls,
+            "untimed": self.untimed,
             "errors": self.errors + sum(ledger.errors for ledger in ledgers),
             "nccl_unpaired": sum(ledger.unpaired for ledger in ledgers),
             "backlog": self.poster.backlog,
@@ -178,64 +200,94 @@ class Profiler:
         if c10d._rank_not_in_group(pg):
             return GroupInfo(member=False)
         ranks = dist.get_process_group_ranks(pg)
+        reports = dist.get_rank() == min(ranks)
+        info = GroupInfo(member=True, reports=reports, nranks=len(ranks), nnodes=_nnodes(ranks))
         backend = pg._get_backend(torch.device(device))
         nccl_class = getattr(dist, "ProcessGroupNCCL", None)
-        if nccl_class is None or not isinstance(backend, nccl_class):
-            return GroupInfo(member=True, nranks=len(ranks), nnodes=_nnodes(ranks))
+        if not reports or nccl_class is None or not isinstance(backend, nccl_class):
+            return info
         ledger = hook_nccl.SizeLedger(self.record)
         why_not = hook_nccl.register(pg, backend, ledger)
         if why_not is not None:
             print(f"dynamiccl hook: NCCL calls on this group are not timed: {why_not}", file=sys.stderr)
             return GroupInfo(member=False)
-        return GroupInfo(member=True, nranks=len(ranks), nnodes=_nnodes(ranks), nccl=True, ledger=ledger)
+        info.nccl, info.ledger = True, ledger
+        return info
+
+    def completed(self, info: GroupInfo, key: CallKey, issued: float, _future: Any) -> None:
+        """A gloo Work's future is done (on gloo's thread): its time since it could start."""
+        try:
+            end = time.perf_counter()
+            began = max(issued, info.last_end)
+            info.last_end = end
+            self.record(key, end - began)
+        except Exception:  # noqa: BLE001
+            self.errors += 1
 
 
 _profiler: Profiler | None = None
 
 
-def _issued(profiler: Profiler, info: GroupInfo, pg: Any, key: CallKey, start: float, work: Any,
-            is_async: bool, p2p: bool) -> Any:
-    """After the real call: record its size (NCCL) or its wall time (gloo); returns what the caller gets."""
+_library: torch.library.Library | None = None
+_BELOW = torch._C._after_ADInplaceOrView_keyset
+_OUR_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
+
+
+def _record_issue(profiler: Profiler, info: GroupInfo, pg: Any, key: CallKey, issued: float) -> None:
+    """NCCL: the size waits for its completion, under the group's sequence number (read right
+    after the call) or, point-to-point, in issue order."""
+    assert info.ledger is not None
+    if key.collective is Collective.sendrecv:
+        info.ledger.p2p_issued(key)
+    else:
+        info.ledger.collective_issued(pg._get_sequence_number_for_group(), key)
+
+
+# ---- the fast path: the Python entry points most calls come through
+
+
+def _call_unhooked(original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The real call, with the dispatcher kernels below it skipped (this wrapper notes it)."""
+    with torch._C._ExcludeDispatchKeyGuard(_OUR_KEY):
+        return original(*args, **kwargs)
+
+
+def _timed(profiler: Profiler, info: GroupInfo, pg: Any, key: CallKey, issued: float, work: Any,
+           is_async: bool) -> Any:
+    """After a wrapped call: its size (NCCL) or its wall time (gloo); returns what the caller gets."""
     if info.ledger is not None:
-        if p2p:
-            info.ledger.p2p_issued(key)
-        else:
-            info.ledger.collective_issued(pg._get_sequence_number_for_group(), key)
+        _record_issue(profiler, info, pg, key, issued)
         return work
     if is_async:
-        if work is None:
-            return work
-        return _TimedWork(work, functools.partial(profiler.record, key), start)
-    profiler.record(key, time.perf_counter() - start)
+        return work if work is None else _TimedWork(work, functools.partial(profiler.record, key), issued)
+    profiler.record(key, time.perf_counter() - issued)
     return work
 
 
-def _wrap_collective(spec: OpSpec, original: Callable[..., Any], profiler: Profiler) -> Callable[..., Any]:
+def _wrap_function(op: PythonOp, original: Callable[..., Any], profiler: Profiler) -> Callable[..., Any]:
     every = profiler.sample_every
     seen = [0]
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         seen[0] += 1
-        if seen[0] % every:
-            return original(*args, **kwargs)
+        info = None
+        if seen[0] % every == 0:
+            try:
+                group = op.group(args, kwargs)
+                pg = group if group is not None else c10d._get_default_group()
+                nbytes, tensor = op.sized(args, kwargs)
+                info = profiler.group_info(pg, tensor)
+                profiler.calls += every
+            except Exception:  # noqa: BLE001 - never let the hook break a call
+                profiler.errors += 1
+        issued = time.perf_counter()
+        work = _call_unhooked(original, args, kwargs)
+        if info is None or not info.reports:
+            return work
         try:
-            profiler.calls += every
-            group = spec.group(args, kwargs)
-            pg = group if group is not None else c10d._get_default_group()
-            nbytes, tensor = spec.sized(args, kwargs)
-            info = profiler.group_info(pg, tensor)
-            is_async = spec.is_async(args, kwargs)
-        except Exception:  # noqa: BLE001 - never let the hook break a call
-            profiler.errors += 1
-            return original(*args, **kwargs)
-        if not info.member:
-            return original(*args, **kwargs)
-        start = time.perf_counter()
-        work = original(*args, **kwargs)
-        try:
-            key = CallKey(spec.collective, nbytes, info.nranks, info.nnodes, info.nccl)
-            return _issued(profiler, info, pg, key, start, work, is_async, p2p=False)
+            key = CallKey(op.collective, nbytes, info.nranks, info.nnodes, info.nccl)
+            return _timed(profiler, info, pg, key, issued, work, op.is_async(args, kwargs))
         except Exception:  # noqa: BLE001
             profiler.errors += 1
             return work
@@ -251,21 +303,20 @@ def _wrap_p2p(original: Callable[..., Any], profiler: Profiler) -> Callable[...,
     @functools.wraps(original)
     def method(self: Any, tensors: Any, *args: Any) -> Any:
         seen[0] += 1
-        if seen[0] % every:
-            return original(self, tensors, *args)
-        try:
-            profiler.calls += every
-            info = profiler.group_info(self, tensors[0])
-            key = CallKey(Collective.sendrecv, p2p_bytes(tensors), info.nranks, info.nnodes, info.nccl)
-        except Exception:  # noqa: BLE001
-            profiler.errors += 1
-            return original(self, tensors, *args)
-        start = time.perf_counter()
-        work = original(self, tensors, *args)
-        if not info.member:
+        info = None
+        if seen[0] % every == 0:
+            try:
+                info = profiler.group_info(self, tensors[0])
+                key = CallKey(Collective.sendrecv, total_bytes(tensors), info.nranks, info.nnodes, info.nccl)
+                profiler.calls += every
+            except Exception:  # noqa: BLE001
+                profiler.errors += 1
+        issued = time.perf_counter()
+        work = _call_unhooked(original, (self, tensors, *args), {})
+        if info is None or not info.reports:
             return work
         try:
-            return _issued(profiler, info, self, key, start, work, is_async=True, p2p=True)
+            return _timed(profiler, info, self, key, issued, work, is_async=True)
         except Exception:  # noqa: BLE001
             profiler.errors += 1
             return work
@@ -274,24 +325,82 @@ def _wrap_p2p(original: Callable[..., Any], profiler: Profiler) -> Callable[...,
     return method
 
 
+# ---- everything else: a kernel on each c10d operator
+
+
+def _noted(profiler: Profiler, op: C10dOp, args: tuple[Any, ...], out: Any, issued: float) -> None:
+    pg = dist.ProcessGroup.unbox(args[op.group_at])
+    nbytes, tensor = op.sized(args)
+    info = profiler.group_info(pg, tensor)
+    profiler.calls += profiler.sample_every
+    if not info.reports:
+        return
+    key = CallKey(op.collective, nbytes, info.nranks, info.nnodes, info.nccl)
+    if info.ledger is not None:
+        _record_issue(profiler, info, pg, key, issued)
+        return
+    work = dist.Work.unbox(out[-1] if isinstance(out, tuple | list) else out)
+    try:
+        future = work.get_future()
+    except RuntimeError:  # gloo's send/recv and reduce-scatter: nothing says when they end
+        profiler.untimed += 1
+        return
+    future.add_done_callback(functools.partial(profiler.completed, info, key, issued))
+
+
+def _kernel(op: C10dOp, overload: Any, profiler: Profiler) -> Callable[..., Any]:
+    """The operator's kernel at ADInplaceOrView: the real kernel (redispatched below this key,
+    the cheapest way back into the dispatcher), then the note of the call."""
+    every = profiler.sample_every
+    seen = [0]
+    redispatch = overload.redispatch
+
+    def kernel(keyset: Any, *args: Any) -> Any:
+        issued = time.perf_counter()
+        out = redispatch(keyset & _BELOW, *args)
+        seen[0] += 1
+        if seen[0] % every == 0:
+            try:
+                _noted(profiler, op, args, out, issued)
+            except Exception:  # noqa: BLE001 - never let the hook break a call
+                profiler.errors += 1
+        return out
+
+    return kernel
+
+
 def _patch(profiler: Profiler) -> None:
-    for spec in COLLECTIVE_OPS:
-        original = getattr(c10d, spec.name)
-        wrapper = _wrap_collective(spec, original, profiler)
+    global _library
+    _library = torch.library.Library("c10d", "IMPL")
+    for op in C10D_OPS:
+        overload = getattr(torch.ops.c10d, op.name).default
+        _library.impl(op.name, _kernel(op, overload, profiler), "ADInplaceOrView", with_keyset=True)
+    for function in PYTHON_FUNCTIONS:
+        name = function.name_in(c10d)
+        if name is None:
+            continue
+        original = getattr(c10d, name)
+        wrapper = _wrap_function(function, original, profiler)
         for module in (dist, c10d):
-            if getattr(module, spec.name, None) is original:
-                setattr(module, spec.name, wrapper)
+            if getattr(module, name, None) is original:
+                setattr(module, name, wrapper)
     pg_class = c10d.ProcessGroup
     for name in P2P_METHODS:
-        setattr(pg_class, name, _wrap_p2p(getattr(pg_class, name), profiler))
+        if name in pg_class.__dict__:
+            setattr(pg_class, name, _wrap_p2p(pg_class.__dict__[name], profiler))
 
 
 def _unpatch() -> None:
-    for spec in COLLECTIVE_OPS:
+    global _library
+    if _library is not None:
+        _library._destroy()
+        _library = None
+    for function in PYTHON_FUNCTIONS:
+        name = function.name_in(c10d)
         for module in (dist, c10d):
-            current = getattr(module, spec.name, None)
+            current = getattr(module, name, None) if name else None
             if hasattr(current, _ORIGINAL):
-                setattr(module, spec.name, getattr(current, _ORIGINAL))
+                setattr(module, name, getattr(current, _ORIGINAL))
     pg_class = c10d.ProcessGroup
     for name in P2P_METHODS:
         current = pg_class.__dict__.get(name)
@@ -348,21 +457,3 @@ def uninstall(flush: bool = True) -> None:
 
 def current() -> Profiler | None:
     return _profiler
-
-
-def register_ddp_hook(ddp_model: torch.nn.parallel.DistributedDataParallel) -> bool:
-    """Route DDP's gradient buckets through the timed `all_reduce` (DDP's reducer bypasses Python).
-
-    Uses PyTorch's stock allreduce comm hook, which is numerically what DDP
-    does without one; it issues each bucket with `dist.all_reduce`, so the
-    installed hook times it (and on NCCL, knows its size). Returns False
-    (and says why) when the model already has a comm hook.
-    """
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-    try:
-        ddp_model.register_comm_hook(ddp_model.process_group, default_hooks.allreduce_hook)
-    except RuntimeError as error:
-        print(f"dynamiccl hook: DDP buckets are not timed: {error}", file=sys.stderr)
-        return False
-    return True

@@ -4,10 +4,10 @@ With `TORCH_NCCL_ENABLE_TIMING=1` set at launch, ProcessGroupNCCL times
 every op with its own CUDA events and calls a completion hook with a
 WorkInfo (op_type, seq, active_duration) on its hook thread: no added
 synchronisation and no Python event objects on the training thread.
-WorkInfo carries no size, so the Python wrappers record one per op:
-collectives by the group's collective sequence number (read right after the
-call), point-to-point in issue order. Ops with no recorded size (DDP's own
-reducer without our comm hook, coalesced collectives) are counted, not timed.
+WorkInfo carries no size, so the hook's dispatcher kernels record one per op:
+collectives (coalesced ones included: one op, one sequence number) by the
+group's collective sequence number, read right after the call, so
+completions may arrive in any order; point-to-point in issue order.
 
 Hazards (shared/design/NCCL.md): enabling timing mid-run or raising inside
 the hook aborts the communicator. So timing is never enabled here, and the
@@ -88,6 +88,9 @@ class SizeLedger:
             return self._by_seq.pop(seq, None)
         if name in P2P_OP_TYPES:
             return self._p2p.popleft() if self._p2p else None
+        if name == COALESCED and seq in self._by_seq:
+            # coalesced collectives (allreduce_coalesced_, ..._tensor_coalesced_) are one op under one seq
+            return self._by_seq.pop(seq)
         if name == COALESCED and self._p2p:
             # batch_isend_irecv under NCCL coalescing completes as one op: one sendrecv of its largest message.
             batch = list(self._p2p)

@@ -90,7 +90,6 @@ class Trainer:
         if layout.pp == 1 and groups.dp is not None:
             self.model = DistributedDataParallel(self.stage, process_group=groups.dp,
                                                  bucket_cap_mb=layout.bucket_bytes / 2**20)
-            _time_ddp_buckets(self.model)
         self.pipeline = None
         if layout.pp > 1:
             sequence = config.seq_len // layout.tp if groups.tp.splits_sequence else config.seq_len
@@ -130,16 +129,6 @@ class Trainer:
                 (loss / len(inputs)).backward()
             losses.append(float(loss.detach()))
         return losses
-
-
-def _time_ddp_buckets(model: DistributedDataParallel) -> None:
-    """When the DynamICCL hook runs in this process, let it see DDP's bucket all-reduces too."""
-    try:
-        from dynamiccl.agent import hook
-    except ImportError:
-        return
-    if hook.current() is not None:
-        hook.register_ddp_hook(model)
 
 
 def recorded_calls() -> list[dict[str, int | str]]:

@@ -58,23 +58,33 @@ def _counts(agent, job: str) -> Counter:
     return counts
 
 
-def test_every_collective_is_recorded_with_nccl_sizes(run: tuple[object, list[dict]]) -> None:
+def test_every_collective_is_recorded_once_per_communicator_with_nccl_sizes(run: tuple[object, list[dict]]) -> None:
+    """Each call is counted once: by the communicator's lowest rank (rank 0 for the world group,
+    each rank for its own 1-rank group). DDP is unmodified: its C++ reducer's bucket all-reduces
+    and its start-up collectives are seen at the dispatcher."""
     agent, results = run
-    n = WORLD  # every rank reports its own calls
+    bucket = 64 * 64 * 4 + 64 * 4
     assert _counts(agent, "job-gloo") == {
-        ("allreduce", 4096, 2, 2): 2 * n,  # blocking + async (timed at wait)
-        ("allgather", 4096 * WORLD, 2, 2): 2 * n,  # total gathered bytes, tensor and list forms
-        ("reducescatter", 4096, 2, 2): 1 * n,  # total input bytes
-        ("broadcast", 4096, 2, 2): 2 * n,  # blocking + async (timed through its future)
-        ("reduce", 4096, 2, 2): 1 * n,
-        ("alltoall", 4096, 2, 2): 1 * n,
-        ("sendrecv", 4096, 2, 2): 4 * n,  # send, recv, and the batched isend + irecv
-        ("allreduce", 1024, 1, 1): 1 * n,  # a 1-rank subgroup
-        ("allreduce", 64 * 64 * 4 + 64 * 4, 2, 2): 3 * n,  # DDP's bucket, through the comm hook
+        ("allreduce", 4096, 2, 2): 2,  # blocking + async
+        ("allgather", 4096 * WORLD, 2, 2): 2,  # total gathered bytes, tensor and list forms
+        ("reducescatter", 4096, 2, 2): 1,  # total input bytes
+        ("broadcast", 4096, 2, 2): 2,  # blocking + async
+        ("reduce", 4096, 2, 2): 1,
+        ("alltoall", 4096, 2, 2): 1,
+        ("sendrecv", 4096, 2, 2): 4,  # send, recv, and the batched isend + irecv
+        ("allreduce", 1024, 1, 1): WORLD,  # a 1-rank subgroup per rank: each rank is its lowest
+        ("allreduce", bucket, 2, 2): 3,  # DDP's gradient bucket, one per step, from the C++ reducer
+        # DDP's start-up: parameter shapes checked across ranks, then the module state broadcast
+        ("allgather", 16, 2, 2): 1,
+        ("broadcast", 4, 2, 2): 1,
+        ("broadcast", 12, 2, 2): 1,
+        ("broadcast", 48, 2, 2): 1,
+        ("broadcast", bucket, 2, 2): 1,
     }
     for found in results:
         assert found["stats"]["errors"] == 0 and found["stats"]["failures"] == 0
-        assert found["stats"]["backlog"] == 0 and found["stats"]["posted"] > 0
+        assert found["stats"]["backlog"] == 0
+    assert results[0]["stats"]["posted"] > 0
 
 
 def test_p2p_identity_is_preserved_and_pipelining_works(run: tuple[object, list[dict]]) -> None:
@@ -85,14 +95,16 @@ def test_p2p_identity_is_preserved_and_pipelining_works(run: tuple[object, list[
         assert found["restored"] is True
 
 
-def test_ddp_comm_hook_keeps_training_correct(run: tuple[object, list[dict]]) -> None:
+def test_ddp_trains_correctly_under_the_hook(run: tuple[object, list[dict]]) -> None:
     _, results = run
-    assert all(found["ddp_hook"] and found["grad_finite"] for found in results)
+    assert all(found["grad_finite"] for found in results)
 
 
 def test_agent_down_never_raises_and_keeps_a_backlog(run: tuple[object, list[dict]]) -> None:
     _, results = run
     for found in results:
         stats = found["down_stats"]
-        assert stats["errors"] == 0 and stats["failures"] >= 1 and stats["posted"] == 0
-        assert found["down_backlog"] == [5]  # 10 calls, every 2nd timed, one (context, config) cell
+        assert stats["errors"] == 0 and stats["posted"] == 0
+    assert results[0]["down_stats"]["failures"] >= 1
+    # 10 calls, every 2nd timed, reported by rank 0 only (in one or more windows)
+    assert [sum(found["down_backlog"]) for found in results] == [5, 0]

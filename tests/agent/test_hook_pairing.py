@@ -51,10 +51,18 @@ def test_collectives_pair_by_sequence_number_in_any_completion_order() -> None:
 
 def test_ops_without_a_recorded_size_are_counted_not_timed() -> None:
     sizes, got = ledger()
-    sizes.on_completion(WorkInfo(OpType.ALLREDUCE, 7, timedelta(microseconds=5)))  # DDP's reducer
+    sizes.on_completion(WorkInfo(OpType.ALLREDUCE, 7, timedelta(microseconds=5)))  # issued before install
     sizes.on_completion(WorkInfo(OpType.BARRIER, 8, timedelta(microseconds=5)))
-    sizes.on_completion(WorkInfo(OpType.COALESCED, 9, timedelta(microseconds=5)))  # coalesced collectives
+    sizes.on_completion(WorkInfo(OpType.COALESCED, 9, timedelta(microseconds=5)))
     assert got == [] and sizes.unpaired == 3
+
+
+def test_coalesced_collectives_pair_by_their_one_sequence_number() -> None:
+    sizes, got = ledger()
+    sizes.collective_issued(4, key(Collective.reducescatter, 3 << 20))  # e.g. reduce_scatter_tensor_coalesced_
+    sizes.p2p_issued(key(Collective.sendrecv, 64))
+    sizes.on_completion(WorkInfo(OpType.COALESCED, 4, timedelta(microseconds=30)))
+    assert got == [(key(Collective.reducescatter, 3 << 20), 30e-6)], "its own op, not the pending send"
 
 
 def test_point_to_point_pairs_in_issue_order_and_coalesced_batches_as_one() -> None:

@@ -82,6 +82,8 @@ def test_hybrid_layout_matches_the_single_process_loss_and_issues_the_traced_col
                             for c in result["calls"]})
         traced = Counter()
         for entry in step_trace(shape, layout, stage=result["pp"]):
+            if result[entry.parallelism] != 0:
+                continue  # not this group's lowest rank: another rank reports the group's calls
             c = entry.context
             traced[(c.collective.value, c.nbytes, c.nranks, c.nnodes)] += entry.calls * STEPS
         assert recorded == traced, f"rank {result['rank']} (stage {result['pp']})"

@@ -2,7 +2,9 @@
 
 `POST /local/v1/measurements`, `POST /local/v1/recommend`,
 `POST /local/v1/plugin/register` and `/unregister` (plugin-mode jobs tuned
-online, see plugin_online), `GET /healthz`, `GET /metrics`. Malformed input is a 422 naming the field (and counted);
+online, see plugin_online), `POST /local/v1/jobs/{job_id}/ended` (what the
+agent received from a job, asked by the launch when the job exits),
+`GET /healthz`, `GET /metrics`. Malformed input is a 422 naming the field (and counted);
 nothing a caller sends can stop the agent. Measurements of configs the fabric
 cannot run are a 422 naming each of them, with `accepted` counting the others,
 which are taken.
@@ -12,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, HTTPException, Path, Request, Response
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -74,6 +76,13 @@ class PluginUnregistration(BaseModel):
     rules_file: Annotated[str, Field(min_length=1, max_length=4096)]
 
 
+class JobReport(BaseModel):
+    job_id: str
+    measurements: int
+    calls: int
+    contexts: int
+
+
 class LocalRecommendResponse(RecommendResponse):
     source: Literal["server", "cache", "default"]
     reason: str
@@ -119,7 +128,7 @@ def create_app(agent: Agent, manage_agent: bool = True) -> FastAPI:
 
     @app.post("/local/v1/plugin/register", status_code=201)
     def plugin_register(body: PluginRegistration) -> PluginRegistered:
-        job = PluginJob(job_id=body.job_id, rules_file=Path(body.rules_file), round_calls=body.round_calls)
+        job = PluginJob(job_id=body.job_id, rules_file=FilePath(body.rules_file), round_calls=body.round_calls)
         try:
             publisher = agent.online.register(job)
         except RegistrationError as error:
@@ -128,9 +137,15 @@ def create_app(agent: Agent, manage_agent: bool = True) -> FastAPI:
 
     @app.post("/local/v1/plugin/unregister")
     def plugin_unregister(body: PluginUnregistration) -> dict[str, bool]:
-        if not agent.online.unregister(Path(body.rules_file)):
+        if not agent.online.unregister(FilePath(body.rules_file)):
             raise HTTPException(status_code=404, detail=f"{body.rules_file} is not registered")
         return {"unregistered": True}
+
+    @app.post("/local/v1/jobs/{job_id:path}/ended")
+    def job_ended(job_id: Annotated[str, Path(min_length=1, max_length=128)]) -> JobReport:
+        summary = agent.job_ended(job_id)
+        return JobReport(job_id=job_id, measurements=summary.measurements, calls=summary.calls,
+                         contexts=summary.contexts)
 
     @app.get("/healthz")
     def healthz() -> dict[str, object]:

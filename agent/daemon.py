@@ -32,7 +32,7 @@ from dynamiccl.agent.recommender import Answer, Recommender
 from dynamiccl.agent.registrar import Registrar
 from dynamiccl.agent.sender import Sender
 from dynamiccl.agent.spool import DEFAULT_MAX_BATCHES, DEFAULT_MAX_BYTES, Spool
-from dynamiccl.agent.workload import WorkloadRecorder
+from dynamiccl.agent.workload import JobSummary, WorkloadRecorder
 
 log = logging.getLogger("dynamiccl.agent")
 
@@ -197,6 +197,12 @@ class Agent:
         answer = self.recommender.recommend(job_id, contexts, refresh)
         self.metrics.recommend.labels(answer.source).inc()
         return answer
+
+    def job_ended(self, job_id: str) -> JobSummary:
+        """A launch says its job is over: what this agent received from it (counted if nothing)."""
+        summary = self.workload.summary(job_id)
+        self.metrics.jobs_ended.labels("yes" if summary.measurements else "no").inc()
+        return summary
 
     def health(self) -> dict[str, object]:
         return {

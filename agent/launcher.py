@@ -23,7 +23,9 @@
 3. Turn the profiler on for the unmodified script (sitecustomize on
    PYTHONPATH, TORCH_NCCL_ENABLE_TIMING=1 from the first collective).
 4. Run the command with SIGINT/SIGTERM forwarded; return its exit status.
-   Then unregister the rules file (publication stops) and remove it.
+   Then unregister the rules file (publication stops) and remove it, and
+   say how many collective calls of the job this node's agent received
+   (and, when none, why that may be).
 
 The command runs in its own process group, so a terminal's Ctrl-C reaches
 it once, through the forwarding (not twice).
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
+from urllib.parse import quote
 
 import httpx
 from rich.console import Console
@@ -314,6 +317,24 @@ def run(command: Sequence[str], env: Mapping[str, str]) -> int:
     return 128 - status if status < 0 else status
 
 
+def job_ended(agent_url: str, job: str, transport: httpx.BaseTransport | None = None) -> str:
+    """What this node's agent received from the job, in a sentence (the agent counts silent jobs)."""
+    try:
+        with httpx.Client(timeout=REGISTER_TIMEOUT_S, trust_env=False, transport=transport) as http:
+            response = http.post(f"{agent_url.rstrip('/')}/local/v1/jobs/{quote(job, safe='')}/ended")
+        response.raise_for_status()
+        received = response.json()
+    except (httpx.HTTPError, ValueError) as error:
+        return f"whether the job's collectives were timed is unknown: the agent at {agent_url} did not say ({error})"
+    if received.get("measurements"):
+        return (f"{received['calls']:,} collective calls of {received['contexts']} kinds timed and received by the "
+                f"agent at {agent_url} ({received['measurements']:,} measurements)")
+    return (f"the agent at {agent_url} received no collective from this job. Either it issued none (no "
+            "torch.distributed process group), or the profiler was not active in its processes (a "
+            "'dynamiccl hook:' line above says why), or its ranks could not reach the agent, or every "
+            "communicator's lowest rank, the one that reports its calls, runs on another node")
+
+
 def report(console: Console, job: str, job_from: str, answer: Answer | None, mode: Mode, plan: Plan) -> None:
     console.print(f"[bold]dynamiccl launch[/bold]: job [cyan]{job}[/cyan] (from {job_from}), mode {mode.value}")
     if answer is None:
@@ -370,3 +391,5 @@ def launch(
                 unregister_online(agent_url, plan.rules_file)
             plan.rules_file.unlink(missing_ok=True)
             remove_reports(plan.rules_file)
+        if plan.env.get("DYNAMICCL_HOOK") == "1":
+            console.print(f"dynamiccl launch: {job_ended(agent_url, job)}", markup=False, highlight=False)

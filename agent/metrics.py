@@ -64,6 +64,10 @@ class AgentMetrics:
             "dynamiccl_agent_last_send_success_timestamp_seconds",
             "Unix time of the last batch the server accepted (0: none yet)", registry=r,
         )
+        self.jobs_ended = Counter(
+            "dynamiccl_agent_jobs_ended", "Jobs `dynamiccl launch` saw end, by whether this agent received "
+            "any of their collectives", ["reported"], registry=r,
+        )
         self.recommend = Counter(
             "dynamiccl_agent_recommend_answers", "Recommendations answered, by where they came from",
             ["source"], registry=r,

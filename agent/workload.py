@@ -26,6 +26,17 @@ class _Job:
     first_seen: float
     last_seen: float
     calls: dict[Context, int] = field(default_factory=dict)
+    measurements: int = 0
+    total_calls: int = 0
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """What the agent has received from a job: measurements, the calls they cover, kinds of call."""
+
+    measurements: int = 0
+    calls: int = 0
+    contexts: int = 0
 
 
 class WorkloadRecorder:
@@ -54,6 +65,8 @@ class WorkloadRecorder:
                         self._jobs.popitem(last=False)
                 self._jobs.move_to_end(m.job_id)
                 job.last_seen = now
+                job.measurements += 1
+                job.total_calls += m.count
                 job.calls[m.context] = job.calls.get(m.context, 0) + m.count
                 if len(job.calls) > 2 * self.max_contexts:
                     # Trim to the most frequent: a rare context matters least to one process-wide env.
@@ -71,3 +84,10 @@ class WorkloadRecorder:
         return [
             ctx.weighted(min(calls / span, _MAX_WEIGHT)) for ctx, calls in top
         ]
+
+    def summary(self, job_id: str) -> JobSummary:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return JobSummary()
+            return JobSummary(measurements=job.measurements, calls=job.total_calls, contexts=len(job.calls))

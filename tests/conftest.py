@@ -24,7 +24,8 @@ class RecordingHttpServer:
                 self._answer({})
 
             def do_POST(self) -> None:
-                self._answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._answer(json.loads(raw) if raw else {})
 
             def _answer(self, body: dict) -> None:
                 requests.append((self.path, body))

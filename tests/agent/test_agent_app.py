@@ -97,6 +97,18 @@ def test_a_config_the_fabric_cannot_run_is_refused_alone(make_agent, fake_server
     assert 'dynamiccl_agent_measurements_refused_total{where="agent"} 1.0' in client.get("/metrics").text
 
 
+def test_a_launch_learns_what_the_agent_received_from_its_job(make_agent, make_measurement):
+    agent, client = make_agent()
+    client.post("/local/v1/measurements", json=body(make_measurement, 3, job_id="job/7"))
+    ended = client.post("/local/v1/jobs/job%2F7/ended").json()
+    assert ended == {"job_id": "job/7", "measurements": 3, "calls": 3, "contexts": 3}
+    silent = client.post("/local/v1/jobs/quiet/ended").json()
+    assert silent["measurements"] == 0 and silent["calls"] == 0
+    metrics = client.get("/metrics").text
+    assert 'dynamiccl_agent_jobs_ended_total{reported="yes"} 1.0' in metrics
+    assert 'dynamiccl_agent_jobs_ended_total{reported="no"} 1.0' in metrics
+
+
 def test_too_many_measurements_are_refused(make_agent, make_measurement):
     agent, client = make_agent()
     one = make_measurement().model_dump(mode="json")

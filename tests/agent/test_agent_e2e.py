@@ -4,6 +4,7 @@ afterwards every aggregated measurement is stored exactly once."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,6 +159,7 @@ def test_a_four_rank_gloo_job_under_launch_reaches_the_server_with_its_contexts(
         capture_output=True, text=True, timeout=240,
     )
     assert launch.returncode == 0, launch.stderr[-3000:]
+    assert re.search(r"dynamiccl launch: [\d,]+ collective calls of \d+ kinds timed and received", launch.stderr)
 
     store = SqlStore(f"sqlite:///{procs.tmp_path}/server.db")
     try:

@@ -74,7 +74,8 @@ def test_sets_the_recommended_env_and_passes_arguments_through(fake) -> None:
                            base_env(PROBE_EXIT="5"))
     assert rc == 5  # the command's exit status
     assert seen["argv"] == argv  # everything after the first `--`, untouched
-    assert fake.requests[before:] == [("/local/v1/recommend", {"job_id": "llm-1", "contexts": None, "refresh": False})]
+    assert fake.requests[before:] == [("/local/v1/recommend", {"job_id": "llm-1", "contexts": None, "refresh": False}),
+                                      ("/local/v1/jobs/llm-1/ended", {})]  # then: what reached the agent
     env = seen["env"]
     assert env["NCCL_ALGO"] == "allreduce:ring" and env["NCCL_PROTO"] == "allreduce:Simple"
     assert "NCCL_TUNER_CONFIG_FILE" not in env  # mode env: no rules
@@ -82,6 +83,18 @@ def test_sets_the_recommended_env_and_passes_arguments_through(fake) -> None:
     assert env["DYNAMICCL_AGENT_URL"] == fake.url and env["TORCH_NCCL_ENABLE_TIMING"] == "1"
     assert seen["pythonpath"].split(os.pathsep)[0] == str(SITECUSTOMIZE_DIR)
     assert "server" in err and "NCCL_ALGO=allreduce:ring" in err and "2 tuner rules" in err
+
+
+def test_a_job_that_reported_nothing_is_told_why_that_may_be(recording_server) -> None:
+    def answer(path: str, body: dict) -> tuple[int, dict]:
+        if path.endswith("/ended"):
+            return 200, {"job_id": "quiet", "measurements": 0, "calls": 0, "contexts": 0}
+        return 200, {**ANSWER, "source": "server", "reason": "pinned"}
+
+    agent = recording_server(answer)
+    rc, seen, err = launch(["--job", "quiet", "--agent", agent.url, *probe()])
+    assert rc == 0 and ("/local/v1/jobs/quiet/ended", {}) in agent.requests
+    assert "received no collective from this job" in err and "lowest rank" in err
 
 
 def test_user_set_nccl_variables_win(fake) -> None:
@@ -159,7 +172,7 @@ def test_plugin_mode_without_a_compiler_falls_back_to_env(fake, tmp_path: Path) 
 def test_mode_off_only_turns_the_profiler_on(fake) -> None:
     before = len(fake.requests)
     rc, seen, err = launch(["--job", "j", "--agent", fake.url, "--mode", "off", *probe()])
-    assert rc == 0 and len(fake.requests) == before
+    assert rc == 0 and [path for path, _ in fake.requests[before:]] == ["/local/v1/jobs/j/ended"]  # no recommend
     assert not any(k.startswith("NCCL_") for k in seen["env"]) and seen["env"]["DYNAMICCL_HOOK"] == "1"
 
 
@@ -238,7 +251,7 @@ def test_plugin_mode_registers_the_rules_file_for_online_tuning_and_unregisters_
     rules = seen["env"]["NCCL_TUNER_CONFIG_FILE"]
     assert rc == 0 and seen["env"]["DYNAMICCL_ROUND_CALLS"] == "500" and seen["rules"] == ANSWER["tuner_config"]
     assert [path for path, _ in agent.requests] == [
-        "/local/v1/recommend", "/local/v1/plugin/register", "/local/v1/plugin/unregister"]
+        "/local/v1/recommend", "/local/v1/plugin/register", "/local/v1/plugin/unregister", "/local/v1/jobs/j5/ended"]
     assert agent.posted("/local/v1/plugin/register") == [{"job_id": "j5", "rules_file": rules, "round_calls": 500}]
     assert agent.posted("/local/v1/plugin/unregister") == [{"rules_file": rules}]
     assert "online tuning on: a rules section every 500 calls" in err and not Path(rules).exists()

@@ -203,7 +203,10 @@ def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metrics: Met
 
 @router.post("/recommend", response_model=RecommendResponse, responses=_errors(404),
              openapi_extra=scopes(Scope.agent, Scope.read))
-def recommend(body: RecommendRequest, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> RecommendResponse:
+def recommend(body: RecommendRequest, request: Request, store: StoreDep, tuner: TunerDep,
+              metrics: MetricsDep) -> RecommendResponse:
+    if body.refresh:  # re-pinning changes what every later launch of the job runs
+        require(request.state.caller, frozenset({Scope.agent}), "re-pin a job's recommendation (refresh)")
     fabric = _fabric_or_404(store, body.fabric_id)
     key = f"recommend|{body.fabric_id}|{body.job_id}"
     if body.job_id is not None and not body.refresh and (pinned := store.pinned(key)) is not None:

@@ -1,12 +1,29 @@
 """Storage: the `Store` interface and its SQLAlchemy implementation."""
 
+import os
+
 from dynamiccl.server.storage.base import Store, StoredMeasurement
-from dynamiccl.server.storage.sql import SqlStore
+from dynamiccl.server.storage.sql import DEFAULT_MAX_PINS, DEFAULT_PIN_TTL_S, SqlStore
 
 
 def open_store(url: str) -> Store:
-    """A store for a database URL: `sqlite:///path.db` or `postgresql+psycopg://...`."""
-    return SqlStore(url)
+    """A store for a database URL: `sqlite:///path.db` or `postgresql+psycopg://...`; pins expire
+    after $DYNAMICCL_PIN_TTL_S seconds (default 7 days), at most $DYNAMICCL_MAX_PINS are kept."""
+    return SqlStore(url, pin_ttl_s=_env_number("DYNAMICCL_PIN_TTL_S", DEFAULT_PIN_TTL_S),
+                    max_pins=int(_env_number("DYNAMICCL_MAX_PINS", DEFAULT_MAX_PINS)))
+
+
+def _env_number(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"${name}={text!r} is not a number") from None
+    if value <= 0:
+        raise ValueError(f"${name} must be positive, got {text}")
+    return value
 
 
 __all__ = ["SqlStore", "Store", "StoredMeasurement", "open_store"]

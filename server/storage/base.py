@@ -65,12 +65,16 @@ class Store(ABC):
 
     @abstractmethod
     def pin(self, key: str, value: str, replace: bool = False) -> str:
-        """Store `value` under `key` unless a value is there already (or `replace`), and return
-        the value now stored. The first writer wins across replicas."""
+        """Store `value` under `key` unless an unexpired value is there already (or `replace`), and
+        return the value now stored. The first writer wins across replicas."""
 
     @abstractmethod
     def pinned(self, key: str) -> str | None:
-        """The value pinned under `key`, if any."""
+        """The value pinned under `key`, if any and not expired."""
+
+    @abstractmethod
+    def prune_pins(self) -> int:
+        """Delete expired pins and the oldest beyond the store's bound; how many went."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, insert, select, text
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -17,6 +17,13 @@ from dynamiccl.server.storage.base import Store, StoredMeasurement
 from dynamiccl.server.storage.tables import batches, fabrics, measurements, pins
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+#: A pin older than this is gone: the next request pins a fresh answer (a job's launches within
+#: it share one answer; a job started again a week later gets what was learned since).
+DEFAULT_PIN_TTL_S = 7 * 86400.0
+#: At most this many pins are kept (the oldest go first), so the table cannot grow without bound.
+DEFAULT_MAX_PINS = 100_000
+#: Expired and surplus pins are deleted once every this many new pins.
+PRUNE_EVERY = 64
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -58,11 +65,14 @@ def upgrade(engine: Engine) -> None:
 
 
 class SqlStore(Store):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, pin_ttl_s: float = DEFAULT_PIN_TTL_S, max_pins: int = DEFAULT_MAX_PINS) -> None:
         self.url = url
         self.engine = make_engine(url)
         upgrade(self.engine)
         self._dialect = self.engine.dialect.name
+        self.pin_ttl_s = pin_ttl_s
+        self.max_pins = max_pins
+        self._pins_since_prune = 0
 
     def close(self) -> None:
         self.engine.dispose()
@@ -148,18 +158,30 @@ class SqlStore(Store):
         now = time.time()
         with self.engine.begin() as conn:
             statement = self._insert(pins).values(key=key, value=value, created_at=now)
-            if replace:
-                statement = statement.on_conflict_do_update(
-                    index_elements=["key"], set_={"value": value, "created_at": now}
-                )
-            else:
-                statement = statement.on_conflict_do_nothing(index_elements=["key"])
-            conn.execute(statement)
-            return conn.execute(select(pins.c.value).where(pins.c.key == key)).scalar_one()
+            expired = pins.c.created_at < now - self.pin_ttl_s
+            conn.execute(statement.on_conflict_do_update(
+                index_elements=["key"], set_={"value": value, "created_at": now},
+                where=None if replace else expired,
+            ))
+            stored = conn.execute(select(pins.c.value).where(pins.c.key == key)).scalar_one()
+        self._pins_since_prune += 1
+        if self._pins_since_prune >= PRUNE_EVERY:
+            self.prune_pins()
+        return stored
 
     def pinned(self, key: str) -> str | None:
+        fresh = pins.c.created_at >= time.time() - self.pin_ttl_s
         with self.engine.connect() as conn:
-            return conn.execute(select(pins.c.value).where(pins.c.key == key)).scalar()
+            return conn.execute(select(pins.c.value).where(pins.c.key == key, fresh)).scalar()
+
+    def prune_pins(self) -> int:
+        """Delete expired pins and all but the newest `max_pins`; how many went."""
+        self._pins_since_prune = 0
+        with self.engine.begin() as conn:
+            gone = conn.execute(delete(pins).where(pins.c.created_at < time.time() - self.pin_ttl_s)).rowcount
+            surplus = select(pins.c.key).order_by(pins.c.created_at.desc(), pins.c.key).offset(self.max_pins)
+            gone += conn.execute(delete(pins).where(pins.c.key.in_(surplus))).rowcount
+        return gone
 
     def _insert(self, table):
         """The dialect's INSERT, which knows ON CONFLICT."""

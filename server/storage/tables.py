@@ -70,4 +70,5 @@ pins = Table(
     Column("key", String(512), primary_key=True),
     Column("value", Text, nullable=False),
     Column("created_at", Float, nullable=False),
+    Index("ix_pins_created_at", "created_at"),
 )

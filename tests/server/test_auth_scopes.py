@@ -123,3 +123,13 @@ def test_tokens_never_reach_logs_or_metrics(sqlite_url, tuner, tokens, examples,
     for secret in [*SECRETS.values(), wrong]:
         assert secret not in scraped and secret not in caplog.text
     assert "s3cr3t" not in repr(tokens)
+
+
+def test_re_pinning_a_jobs_recommendation_needs_the_agent_scope(api, examples):
+    pinned = api.post("/v1/recommend", json=examples.recommend(job_id="j1"), headers=bearer("reader"))
+    assert pinned.status_code == 200
+    refused = api.post("/v1/recommend", json=examples.recommend(job_id="j1", refresh=True), headers=bearer("reader"))
+    assert refused.status_code == 403 and "re-pin" in refused.json()["detail"] and "agent" in refused.json()["detail"]
+    assert api.post("/v1/recommend", json=examples.recommend(job_id="j1"), headers=bearer("reader")).json() == pinned.json()
+    again = api.post("/v1/recommend", json=examples.recommend(job_id="j1", refresh=True), headers=bearer("agent"))
+    assert again.status_code == 200

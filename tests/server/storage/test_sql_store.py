@@ -136,7 +136,7 @@ def test_a_database_created_by_the_first_migration_opens(database_url, fabric):
         assert store.get_fabric("old") == fabric
         with store.engine.connect() as conn:
             head = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
-        assert head == "0001"
+        assert head == "0002"  # upgraded to the newest schema on open
     finally:
         store.close()
     SqlStore(database_url).close()  # opening an up-to-date database again is a no-op

@@ -1,0 +1,56 @@
+"""Pins (answers every replica must give alike): first writer wins, they expire, they are bounded."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from dynamiccl.server.storage import open_store
+from dynamiccl.server.storage.sql import PRUNE_EVERY, SqlStore
+from dynamiccl.server.storage.tables import pins
+
+
+def count(store: SqlStore) -> int:
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(pins)).scalar_one()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request, sqlite_url):
+    return sqlite_url if request.param == "sqlite" else request.getfixturevalue("postgres_schema_url")
+
+
+def test_the_first_writer_wins_until_replaced(url):
+    store = SqlStore(url)
+    assert store.pin("k", "first") == "first" and store.pin("k", "second") == "first"
+    assert store.pin("k", "third", replace=True) == "third" and store.pinned("k") == "third"
+
+
+def test_an_expired_pin_is_gone_and_the_next_writer_pins_afresh(url):
+    store = SqlStore(url, pin_ttl_s=0.2)
+    store.pin("job", "old")
+    time.sleep(0.3)
+    assert store.pinned("job") is None
+    assert store.pin("job", "new") == "new" and store.pinned("job") == "new"
+
+
+def test_pins_are_bounded_oldest_first(url):
+    store = SqlStore(url, max_pins=5)
+    for i in range(PRUNE_EVERY * 2):
+        store.pin(f"job-{i}", str(i))
+    assert count(store) <= 5 + PRUNE_EVERY  # pruned as they come
+    store.prune_pins()
+    assert count(store) == 5 and store.pinned(f"job-{PRUNE_EVERY * 2 - 1}") is not None
+    assert store.pinned("job-0") is None
+
+
+def test_the_bounds_come_from_the_environment(sqlite_url, monkeypatch):
+    monkeypatch.setenv("DYNAMICCL_PIN_TTL_S", "60")
+    monkeypatch.setenv("DYNAMICCL_MAX_PINS", "10")
+    store = open_store(sqlite_url)
+    assert (store.pin_ttl_s, store.max_pins) == (60.0, 10)
+    monkeypatch.setenv("DYNAMICCL_MAX_PINS", "lots")
+    with pytest.raises(ValueError, match="DYNAMICCL_MAX_PINS"):
+        open_store(sqlite_url)

@@ -73,7 +73,8 @@
  * Report of what ran: every DYNAMICCL_TUNER_REPORT_MS (1000; 0: at every
  * check; -1: never) at most, and at finalize, the process rewrites
  * <rules file>.chosen.<pid>.json
- * (temp file + rename): per communicator its call count, the version in force
+ * (a temp file created with O_EXCL|O_NOFOLLOW, then renamed: a planted file or
+ * symlink is never written through): per communicator its call count, the version in force
  * and, per (collective, log2 size class), the last choice made (rule or
  * NCCL's cost-model pick) and for how many calls in a row it was made.
  *
@@ -739,8 +740,18 @@ static void write_report(Ctx *ctx, const Ctx *finalized) {
   int pid = (int)getpid();
   if (snprintf(path, sizeof(path), "%s.chosen.%d.json", ctx->path, pid) >= (int)sizeof(path)) return;
   snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-  FILE *out = fopen(tmp, "w");
-  if (out == NULL) goto fail;
+  /* Never through a planted file or link: a new file, or nothing (rename replaces a link at `path`
+   * itself, not what it points to). A leftover of a crashed process is removed (unlink removes a
+   * link, never its target) and the creation tried once more. */
+  int flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC;
+  int fd = open(tmp, flags, 0644);
+  if (fd < 0 && errno == EEXIST && unlink(tmp) == 0) fd = open(tmp, flags, 0644);
+  if (fd < 0) goto fail_open;
+  FILE *out = fdopen(fd, "w");
+  if (out == NULL) {
+    close(fd);
+    goto fail;
+  }
   struct timespec now;
   clock_gettime(CLOCK_REALTIME, &now);
   fprintf(out, "{\"pid\": %d, \"time_unix_ms\": %lld, \"comms\": [", pid,
@@ -756,6 +767,7 @@ static void write_report(Ctx *ctx, const Ctx *finalized) {
   return;
 fail:
   unlink(tmp);
+fail_open:
   if (first_time(ctx, ONCE_REPORT))
     say(ctx, NCCL_LOG_WARN, __LINE__, "cannot write %s (%s): no report of the choices made", path,
         strerror(errno));

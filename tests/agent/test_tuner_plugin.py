@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import threading
@@ -447,6 +448,19 @@ def test_the_report_says_what_ran_per_size_class(rules_path: Path, open_comm) ->
     comm.close()
     (final,) = [c for r in read_reports(rules_path) for c in r.comms if c.comm_id == "0x000000000000feed"]
     assert final.finalized and final.calls == 5
+
+
+def test_the_report_is_never_written_through_a_planted_file_or_link(rules_path: Path, open_comm) -> None:
+    rules_path.write_text(BASE)
+    victim = rules_path.with_name("victim")
+    victim.write_text("precious\n")
+    report = rules_path.with_name(f"{rules_path.name}.chosen.{os.getpid()}.json")
+    report.with_name(report.name + ".tmp").symlink_to(victim)  # where the plugin writes first
+    report.symlink_to(victim)  # and what it renames onto
+    comm = open_comm()
+    comm.choose(AR, 1000)
+    assert victim.read_text() == "precious\n"
+    assert not report.is_symlink() and read_reports(rules_path)[0].comms[0].calls == 1
 
 
 def test_communicators_on_several_threads_while_reports_are_written(rules_path: Path, tuner: TunerLibrary) -> None:

@@ -8,8 +8,14 @@ coll_sn) on each node would still count it once per node, and would need
 memory per call). For point-to-point operations the Send side is used, from
 every rank: each transfer has exactly one sender, so it too is counted once.
 
+Records are read as NCCL's writer produces them (compact, one a line) and as
+its README shows them (pretty-printed over several lines). Sizes follow API.md:
+Inspector's allgather, reducescatter and alltoall sizes are per rank and are
+multiplied by n_ranks. Only GPU-kernel-timed records (`kernel_gpu`) become
+latencies; CPU-timed ones are counted (`cpu_timed`) and skipped.
+
 Reading is resumable and safe against a writer in progress: a file is read up
-to its last complete line (a partial last line is read again next time).
+to its last complete record (a partial one is read again next time).
 Offsets belong to a file's identity (device and inode), not its name: a path
 that now names a new file (rotation: inode changed) is read from the start,
 the renamed old file keeps its offset (no record read twice), and a file that
@@ -36,6 +42,7 @@ from dynamiccl.schemas import DEFAULT_CONFIG, Context, Measurement, NcclConfig
 log = logging.getLogger("dynamiccl.agent.inspector")
 
 MAX_READ_BYTES = 16 << 20  # per file and poll: bounds memory for a huge backlog
+#: NCCL's function names (ncclFuncToString), lowercased without punctuation.
 _COLLECTIVES = {
     "allreduce": "allreduce",
     "allgather": "allgather",
@@ -43,28 +50,50 @@ _COLLECTIVES = {
     "broadcast": "broadcast",
     "reduce": "reduce",
     "alltoall": "alltoall",
+    "all2all": "alltoall",
 }
+#: Inspector's `coll_msg_size_bytes` is typeSize x count of the call: per rank for these (the
+#: send count of an allgather, the receive count of a reducescatter, the per-peer count of an
+#: alltoall), so the total that NCCL's tuner and nccl-tests count is that times n_ranks.
+_PER_RANK_SIZES = frozenset({"allgather", "reducescatter", "alltoall"})
+#: The only timing that measures the collective itself; CPU-side fallbacks are another quantity.
+GPU_TIMING = "kernel_gpu"
+
+
+class NotGpuTimed(ValueError):
+    """A record timed on the CPU (`coll_timing_source` other than kernel_gpu)."""
+
+
+def _name(value: Any) -> str:
+    return "".join(c for c in str(value).lower() if c.isalnum())
 
 
 def record_to_measurement(record: dict[str, Any], config: NcclConfig, job_id: str | None) -> Measurement | None:
-    """One Inspector record as a Measurement, or None when it is not counted (see module docstring)."""
+    """One Inspector record as a Measurement, or None when it is not counted (see module docstring);
+    NotGpuTimed for a record timed on the CPU."""
     header = record.get("header") or {}
     if "coll_perf" in record:
         perf = record["coll_perf"]
-        collective = _COLLECTIVES.get(str(perf.get("coll", "")).lower())
+        collective = _COLLECTIVES.get(_name(perf.get("coll", "")))
         if collective is None or header.get("rank") != 0:
             return None
         nbytes, exec_us = perf.get("coll_msg_size_bytes"), perf.get("coll_exec_time_us")
+        timing = perf.get("coll_timing_source", GPU_TIMING)
+        if collective in _PER_RANK_SIZES and isinstance(nbytes, int):
+            nbytes *= header.get("n_ranks") if isinstance(header.get("n_ranks"), int) else 1
     elif "p2p_perf" in record:
         perf = record["p2p_perf"]
-        if str(perf.get("p2p", "")).lower() != "send":
+        if _name(perf.get("p2p", "")) != "send":
             return None
         collective = "sendrecv"
         nbytes, exec_us = perf.get("p2p_msg_size_bytes"), perf.get("p2p_exec_time_us")
+        timing = perf.get("p2p_timing_source", GPU_TIMING)
     else:
         return None
     if not isinstance(exec_us, int | float) or exec_us <= 0:
         return None  # no timing (the plugin writes 0 when it has none)
+    if timing != GPU_TIMING:
+        raise NotGpuTimed(f"timed by {timing}")
     dump_us = (record.get("metadata") or {}).get("dump_timestamp_us")
     return Measurement(
         context=Context(
@@ -82,6 +111,32 @@ def record_to_measurement(record: dict[str, Any], config: NcclConfig, job_id: st
     )
 
 
+_DECODER = json.JSONDecoder()
+
+
+def records(text: str) -> tuple[list[Any], int, int]:
+    """The JSON values in `text`, written one a line (NCCL's writer) or pretty-printed over several
+    (the README's examples): (values, characters consumed, malformed stretches skipped). An
+    incomplete value at the end is left unconsumed, to be read whole next time."""
+    values, position, skipped = [], 0, 0
+    while True:
+        while position < len(text) and text[position].isspace():
+            position += 1
+        if position >= len(text):
+            return values, position, skipped
+        try:
+            value, end = _DECODER.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            newline = text.find("\n", error.pos)
+            if error.pos >= len(text) - 1 or newline < 0:
+                return values, position, skipped  # still being written
+            skipped += 1
+            position = text.find("\n", position) + 1 or newline + 1
+            continue
+        values.append(value)
+        position = end
+
+
 class InspectorReader:
     """Reads new complete records from every file under `dump_dir`; see the module docstring."""
 
@@ -96,7 +151,8 @@ class InspectorReader:
         self.state_file = state_file
         self.config = config
         self.job_id = job_id
-        self.skipped = 0  # malformed or invalid lines
+        self.skipped = 0  # malformed or invalid records
+        self.cpu_timed = 0  # records timed on the CPU: counted, not used as latencies
         # Keyed by file identity (device:inode), not path: a file rotated by renaming keeps its
         # offset, so its records are not read twice; a path that now names a new file starts at 0.
         self._offsets: dict[str, dict[str, int | str]] = self._load_state()
@@ -163,26 +219,29 @@ class InspectorReader:
                 return False
             f.seek(offset)
             chunk = f.read(MAX_READ_BYTES)
-        end = chunk.rfind(b"\n") + 1  # complete lines only; a partial tail is read again next time
-        if end == 0 and len(chunk) == MAX_READ_BYTES:  # one line longer than any record: skip it
+        text = chunk.decode("utf-8", errors="surrogateescape")  # round-trips every byte
+        values, consumed, skipped = records(text)
+        self.skipped += skipped
+        end = len(text[:consumed].encode("utf-8", errors="surrogateescape"))
+        if end == 0 and len(chunk) == MAX_READ_BYTES:  # one record longer than any: skip it
             self.skipped += 1
             end = len(chunk)
-        for line in chunk[:end].splitlines():
-            self._parse(line, out)
+        for value in values:
+            self._parse(value, out)
         self._offsets[key] = {"path": str(path), "offset": offset + end}
         return True
 
-    def _parse(self, line: bytes, out: list[Measurement]) -> None:
-        if not line.strip():
-            return
+    def _parse(self, record: Any, out: list[Measurement]) -> None:
         try:
-            record = json.loads(line)
             if not isinstance(record, dict):
                 raise ValueError("not an object")
             measurement = record_to_measurement(record, self.config, self.job_id)
+        except NotGpuTimed:
+            self.cpu_timed += 1
+            return
         except (ValueError, ValidationError, TypeError, AttributeError) as error:
             self.skipped += 1
-            log.debug("skipping an inspector line: %s", error)
+            log.debug("skipping an inspector record: %s", error)
             return
         if measurement is not None:
             out.append(measurement)

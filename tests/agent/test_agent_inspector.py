@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from dynamiccl.agent.inspector import InspectorReader
 from dynamiccl.schemas import NcclConfig
 
 
 def coll(rank: int, sn: int, coll: str = "AllReduce", size: int = 1 << 20, exec_us: float = 500,
-         comm: str = "0x7f8c496ae9f661", n_ranks: int = 16, nnodes: int = 2) -> dict:
+         comm: str = "0x7f8c496ae9f661", n_ranks: int = 16, nnodes: int = 2, timing: str = "kernel_gpu") -> dict:
+    """A record as NCCL's writer (inspector_json.cc) lays it out: header with comm_name."""
     return {
-        "header": {"id": comm, "rank": rank, "n_ranks": n_ranks, "nnodes": nnodes},
+        "header": {"id": comm, "comm_name": "default_pg", "rank": rank, "n_ranks": n_ranks, "nnodes": nnodes},
         "metadata": {"inspector_output_format_version": "v4.0", "git_rev": "", "rec_mechanism": "profiler_plugin",
                      "dump_timestamp_us": 1748030377748202, "hostname": "node-a", "pid": 1639453},
         "coll_perf": {"coll": coll, "coll_sn": sn, "coll_msg_size_bytes": size, "coll_exec_time_us": exec_us,
-                      "coll_timing_source": "kernel_gpu", "coll_algobw_gbs": 277.21, "coll_busbw_gbs": 485.12},
+                      "coll_timing_source": timing, "coll_algobw_gbs": 277.21, "coll_busbw_gbs": 485.12},
     }
 
 
@@ -48,7 +51,8 @@ def test_records_become_measurements_once_per_call(tmp_path):
     config = NcclConfig(algo="ring", proto="simple")
     got = reader(tmp_path, config=config, job_id="llama").poll()
     by_kind = sorted((m.context.collective.value, m.context.nbytes) for m in got)
-    assert by_kind == [("allgather", 4096), ("allreduce", 1 << 20), ("sendrecv", 4096), ("sendrecv", 4096)]
+    # allgather: Inspector writes the per-rank send size; NCCL's tuner counts the gathered total
+    assert by_kind == [("allgather", 4096 * 16), ("allreduce", 1 << 20), ("sendrecv", 4096), ("sendrecv", 4096)]
     m = next(m for m in got if m.context.collective.value == "allreduce")
     assert (m.context.nranks, m.context.nnodes, m.latency_us, m.count) == (16, 2, 500.0, 1)
     assert m.source == "inspector" and m.config == config and m.job_id == "llama"
@@ -121,3 +125,51 @@ def test_corrupt_state_file_restarts_from_zero(tmp_path):
     state.parent.mkdir()
     state.write_text("{not json")
     assert len(reader(tmp_path).poll()) == 1
+
+
+def compact(*records: dict) -> str:
+    """NCCL's writer: one record a line, no spaces."""
+    return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+
+
+def test_nvidias_documented_reduce_scatter_is_counted_as_nccl_counts_it(tmp_path):
+    """NVIDIA's sample: ReduceScatter, 8 ranks, coll_msg_size_bytes 2 GiB, 41,057 us, algbw 418 GB/s
+    (= 16 GiB / 41 ms): the tuner's and nccl-tests' size is the 16 GiB total."""
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    (dumps / "r0.log").write_text(compact(coll(0, 9, coll="ReduceScatter", size=2 << 30, exec_us=41057, n_ranks=8,
+                                               nnodes=1)))
+    (measurement,) = reader(tmp_path).poll()
+    assert measurement.context.nbytes == 16 << 30
+    assert 16 * 2**30 / (measurement.latency_us * 1e-6) / 1e9 == pytest.approx(418, rel=0.01)
+
+
+def test_every_collective_name_nccl_writes(tmp_path):
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    names = ["AllReduce", "AllGather", "ReduceScatter", "Broadcast", "Reduce", "All2All"]
+    (dumps / "r0.log").write_text(compact(*(coll(0, i, coll=name, size=1024, n_ranks=4) for i, name in enumerate(names))))
+    got = {m.context.collective.value: m.context.nbytes for m in reader(tmp_path).poll()}
+    assert got == {"allreduce": 1024, "allgather": 4096, "reducescatter": 4096, "broadcast": 1024, "reduce": 1024,
+                   "alltoall": 4096}
+
+
+def test_pretty_printed_records_are_read_too_even_split_across_polls(tmp_path):
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    text = json.dumps(coll(0, 1), indent=2) + "\n" + json.dumps(coll(0, 2), indent=2) + "\n"
+    path = dumps / "r0.log"
+    half = len(text) * 3 // 4  # the second record cut half-way, as a writer in progress leaves it
+    path.write_text(text[:half])
+    r = reader(tmp_path)
+    assert [m.context.nbytes for m in r.poll()] == [1 << 20]
+    path.write_text(text)
+    assert [m.context.nbytes for m in r.poll()] == [1 << 20] and r.skipped == 0
+
+
+def test_cpu_timed_records_are_counted_not_averaged_with_kernel_timings(tmp_path):
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    (dumps / "r0.log").write_text(compact(coll(0, 1), coll(0, 2, timing="collective_cpu"), coll(0, 3, timing="kernel_cpu")))
+    r = reader(tmp_path)
+    assert len(r.poll()) == 1 and r.cpu_timed == 2 and r.skipped == 0

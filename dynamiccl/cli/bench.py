@@ -78,15 +78,20 @@ def bench(
             raise typer.Exit(status)
 
 
-def _config_env(text: str, collective: Collective) -> dict[str, str]:
-    """NCCL variables forcing ALGO/PROTO[/CHANNELS] on `collective`."""
+def parse_config(text: str) -> NcclConfig:
+    """`ALGO/PROTO[/CHANNELS]` as a config (typer.BadParameter naming what is wrong)."""
     parts = text.split("/")
     try:
         if len(parts) not in (2, 3):
             raise ValueError("expected ALGO/PROTO or ALGO/PROTO/CHANNELS")
-        chosen = NcclConfig(algo=parts[0], proto=parts[1], nchannels=int(parts[2]) if len(parts) == 3 else None)
+        return NcclConfig(algo=parts[0], proto=parts[1], nchannels=int(parts[2]) if len(parts) == 3 else None)
     except ValueError as error:
         raise typer.BadParameter(f"{text!r}: {error}", param_hint="--config") from None
+
+
+def _config_env(text: str, collective: Collective) -> dict[str, str]:
+    """NCCL variables forcing ALGO/PROTO[/CHANNELS] on `collective`."""
+    chosen = parse_config(text)
     try:
         return render_env(EnvSetting(algos={collective: chosen.algo}, protos={collective: chosen.proto},
                                      nchannels=chosen.nchannels))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dynamiccl.cli import bench, plugin
+from dynamiccl.cli import bench, importer, plugin
 from dynamiccl.sim.feeder import sim_job
 
 app = typer.Typer(
@@ -18,6 +18,7 @@ app = typer.Typer(
 app.command("fabrics")(bench.fabrics)
 app.command("bench")(bench.bench)
 app.add_typer(plugin.app)
+app.add_typer(importer.app)
 app.command("sim-job")(sim_job)
 
 

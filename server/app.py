@@ -66,7 +66,11 @@ def create_app(
         if auth.enabled:
             log.info("auth on: %d token(s) accepted for /v1", len(tokens))
         else:
-            log.warning("auth off: no tokens configured, the /v1 API is open to anyone who can reach it")
+            log.warning("auth off: no tokens configured, the /v1 API is open to anyone who can reach it. "
+                        "Without tokens the source of a measurement is the job id its client chose, so "
+                        "one client can speak as many sources: the learner's quorum of independent "
+                        "sources (see the README's trust model) then protects nothing; give each agent "
+                        "its own token")
         if rate_limit:
             log.info("rate limit: %g requests/s per client, bursts of %d", rate_limit.rate, rate_limit.burst)
         yield

@@ -4,7 +4,6 @@ NCCL's tuner counts it (API.md)."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -12,17 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from dynamiccl.workloads.services import free_port
+
 pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
 
 SCRIPTS = Path(__file__).with_name("scripts")
 RANKS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +34,7 @@ def reported(agent, script: str) -> Counter:
     """Launch `script` on 2 ranks through torchrun; what the job's hooks posted, by context."""
     command = [sys.executable, "-m", "dynamiccl.cli.main", "launch", "--job", script, "--agent", agent.url, "--",
                sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(RANKS),
-               "--master-port", str(_free_port()), str(SCRIPTS / script)]
+               "--master-port", str(free_port()), str(SCRIPTS / script)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     counts: Counter = Counter()

@@ -57,7 +57,7 @@ def test_server_starts_and_reports_its_settings(tmp_path):
         output, _ = process.communicate(timeout=20)
     assert f"http://127.0.0.1:{port}" in output
     assert database in output
-    assert "auth off" in output
+    assert "auth off" in output and "one client can speak as many sources" in output
 
 
 def test_passwords_are_hidden_in_the_logged_url():

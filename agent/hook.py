@@ -226,14 +226,12 @@ class Profiler:
 
 
 _profiler: Profiler | None = None
-
-
 _library: torch.library.Library | None = None
 _BELOW = torch._C._after_ADInplaceOrView_keyset
 _OUR_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
 
 
-def _record_issue(profiler: Profiler, info: GroupInfo, pg: Any, key: CallKey, issued: float) -> None:
+def _record_issue(info: GroupInfo, pg: Any, key: CallKey) -> None:
     """NCCL: the size waits for its completion, under the group's sequence number (read right
     after the call) or, point-to-point, in issue order."""
     assert info.ledger is not None
@@ -256,7 +254,7 @@ def _timed(profiler: Profiler, info: GroupInfo, pg: Any, key: CallKey, issued: f
            is_async: bool) -> Any:
     """After a wrapped call: its size (NCCL) or its wall time (gloo); returns what the caller gets."""
     if info.ledger is not None:
-        _record_issue(profiler, info, pg, key, issued)
+        _record_issue(info, pg, key)
         return work
     if is_async:
         return work if work is None else _TimedWork(work, functools.partial(profiler.record, key), issued)
@@ -337,7 +335,7 @@ def _noted(profiler: Profiler, op: C10dOp, args: tuple[Any, ...], out: Any, issu
         return
     key = CallKey(op.collective, nbytes, info.nranks, info.nnodes, info.nccl)
     if info.ledger is not None:
-        _record_issue(profiler, info, pg, key, issued)
+        _record_issue(info, pg, key)
         return
     work = dist.Work.unbox(out[-1] if isinstance(out, tuple | list) else out)
     try:

@@ -39,3 +39,12 @@ def test_a_file_that_is_not_nccl_tests_output_is_named_and_fails(recording_serve
     result = CliRunner().invoke(app, ["import", "nccl-tests", str(other), "--fabric-id", "f", "--server", server.url])
     assert result.exit_code == 1 and "notes.txt" in result.output and "Collective test starting" in result.output
     assert server.posted("/v1/measurements") == []
+
+
+def test_nvidias_sample_csv_is_posted(recording_server) -> None:
+    server = recording_server(lambda path, body: (202, {"accepted": len(body["measurements"]), "duplicate_batch": False}))
+    sample = Path(__file__).parents[1] / "nccl" / "data" / "nvidia_sample_performance_data.csv"
+    result = CliRunner().invoke(app, ["import", "nccl-csv", str(sample), "--fabric-id", "f", "--server", server.url])
+    assert result.exit_code == 0, result.output
+    assert "23 rows read, 0 refused, 23 stored" in result.output
+    assert sum(len(b["measurements"]) for b in server.posted("/v1/measurements")) == 23

@@ -127,6 +127,7 @@ class Agent:
                 job_id=config.inspector_job_id,
             )
             self.inspector = InspectorFollower(reader, self.ingest, interval_s=config.inspector_interval_s)
+            self.metrics.track_inspector(lambda: reader.skipped, lambda: reader.cpu_timed)
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="dynamiccl-window", daemon=True)
 

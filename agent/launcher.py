@@ -48,6 +48,7 @@ from urllib.parse import quote
 import httpx
 from rich.console import Console
 
+from dynamiccl.agent.hook_poster import DEFAULT_AGENT_URL
 from dynamiccl.agent.plugin_online import DEFAULT_ROUND_CALLS, ROUND_CALLS_ENV
 from dynamiccl.agent.plugin_rules import HEADER_TAG, is_own_plugin
 from dynamiccl.agent.tuner_plugin.build import PluginBuildError
@@ -56,7 +57,6 @@ from dynamiccl.agent.tuner_plugin.report import remove_reports
 from dynamiccl.client import DynamicclClient
 from dynamiccl.schemas import RecommendResponse
 
-DEFAULT_AGENT_URL = "http://127.0.0.1:7461"
 RECOMMEND_TIMEOUT_S = 3.0
 REGISTER_TIMEOUT_S = 3.0
 SITECUSTOMIZE_DIR = Path(__file__).resolve().parent / "sitecustomize"

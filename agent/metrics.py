@@ -68,6 +68,13 @@ class AgentMetrics:
             "dynamiccl_agent_jobs_ended", "Jobs `dynamiccl launch` saw end, by whether this agent received "
             "any of their collectives", ["reported"], registry=r,
         )
+        self.inspector_unused = Gauge(
+            "dynamiccl_agent_inspector_records_unused",
+            "NCCL Inspector records read but not used as measurements: malformed, or timed on the CPU",
+            ["reason"], registry=r,
+        )
+        for reason in ("malformed", "cpu_timed"):
+            self.inspector_unused.labels(reason)  # 0 until an Inspector reader is attached
         self.recommend = Counter(
             "dynamiccl_agent_recommend_answers", "Recommendations answered, by where they came from",
             ["source"], registry=r,
@@ -80,6 +87,10 @@ class AgentMetrics:
             self.latency.labels(collective, size_class(m.context.nbytes)).observe(m.latency_us * 1e-6)
             self.calls.labels(collective).inc(m.count)
             self.bytes.labels(collective).inc(m.context.nbytes * m.count)
+
+    def track_inspector(self, skipped: Callable[[], int], cpu_timed: Callable[[], int]) -> None:
+        self.inspector_unused.labels("malformed").set_function(skipped)
+        self.inspector_unused.labels("cpu_timed").set_function(cpu_timed)
 
     def track_spool(self, depth: Callable[[], int], size: Callable[[], int]) -> None:
         self.spool_depth.set_function(depth)

@@ -53,7 +53,7 @@ def doctor(
     from rich.markup import escape
 
     from dynamiccl.agent.doctor import Node, Status, diagnose
-    from dynamiccl.agent.launcher import DEFAULT_AGENT_URL
+    from dynamiccl.agent.hook_poster import DEFAULT_AGENT_URL
 
     node = Node(environ=dict(os.environ), agent_url=agent_url or DEFAULT_AGENT_URL, server_url=server_url)
     styles = {Status.ok: "green", Status.warn: "yellow", Status.fail: "red", Status.skip: "dim"}

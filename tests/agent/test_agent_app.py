@@ -171,6 +171,9 @@ def test_inspector_dumps_flow_to_the_server(make_agent, fake_server, tmp_path):
               "coll_perf": {"coll": "ReduceScatter", "coll_sn": 1, "coll_msg_size_bytes": 1 << 20,
                             "coll_exec_time_us": 80, "coll_timing_source": "kernel_gpu",
                             "coll_algobw_gbs": 1.0, "coll_busbw_gbs": 1.0}}
-    (dumps / "rank0.log").write_text((json.dumps(record) + "\n") * 3)
+    cpu_timed = {**record, "coll_perf": {**record["coll_perf"], "coll_timing_source": "collective_cpu"}}
+    (dumps / "rank0.log").write_text((json.dumps(record) + "\n") * 3 + json.dumps(cpu_timed) + "\n")
     assert wait_for(lambda: fake_server.measurements == 1)  # three calls of one context: one row, count 3
-    assert 'dynamiccl_agent_measurements_received_total{source="inspector"} 3.0' in client.get("/metrics").text
+    metrics = client.get("/metrics").text
+    assert 'dynamiccl_agent_measurements_received_total{source="inspector"} 3.0' in metrics
+    assert 'dynamiccl_agent_inspector_records_unused{reason="cpu_timed"} 1.0' in metrics

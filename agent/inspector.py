@@ -8,6 +8,12 @@ coll_sn) on each node would still count it once per node, and would need
 memory per call). For point-to-point operations the Send side is used, from
 every rank: each transfer has exactly one sender, so it too is counted once.
 
+The job a record belongs to: the job id the agent is configured with
+(`AgentConfig.inspector_job_id`) when given, else
+the folder under the dump dir the file is in (`dynamiccl launch` points each
+job's NCCL_INSPECTOR_DUMP_DIR at `<dump dir>/<job id>` when it knows the dump
+dir, from $DYNAMICCL_INSPECTOR_DIR).
+
 Records are read as NCCL's writer produces them (compact, one a line) and as
 its README shows them (pretty-printed over several lines). Sizes follow API.md:
 Inspector's allgather, reducescatter and alltoall sizes are per rank and are
@@ -226,16 +232,23 @@ class InspectorReader:
         if end == 0 and len(chunk) == MAX_READ_BYTES:  # one record longer than any: skip it
             self.skipped += 1
             end = len(chunk)
+        job_id = self.job_id or self._job_of(path)
         for value in values:
-            self._parse(value, out)
+            self._parse(value, out, job_id)
         self._offsets[key] = {"path": str(path), "offset": offset + end}
         return True
 
-    def _parse(self, record: Any, out: list[Measurement]) -> None:
+    def _job_of(self, path: Path) -> str | None:
+        """A job's own dump folder, `<dump_dir>/<job id>/...` (what `dynamiccl launch` sets up), names
+        its job; a file directly in the dump dir belongs to no known job."""
+        parts = path.relative_to(self.dump_dir).parts
+        return parts[0][:128] if len(parts) > 1 else None
+
+    def _parse(self, record: Any, out: list[Measurement], job_id: str | None) -> None:
         try:
             if not isinstance(record, dict):
                 raise ValueError("not an object")
-            measurement = record_to_measurement(record, self.config, self.job_id)
+            measurement = record_to_measurement(record, self.config, job_id)
         except NotGpuTimed:
             self.cpu_timed += 1
             return

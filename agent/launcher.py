@@ -294,6 +294,10 @@ def _enable_profiler(plan: Plan, environ: Mapping[str, str], job: str, agent_url
     paths = [str(SITECUSTOMIZE_DIR), *filter(None, environ.get("PYTHONPATH", "").split(os.pathsep))]
     plan.env["PYTHONPATH"] = os.pathsep.join(paths)
     plan.notes.append(f"profiler on: collectives reported to {agent_url} as job {job}")
+    inspector_dir = environ.get("DYNAMICCL_INSPECTOR_DIR")
+    if inspector_dir:  # the agent's Inspector dump dir: this job's records in a folder named after it
+        folder = "".join(c if c.isalnum() or c in "._:-" else "_" for c in job)[:128]
+        _set(plan, environ, "NCCL_INSPECTOR_DUMP_DIR", str(Path(inspector_dir) / folder), "for the agent")
 
 
 def run(command: Sequence[str], env: Mapping[str, str]) -> int:

@@ -173,3 +173,14 @@ def test_cpu_timed_records_are_counted_not_averaged_with_kernel_timings(tmp_path
     (dumps / "r0.log").write_text(compact(coll(0, 1), coll(0, 2, timing="collective_cpu"), coll(0, 3, timing="kernel_cpu")))
     r = reader(tmp_path)
     assert len(r.poll()) == 1 and r.cpu_timed == 2 and r.skipped == 0
+
+
+def test_a_jobs_own_dump_folder_names_its_job(tmp_path):
+    dumps = tmp_path / "dumps"
+    (dumps / "llama-0412").mkdir(parents=True)
+    (dumps / "llama-0412" / "r0.log").write_text(compact(coll(0, 1)))
+    (dumps / "loose.log").write_text(compact(coll(0, 2)))
+    got = sorted((m.job_id or "") for m in reader(tmp_path).poll())
+    assert got == ["", "llama-0412"]
+    configured = InspectorReader(dumps, tmp_path / "other-state.json", job_id="given")
+    assert [m.job_id for m in configured.poll()] == ["given", "given"]  # a configured job id wins

@@ -97,6 +97,12 @@ def test_a_job_that_reported_nothing_is_told_why_that_may_be(recording_server) -
     assert "received no collective from this job" in err and "lowest rank" in err
 
 
+def test_inspector_dumps_go_to_a_folder_named_after_the_job(fake, tmp_path: Path) -> None:
+    rc, seen, err = launch(["--job", "llm/7", "--agent", fake.url, *probe()],
+                           base_env(DYNAMICCL_INSPECTOR_DIR=str(tmp_path)))
+    assert rc == 0 and seen["env"]["NCCL_INSPECTOR_DUMP_DIR"] == str(tmp_path / "llm_7")
+
+
 def test_user_set_nccl_variables_win(fake) -> None:
     rc, seen, err = launch(["--job", "j", "--agent", fake.url, *probe()], base_env(NCCL_PROTO="LL"))
     assert rc == 0 and seen["env"]["NCCL_PROTO"] == "LL" and seen["env"]["NCCL_ALGO"] == "allreduce:ring"

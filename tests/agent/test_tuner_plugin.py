@@ -532,9 +532,8 @@ def test_plugin_check_reads_nvidias_example_file_rule_for_rule(library: Path, tm
     assert cli.exit_code == 0 and "9 rules read, 0 lines refused" in cli.output
 
 
-def test_nvidias_example_file_applies_as_nvidias_plugin_applies_it(monkeypatch: pytest.MonkeyPatch,
-                                                                   open_comm) -> None:
-    monkeypatch.setenv("NCCL_TUNER_CONFIG_FILE", str(NVIDIA_EXAMPLE))
+def test_nvidias_example_file_applies_as_nvidias_plugin_applies_it(rules_path: Path, open_comm) -> None:
+    rules_path.write_text(NVIDIA_EXAMPLE.read_text())  # a copy: the plugin's reports land beside it
     four_nodes, one_node = open_comm(32, 4), open_comm(8, 1)
     assert pair(four_nodes.choose(AR, 100_000, pipe_ops=1, reg_buff=0)) == (Algo.ring, Proto.simple, 4)
     assert pair(four_nodes.choose(AR, 100_000, pipe_ops=1, reg_buff=1)) == NCCL  # that rule is for regBuff 0

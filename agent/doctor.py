@@ -10,24 +10,24 @@ lines; on a machine without a GPU they are skipped, saying so.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 
 import httpx
 
 from dynamiccl import __version__
-from dynamiccl.agent.fabric_detect import TorchInfo, detect_fabric, probe_torch, run_command
+from dynamiccl.agent.fabric_detect import TorchInfo, detect_fabric, probe_torch
+from dynamiccl.agent.launcher import on_library_path
 from dynamiccl.agent.tuner_plugin.build import PluginBuildError, build
-from dynamiccl.agent.tuner_plugin.driver import EXPORTED_VERSIONS, TunerLibrary
+from dynamiccl.agent.tuner_plugin.driver import EXPORTED_VERSIONS, TunerLibrary, plugin_environment
 from dynamiccl.schemas import Algo, Collective, Proto
 
 PROBE_TIMEOUT_S = 180.0
@@ -96,7 +96,7 @@ def check_gpus(node: Node) -> Iterator[Finding]:
         yield Finding("NCCL", Status.ok, f"NCCL {info.nccl_version} (torch's)")
     else:
         yield Finding("NCCL", Status.warn, "torch reports no NCCL version", "use a CUDA build of torch with NCCL")
-    detected = detect_fabric(run=run_command, torch_probe=lambda: info)
+    detected = detect_fabric(torch_probe=lambda: info)
     fabric = detected.fabric
     yield Finding("topology", Status.ok,
                   f"{fabric.gpus_per_node} x {fabric.gpu}, intra-node {fabric.intra_node}, inter-node "
@@ -120,22 +120,17 @@ def check_plugin(node: Node) -> Iterator[Finding]:
 
 def _plugin_abi(library: Path, rules: Path) -> Finding:
     """Every exported table loads and applies a rule, driven from Python as NCCL drives it."""
-    saved = os.environ.get("NCCL_TUNER_CONFIG_FILE")
-    os.environ["NCCL_TUNER_CONFIG_FILE"] = str(rules)
     try:
-        for version in EXPORTED_VERSIONS:
-            with TunerLibrary(library, version=version).communicator(8, 1) as comm:
-                decision = comm.choose(Collective.allreduce, 1 << 20)
-            if (decision.algo, decision.proto) != (Algo.ring, Proto.simple):
-                return Finding("plugin ABI", Status.fail, f"tuner API v{version} did not apply the rule: {decision}",
-                               "rebuild with `dynamiccl plugin build --force`")
+        with plugin_environment({"NCCL_TUNER_CONFIG_FILE": str(rules)}):
+            for version in EXPORTED_VERSIONS:
+                with TunerLibrary(library, version=version).communicator(8, 1) as comm:
+                    decision = comm.choose(Collective.allreduce, 1 << 20)
+                if (decision.algo, decision.proto) != (Algo.ring, Proto.simple):
+                    return Finding("plugin ABI", Status.fail,
+                                   f"tuner API v{version} did not apply the rule: {decision}",
+                                   "rebuild with `dynamiccl plugin build --force`")
     except (OSError, AttributeError, RuntimeError) as error:
         return Finding("plugin ABI", Status.fail, f"{library}: {error}", "rebuild with `dynamiccl plugin build --force`")
-    finally:
-        if saved is None:
-            os.environ.pop("NCCL_TUNER_CONFIG_FILE", None)
-        else:
-            os.environ["NCCL_TUNER_CONFIG_FILE"] = saved
     versions = ", ".join(f"v{v}" for v in EXPORTED_VERSIONS)
     return Finding("plugin ABI", Status.ok, f"tuner API {versions} each load and apply a rule (without NCCL)")
 
@@ -194,10 +189,9 @@ def _last_json(text: str) -> dict | None:
 
 def check_inspector(node: Node) -> Iterator[Finding]:
     named = node.environ.get("NCCL_PROFILER_PLUGIN", "")
-    dirs = [d for d in node.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if d]
-    found = [str(Path(d) / INSPECTOR_LIBRARY) for d in dirs if (Path(d) / INSPECTOR_LIBRARY).is_file()]
+    found = on_library_path(node.environ, (INSPECTOR_LIBRARY,))
     if "inspector" in named.lower() or found:
-        yield Finding("NCCL Inspector", Status.ok, named or found[0])
+        yield Finding("NCCL Inspector", Status.ok, named or str(found[0]))
     else:
         yield Finding("NCCL Inspector", Status.warn, "not found (NCCL_PROFILER_PLUGIN unset, "
                       f"{INSPECTOR_LIBRARY} not on LD_LIBRARY_PATH): only the torch hook reports",

@@ -43,10 +43,6 @@ class C10dOp:
     group_at: int  # index of the process_group argument
     sized: Callable[[Args], tuple[int, Any]]
 
-    @property
-    def p2p(self) -> bool:
-        return self.collective is Collective.sendrecv
-
 
 def _tensors(at: int) -> Callable[[Args], tuple[int, Any]]:
     """A list of tensors at `at`, counted whole."""
@@ -84,6 +80,7 @@ C10D_OPS: tuple[C10dOp, ...] = (
     C10dOp("recv_", Collective.sendrecv, 1, _tensors(0)),
     C10dOp("recv_any_source_", Collective.sendrecv, 1, _tensors(0)),
 )
+
 
 def _arg(args: Args, kwargs: Kwargs, index: int, name: str, default: Any = None) -> Any:
     """An argument by position or keyword (`inspect.signature` costs more than the hook's budget)."""

@@ -163,14 +163,23 @@ def _rules_fit(plan: Plan, plugin: str | None, count: int) -> bool:
     return True
 
 
+def on_library_path(environ: Mapping[str, str], names: Sequence[str]) -> list[Path]:
+    """The files of these names in the directories of LD_LIBRARY_PATH, in its order."""
+    dirs = [Path(d) for d in environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if d]
+    return [d / name for d in dirs for name in names if (d / name).is_file()]
+
+
+def path_safe(job: str) -> str:
+    """A job id as a file-name part: what is not a letter, digit or `._-` becomes `_`."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in job)[:128]
+
+
 def other_tuner(environ: Mapping[str, str]) -> str | None:
     """The tuner NCCL would load for this job without DynamICCL's: the user's NCCL_TUNER_PLUGIN, or
     aws-ofi-nccl's (found on LD_LIBRARY_PATH or named by NCCL_NET_PLUGIN), or None."""
     if environ.get("NCCL_TUNER_PLUGIN"):
         return f"your NCCL_TUNER_PLUGIN={environ['NCCL_TUNER_PLUGIN']}"
-    net_plugin = environ.get("NCCL_NET_PLUGIN", "").lower()
-    library_dirs = [Path(d) for d in environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if d]
-    if "ofi" in net_plugin or any((d / name).is_file() for d in library_dirs for name in AWS_OFI_NCCL_FILES):
+    if "ofi" in environ.get("NCCL_NET_PLUGIN", "").lower() or on_library_path(environ, AWS_OFI_NCCL_FILES):
         return "aws-ofi-nccl's tuner (it sets NCCL_TUNER_PLUGIN itself when it is unset)"
     return None
 
@@ -230,9 +239,8 @@ def _apply_rules(plan: Plan, environ: Mapping[str, str], rules: str, plugin: str
         return
     if count == 0:  # an empty version 0: the plugin loads, NCCL decides until the first round
         rules = f"# {HEADER_TAG} version=0 from_call=0\n"
-    safe_job = "".join(c if c.isalnum() or c in "._-" else "_" for c in job)
     handle = tempfile.NamedTemporaryFile(
-        "w", prefix=f"dynamiccl-{safe_job}-", suffix=".rules", delete=False, encoding="utf-8"
+        "w", prefix=f"dynamiccl-{path_safe(job)}-", suffix=".rules", delete=False, encoding="utf-8"
     )
     with handle:
         handle.write(rules if rules.endswith("\n") else rules + "\n")
@@ -296,8 +304,7 @@ def _enable_profiler(plan: Plan, environ: Mapping[str, str], job: str, agent_url
     plan.notes.append(f"profiler on: collectives reported to {agent_url} as job {job}")
     inspector_dir = environ.get("DYNAMICCL_INSPECTOR_DIR")
     if inspector_dir:  # the agent's Inspector dump dir: this job's records in a folder named after it
-        folder = "".join(c if c.isalnum() or c in "._:-" else "_" for c in job)[:128]
-        _set(plan, environ, "NCCL_INSPECTOR_DUMP_DIR", str(Path(inspector_dir) / folder), "for the agent")
+        _set(plan, environ, "NCCL_INSPECTOR_DUMP_DIR", str(Path(inspector_dir) / path_safe(job)), "for the agent")
 
 
 def run(command: Sequence[str], env: Mapping[str, str]) -> int:

@@ -8,14 +8,11 @@ printed is the C parser's reading, not a second parser's guess.
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynamiccl.agent.tuner_plugin.driver import EXPORTED_VERSIONS, TunerLibrary
+from dynamiccl.agent.tuner_plugin.driver import EXPORTED_VERSIONS, TunerLibrary, plugin_environment
 
 WARN = 2
 _LINE = re.compile(r" line (\d+) (rule|refused): (.*)$")
@@ -38,26 +35,12 @@ class Check:
         return not self.warnings and all(line.accepted for line in self.lines)
 
 
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def check_rules_file(rules_file: Path, library: Path) -> Check:
     """How the plugin at `library` reads `rules_file` (loaded once, as at communicator init)."""
     messages: list[tuple[int, str]] = []
     settings = {"NCCL_TUNER_CONFIG_FILE": str(rules_file), "DYNAMICCL_TUNER_LOG_RULES": "1",
                 "DYNAMICCL_TUNER_RELOAD_MS": "-1", "DYNAMICCL_TUNER_REPORT_MS": "-1"}
-    with _environment(settings):
+    with plugin_environment(settings):
         tuner = TunerLibrary(library, version=EXPORTED_VERSIONS[-1])
         with tuner.communicator(1, 1, log=lambda level, _flags, message: messages.append((level, message))):
             pass

@@ -10,7 +10,9 @@ NCCL_ALGO_PROTO_IGNORE = -1 where a pair is unavailable).
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -162,3 +164,19 @@ class TunerLibrary:
 
     def communicator(self, nranks: int, nnodes: int, comm_id: int = 0, log: Logger | None = None) -> Communicator:
         return Communicator(self, nranks, nnodes, comm_id, log)
+
+
+@contextmanager
+def plugin_environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set variables the plugin reads at communicator init (NCCL_TUNER_CONFIG_FILE, DYNAMICCL_TUNER_*)
+    for the duration, then restore what was there."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

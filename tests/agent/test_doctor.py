@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from dynamiccl.agent.doctor import Finding, Node, Status, _clock, diagnose
 from dynamiccl.agent.fabric_detect import TorchInfo
-from dynamiccl.agent.tuner_plugin.driver import TunerLibrary
+from dynamiccl.agent.tuner_plugin.driver import TunerLibrary, plugin_environment
 from dynamiccl.cli.main import app
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -76,14 +76,9 @@ def test_a_skewed_clock_is_a_warning() -> None:
 def nccl_style_log(library: Path, rules: Path) -> str:
     """What NCCL_DEBUG=INFO prints for this plugin: its own log lines, taken from the real plugin."""
     lines: list[str] = []
-    saved = os.environ.get("NCCL_TUNER_CONFIG_FILE"), os.environ.get("DYNAMICCL_TUNER_LOG_RULES")
-    os.environ.update(NCCL_TUNER_CONFIG_FILE=str(rules), DYNAMICCL_TUNER_LOG_RULES="1")
-    try:
+    with plugin_environment({"NCCL_TUNER_CONFIG_FILE": str(rules), "DYNAMICCL_TUNER_LOG_RULES": "1"}):
         with TunerLibrary(library, version=7).communicator(1, 1, log=lambda _l, _f, m: lines.append(m)):
             pass
-    finally:
-        for name, value in zip(("NCCL_TUNER_CONFIG_FILE", "DYNAMICCL_TUNER_LOG_RULES"), saved):
-            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
     return "\n".join(f"node-a:4242:4250 [0] NCCL INFO {line}" for line in lines)
 
 

@@ -73,12 +73,18 @@ def probe_torch() -> TorchInfo | None:
     if not torch.cuda.is_available():
         return None
     names = tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return TorchInfo(names, torch_nccl_version())
+
+
+def torch_nccl_version() -> str | None:
+    """The NCCL torch links, as `2.28.9` (None: a torch without NCCL)."""
+    import torch
+
     try:
         version = torch.cuda.nccl.version()
-        nccl = ".".join(str(v) for v in version) if isinstance(version, tuple) else str(version)
     except (AttributeError, RuntimeError):
-        nccl = None
-    return TorchInfo(names, nccl)
+        return None
+    return ".".join(str(v) for v in version) if isinstance(version, tuple) else str(version)
 
 
 def normalize_gpu_name(name: str) -> str:

@@ -32,6 +32,7 @@ def main() -> None:
     import torch.distributed as dist
 
     from dynamiccl.agent import hook
+    from dynamiccl.agent.fabric_detect import torch_nccl_version
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -53,9 +54,8 @@ def main() -> None:
         if sum(count for count, _ in timed.values()) >= CALLS:
             break
         time.sleep(0.05)
-    version = torch.cuda.nccl.version()
     print(json.dumps({
-        "nccl_version": ".".join(map(str, version)) if isinstance(version, tuple) else str(version),
+        "nccl_version": torch_nccl_version(),
         "calls": CALLS,
         "timed": {name: {"count": count, "mean_us": seconds / count * 1e6 if count else 0.0}
                   for name, (count, seconds) in timed.items()},

@@ -1,5 +1,6 @@
 """Storage: the `Store` interface and its SQLAlchemy implementation."""
 
+import math
 import os
 
 from dynamiccl.server.storage.base import Store, StoredMeasurement
@@ -21,8 +22,8 @@ def _env_number(name: str, default: float) -> float:
         value = float(text)
     except ValueError:
         raise ValueError(f"${name}={text!r} is not a number") from None
-    if value <= 0:
-        raise ValueError(f"${name} must be positive, got {text}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"${name} must be a positive number, got {text}")
     return value
 
 

@@ -51,6 +51,7 @@ def test_the_bounds_come_from_the_environment(sqlite_url, monkeypatch):
     monkeypatch.setenv("DYNAMICCL_MAX_PINS", "10")
     store = open_store(sqlite_url)
     assert (store.pin_ttl_s, store.max_pins) == (60.0, 10)
-    monkeypatch.setenv("DYNAMICCL_MAX_PINS", "lots")
-    with pytest.raises(ValueError, match="DYNAMICCL_MAX_PINS"):
-        open_store(sqlite_url)
+    for bad in ("lots", "inf", "0"):
+        monkeypatch.setenv("DYNAMICCL_MAX_PINS", bad)
+        with pytest.raises(ValueError, match="DYNAMICCL_MAX_PINS"):
+            open_store(sqlite_url)

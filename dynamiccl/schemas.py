@@ -8,13 +8,11 @@ client exactly what to fix.
 
 from __future__ import annotations
 
-import math
 import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -32,7 +30,18 @@ MIN_CHANNELS, MAX_CHANNELS = 1, 64
 FABRIC_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 
 
-class Collective(StrEnum):
+class WireEnum(StrEnum):
+    """A lower-case name on the wire, accepted in any case and with surrounding blanks (looked up
+    only when the exact name misses, so the common case costs no Python call)."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> WireEnum | None:
+        if isinstance(value, str):
+            return cls._value2member_map_.get(value.strip().lower())
+        return None
+
+
+class Collective(WireEnum):
     allreduce = "allreduce"
     allgather = "allgather"
     reducescatter = "reducescatter"
@@ -47,7 +56,7 @@ class Collective(StrEnum):
         return self in (Collective.alltoall, Collective.sendrecv)
 
 
-class Algo(StrEnum):
+class Algo(WireEnum):
     ring = "ring"
     tree = "tree"
     nvls = "nvls"
@@ -57,13 +66,13 @@ class Algo(StrEnum):
     pat = "pat"
 
 
-class Proto(StrEnum):
+class Proto(WireEnum):
     ll = "ll"
     ll128 = "ll128"
     simple = "simple"
 
 
-class SuggestionKind(StrEnum):
+class SuggestionKind(WireEnum):
     explore = "explore"
     exploit = "exploit"
     default = "default"
@@ -73,14 +82,8 @@ def _lower(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
 
 
-def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError("must be a finite number")
-    return value
-
-
 LowerStr = Annotated[str, BeforeValidator(_lower)]
-FiniteFloat = Annotated[float, AfterValidator(_finite)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 FabricId = Annotated[str, Field(pattern=FABRIC_ID_PATTERN, description="1 to 128 of [A-Za-z0-9._:-]")]
 OptionalId = Annotated[str, Field(min_length=1, max_length=128)]
 
@@ -118,7 +121,7 @@ class FabricStatus(FabricOut):
 class Context(WireModel):
     """One kind of collective call."""
 
-    collective: Annotated[Collective, BeforeValidator(_lower)]
+    collective: Collective
     nbytes: Annotated[int, Field(ge=0, le=MAX_NBYTES)]
     nranks: Annotated[int, Field(ge=1, le=MAX_NRANKS)]
     nnodes: Annotated[int, Field(ge=1, le=MAX_NRANKS)]
@@ -140,8 +143,8 @@ class Context(WireModel):
 class NcclConfig(WireModel):
     """What NCCL is told to do; a None field means NCCL decides."""
 
-    algo: Annotated[Algo | None, BeforeValidator(_lower)] = None
-    proto: Annotated[Proto | None, BeforeValidator(_lower)] = None
+    algo: Algo | None = None
+    proto: Proto | None = None
     nchannels: Annotated[int | None, Field(ge=MIN_CHANNELS, le=MAX_CHANNELS)] = None
 
     @property
@@ -226,7 +229,8 @@ class WeightedContext(Context):
     weight: Annotated[FiniteFloat, Field(ge=0, le=1e12)] = 1.0
 
     def context(self) -> Context:
-        return Context(
+        """The call without its weight (its fields are valid already: nothing is checked again)."""
+        return Context.model_construct(
             collective=self.collective, nbytes=self.nbytes, nranks=self.nranks, nnodes=self.nnodes
         )
 

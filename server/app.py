@@ -5,29 +5,29 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from dynamiccl import __version__
 from dynamiccl.server import errors
-from dynamiccl.server.auth import Token, TokenAuth, load_tokens
+from dynamiccl.server.auth import TOKENS_FILE_ENV, Token, TokenAuth, load_tokens
 from dynamiccl.server.errors import RateLimit, RateLimiter
 from dynamiccl.server.learner import Tuner, make_tuner
-from dynamiccl.server.metrics import ServerMetrics
+from dynamiccl.server.metrics import RequestMetrics, ServerMetrics
 from dynamiccl.server.routes import router
 from dynamiccl.server.storage import Store, open_store
 
 log = logging.getLogger("dynamiccl.server")
 DEFAULT_DATABASE_URL = "sqlite:///dynamiccl.db"
+DATABASE_ENV = "DYNAMICCL_DATABASE_URL"
 
 
 def database_url_from_env() -> str:
-    return os.environ.get("DYNAMICCL_DATABASE_URL", DEFAULT_DATABASE_URL)
+    return os.environ.get(DATABASE_ENV, DEFAULT_DATABASE_URL)
 
 
 def masked(url: str) -> str:
@@ -52,7 +52,7 @@ def create_app(
     if store is None:
         store = open_store(database_url or database_url_from_env())
     if tokens is None:
-        tokens_file = os.environ.get("DYNAMICCL_TOKENS_FILE")
+        tokens_file = os.environ.get(TOKENS_FILE_ENV)
         tokens = load_tokens(Path(tokens_file) if tokens_file else None)
     metrics = ServerMetrics()
     if tuner is None:
@@ -83,23 +83,10 @@ def create_app(
     metrics.fabrics.set_function(lambda: _count_fabrics(store))
     app.include_router(router)
     errors.install(app)
-
-    @app.middleware("http")
-    async def record(request: Request, call_next) -> Response:
-        started, status = time.perf_counter(), 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = _route_template(request)
-            metrics.requests.labels(route, request.method, str(status)).inc()
-            if route == "/v1/measurements" and 400 <= status < 500:  # refused whole, nothing stored
-                metrics.batches.labels("rejected").inc()
-            metrics.request_duration.labels(route, request.method).observe(time.perf_counter() - started)
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -115,9 +102,3 @@ def _count_fabrics(store: Store) -> float:
         return len(store.list_fabrics())
     except SQLAlchemyError:
         return math.nan
-
-
-def _route_template(request: Request) -> str:
-    """The matched route's path template (never the raw path: label cardinality stays bounded)."""
-    route = request.scope.get("route")
-    return getattr(route, "path", "unmatched")

@@ -18,6 +18,7 @@ from pathlib import Path
 from fastapi import HTTPException, Request, status
 
 TOKENS_ENV = "DYNAMICCL_TOKENS"
+TOKENS_FILE_ENV = "DYNAMICCL_TOKENS_FILE"
 
 
 class Scope(StrEnum):

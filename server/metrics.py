@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dynamiccl.nccl.cost_model import bus_factor
 from dynamiccl.schemas import Measurement
@@ -94,12 +96,19 @@ class ServerMetrics:
 
     def observe_measured(self, fabric_id: str, measurements: Iterable[Measurement]) -> None:
         """Count a stored batch's calls, time and bus bytes per (collective, size class, config kind)."""
-        totals: dict[tuple[str, str, str], list[float]] = {}
+        by_call: dict[tuple, list] = {}  # sums per kind of call first: a batch repeats a few of them
         for m in measurements:
-            key = (m.context.collective.value, size_class(m.context.nbytes), config_kind(m))
-            calls, seconds, bus_bytes = totals.setdefault(key, [0.0, 0.0, 0.0])
-            totals[key] = [calls + m.count, seconds + m.latency_us * 1e-6 * m.count,
-                           bus_bytes + m.context.nbytes * bus_factor(m.context) * m.count]
+            key = (m.context.collective, m.context.nbytes, m.context.nranks, config_kind(m))
+            if (sums := by_call.get(key)) is None:
+                sums = by_call[key] = [m.context, 0, 0.0]
+            sums[1] += m.count
+            sums[2] += m.latency_us * 1e-6 * m.count
+        totals: dict[tuple[str, str, str], list[float]] = {}
+        for (collective, nbytes, _, kind), (context, count, seconds) in by_call.items():
+            sums = totals.setdefault((collective.value, size_class(nbytes), kind), [0.0, 0.0, 0.0])
+            sums[0] += count
+            sums[1] += seconds
+            sums[2] += nbytes * bus_factor(context) * count
         for (collective, size, kind), (calls, seconds, bus_bytes) in totals.items():
             self.measured_calls.labels(fabric_id, collective, size, kind).inc(calls)
             self.measured_seconds.labels(fabric_id, collective, size, kind).inc(seconds)
@@ -110,3 +119,31 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """ASGI middleware: counts and times every HTTP request by route template (never the raw
+    path: label cardinality stays bounded), method and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def sent(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")  # the router records what it matched
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            if route == "/v1/measurements" and 400 <= status < 500:  # refused whole, nothing stored
+                self.metrics.batches.labels("rejected").inc()
+            self.metrics.request_duration.labels(route, scope["method"]).observe(time.perf_counter() - started)

@@ -146,13 +146,22 @@ def post_measurements(
 
 
 def _check_configs(fabric: Fabric, batch: MeasurementBatch) -> None:
-    """A measurement of a config the fabric cannot run is a client error: refuse the batch."""
+    """A measurement of a config the fabric cannot run is a client error: refuse the batch. What
+    a config can run on does not depend on the message size, so each kind of call is checked
+    once per batch."""
+    verdicts: dict[tuple, str | None] = {}
     errors = []
     for index, measurement in enumerate(batch.measurements):
-        try:
-            check_config(fabric, measurement.context, measurement.config)
-        except InvalidConfig as error:
-            errors.append({"type": "invalid_config", "loc": ("body", "measurements", index, "config"), "msg": str(error)})
+        context, config = measurement.context, measurement.config
+        shape = (context.collective, context.nranks, context.nnodes, config.algo, config.proto, config.nchannels)
+        if shape not in verdicts:
+            try:
+                check_config(fabric, context, config)
+                verdicts[shape] = None
+            except InvalidConfig as error:
+                verdicts[shape] = str(error)
+        if (reason := verdicts[shape]) is not None:
+            errors.append({"type": "invalid_config", "loc": ("body", "measurements", index, "config"), "msg": reason})
     if errors:
         raise RequestValidationError(errors[:20])
 

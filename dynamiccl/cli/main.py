@@ -78,11 +78,12 @@ def server(
     tokens_file: Path | None = typer.Option(
         None, exists=True, dir_okay=False, help="bearer tokens, one per line (optionally name:token)"
     ),
+    workers: int = typer.Option(1, min=1, max=64, help="server processes on the one port (each with its own learner)"),
 ) -> None:
     """Run the tuning server."""
     from dynamiccl.server.cli import run_server
 
-    run_server(host=host, port=port, database=database, tokens_file=tokens_file)
+    run_server(host=host, port=port, database=database, tokens_file=tokens_file, workers=workers)
 
 
 @app.command()

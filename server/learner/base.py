@@ -13,6 +13,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from dynamiccl.schemas import Context, Fabric, Measurement, NcclConfig, SuggestionKind
 
@@ -72,10 +73,13 @@ class Decision:
 
     def estimate_of(self, config: NcclConfig) -> Estimate | None:
         """The evidence for another candidate of this context (None: not a candidate)."""
-        try:
-            return self.estimates[self.candidates.index(config)]
-        except ValueError:
-            return None
+        index = self._index_by_key.get(config.key())
+        return None if index is None else self.estimates[index]
+
+    @cached_property
+    def _index_by_key(self) -> dict[tuple[str, str, int], int]:
+        """Candidates by their plain key: a decision is looked up many times once made."""
+        return {config.key(): index for index, config in enumerate(self.candidates)}
 
 
 class Tuner(ABC):

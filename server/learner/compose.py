@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dynamiccl.nccl.env import EnvSetting, render_env
 from dynamiccl.nccl.tuner_rules import RULE_COLLECTIVES, TunerRule, render_rules
 from dynamiccl.schemas import (
+    DEFAULT_CONFIG,
     Collective,
     NcclConfig,
     Recommendation,
@@ -75,10 +76,10 @@ def _env_option(group: Collective | str, config: NcclConfig) -> NcclConfig | Non
     """What a process-wide setting can take from a departing config: a collective's pair, or the
     point-to-point channel count (None: nothing it could set)."""
     if group == _P2P:
-        return NcclConfig(nchannels=config.nchannels) if config.nchannels is not None else None
+        return DEFAULT_CONFIG.model_copy(update={"nchannels": config.nchannels}) if config.nchannels else None
     if config.algo is None or config.proto is None:
         return None
-    return NcclConfig(algo=config.algo, proto=config.proto)
+    return config.model_copy(update={"nchannels": None})
 
 
 def choose_env(weights: Sequence[float], decisions: Sequence[Decision]) -> dict[str, str]:

@@ -74,7 +74,7 @@ def forced_cost(decision: Decision, config: NcclConfig) -> float:
     """Pessimistic latency (us) of running `config` on the decision's context because a
     process-wide setting makes NCCL run it; inf where that is unknown, untrusted or may cost
     more than MAX_CALL_LOSS over the default."""
-    if config == decision.candidates[0]:
+    if config.is_default:  # candidates[0]
         return decision.default.latency_us
     estimate = decision.estimate_of(config)
     if estimate is None or not _eligible(estimate) or not _eligible(decision.default):

@@ -52,14 +52,14 @@ import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from dynamiccl.nccl.space import gpu_generation
+from dynamiccl.nccl.space import candidate_configs, gpu_generation
 from dynamiccl.schemas import Context, Fabric, NcclConfig
-from dynamiccl.server.learner.base import Estimate
+from dynamiccl.server.learner.base import Decision, Estimate
 from dynamiccl.server.learner.prior import NcclPrior
-from dynamiccl.server.learner.guard import MIN_GAIN
+from dynamiccl.server.learner.guard import MIN_GAIN, decide
 from dynamiccl.server.learner.stats import (
     DEFAULT_KEY,
     DEFAULT_NOISE,
@@ -90,7 +90,7 @@ MODEL_STD_WITH_DATA = 0.05
 #: stream of batches, refits take a bounded share of the CPU and requests keep theirs.
 REFIT_SPACING = 3.0
 MIN_REFIT_INTERVAL_S = 0.2
-#: Contexts whose estimates a snapshot remembers (bounds memory under many distinct contexts).
+#: Contexts whose decisions a snapshot remembers (bounds memory under many distinct contexts).
 MEMO_LIMIT = 20_000
 #: Recently requested contexts each new snapshot is computed for before it is swapped in.
 RECENT_LIMIT = 4_000
@@ -139,28 +139,35 @@ class Snapshot:
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
     _memo_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
-    def estimates(self, requests: list[tuple[Context, list[NcclConfig]]]) -> list[list[Estimate]]:
-        """Posterior per config of each context: the surrogate's prediction combined with the
-        config's own samples (precision-weighted). Misses are computed in one batched model call
-        and memoised: a snapshot never changes, so neither do its answers."""
-        keys = [(context, tuple(configs)) for context, configs in requests]
+    def decisions(self, contexts: Sequence[Context]) -> list[Decision]:
+        """The guard's decision for each context over all its candidate configs. Computed once per
+        snapshot and context (misses in one batched model call) and then looked up by the
+        context's plain key: a snapshot never changes, so neither do its answers, and a request
+        for decisions already made is dictionary reads."""
+        keys = [context.key() for context in contexts]
         with self._memo_lock:  # one thread computes, concurrent requests for the same wait
-            missing = list(dict.fromkeys(k for k in keys if k not in self._memo))
+            missing = {key: context for key, context in zip(keys, contexts) if key not in self._memo}
             if len(self._memo) + len(missing) > MEMO_LIMIT:
                 self._memo.clear()
             if missing:
-                pairs = [(context, config) for context, configs in missing for config in configs]
-                means, stds, novel = self.model.predict(pairs)
-                flat = iter(self._combine(pairs, means, stds, novel))
-                for key in missing:
-                    self._memo[key] = [next(flat) for _ in key[1]]
+                asked = [(context, candidate_configs(self.prior.fabric, context)) for context in missing.values()]
+                for (context, candidates), estimates in zip(asked, self.estimates(asked)):
+                    self._memo[context.key()] = decide(context, candidates, estimates)
             return [self._memo[key] for key in keys]
 
-    def keep_estimates(self, other: Snapshot, unchanged: Callable[[ContextKey], bool]) -> None:
-        """Reuse `other`'s remembered estimates of the contexts `unchanged` accepts (same model,
-        same evidence there)."""
+    def estimates(self, requests: Sequence[tuple[Context, Sequence[NcclConfig]]]) -> list[list[Estimate]]:
+        """Posterior per config of each context: the surrogate's prediction combined with the
+        config's own samples (precision-weighted), in one batched model call."""
+        pairs = [(context, config) for context, configs in requests for config in configs]
+        means, stds, novel = self.model.predict(pairs)
+        flat = iter(self._combine(pairs, means, stds, novel))
+        return [[next(flat) for _ in configs] for _, configs in requests]
+
+    def keep_decisions(self, other: Snapshot, unchanged: Callable[[ContextKey], bool]) -> None:
+        """Reuse `other`'s decisions for the contexts `unchanged` accepts (same model, same
+        evidence there)."""
         with other._memo_lock:
-            kept = {key: value for key, value in other._memo.items() if unchanged(ContextKey.of(key[0]))}
+            kept = {key: d for key, d in other._memo.items() if unchanged(ContextKey.of(d.context))}
         with self._memo_lock:
             self._memo.update(kept)
 
@@ -219,17 +226,21 @@ class FabricKnowledge:
         self._last_id = 0
         self._seen = 0
         self._lock = threading.Lock()
-        self._recent: dict[tuple[Context, tuple[NcclConfig, ...]], None] = {}
+        self._recent: dict[tuple, Context] = {}  # by context key, oldest first
         self._recent_lock = threading.Lock()
+        self._fitted_on: tuple | None = None  # the evidence (ids taken in) the surrogate was fit on
         self.snapshot = Snapshot(self.prior, {}, {}, ResidualModel(self.prior, []), DEFAULT_NOISE, 0)
 
     def refresh(self, store: Store, donors: Iterable[FabricKnowledge], fit: bool = True) -> bool:
         """Fold in new measurements, re-judge every cell (sources distrusted, noise) and, with
-        `fit`, refit the surrogate; False when nothing changed. The fit runs without holding the
-        fabric, so `catch_up` never waits for one."""
+        `fit`, refit the surrogate unless it was fit on this very evidence; False when nothing
+        changed. The fit runs without holding the fabric, so `catch_up` never waits for one."""
+        donors = list(donors)
         with self._lock:
             new = self._read_new(store)
             donor_cells = {k: v for d in donors for k, v in d.snapshot.cells.items()}
+            evidence = (self._last_id, tuple((d.fabric_id, d.snapshot.last_id) for d in donors))
+            fit = fit and evidence != self._fitted_on
             if not new and not fit:
                 return False
             self._distrusted = distrusted_sources(self._cells.values())
@@ -243,9 +254,11 @@ class FabricKnowledge:
         with self._lock:  # what catch_up folded in meanwhile is kept: summaries are current
             snapshot = self._snapshot(model, donor_cells)
             with self._recent_lock:
-                recent = list(self._recent)
-            snapshot.estimates(recent)  # requests find the new snapshot warm
+                recent = list(self._recent.values())
+            snapshot.decisions(recent)  # requests find the new snapshot warm
             self.snapshot = snapshot
+            if fit:
+                self._fitted_on = evidence
         return bool(new)
 
     def catch_up(self, store: Store, target_id: int, timeout_s: float) -> bool:
@@ -267,7 +280,7 @@ class FabricKnowledge:
             previous = self.snapshot
             snapshot = self._snapshot(previous.model, previous.donor_cells)
             near = {(k.group, k.bucket + d) for k in touched for d in range(-2, 3)}
-            snapshot.keep_estimates(previous, lambda key: (key.group, key.bucket) not in near)
+            snapshot.keep_decisions(previous, lambda key: (key.group, key.bucket) not in near)
             self.snapshot = snapshot
         finally:
             self._lock.release()
@@ -278,15 +291,15 @@ class FabricKnowledge:
         return Snapshot(self.prior, dict(self._summaries), donor_cells, model, self._noise, self._seen,
                         self._distrusted, withdrawn, self._last_id)
 
-    def estimates(self, requests: list[tuple[Context, list[NcclConfig]]]) -> list[list[Estimate]]:
-        """The current snapshot's estimates; what was asked is remembered, so the next snapshot
-        is computed for it before it replaces this one."""
+    def decisions(self, contexts: Sequence[Context]) -> list[Decision]:
+        """The current snapshot's decisions; what was asked is remembered, so the next snapshot
+        has decided it before it replaces this one."""
         with self._recent_lock:
-            for context, configs in requests:
-                self._recent[(context, tuple(configs))] = None
+            for context in contexts:
+                self._recent[context.key()] = context
             while len(self._recent) > RECENT_LIMIT:
                 self._recent.pop(next(iter(self._recent)))
-        return self.snapshot.estimates(requests)
+        return self.snapshot.decisions(contexts)
 
     def _read_new(self, store: Store, touched: set[ContextKey] | None = None) -> int:
         count = 0

@@ -47,7 +47,7 @@ def expected_improvement(best: float, mean: np.ndarray, std: np.ndarray) -> np.n
     return (best - mean) * ndtr(z) + std * np.exp(-0.5 * z**2) / SQRT_2PI
 
 
-def choose_suggestion(estimates: list[Estimate], rng: np.random.Generator) -> Choice:
+def choose_suggestion(estimates: Sequence[Estimate], rng: np.random.Generator) -> Choice:
     """Index 0 is the NCCL default; it is measured first (DEFAULT_SAMPLES times, so that one
     straggler cannot make everything else look fast, and until its evidence is trusted), as the
     baseline everything is judged by."""
@@ -74,12 +74,12 @@ def _baseline_pending(default: Estimate) -> bool:
     return default.samples < DEFAULT_SAMPLES or (not default.trusted and default.samples < CONFIRM_SAMPLES)
 
 
-def _best_measured(estimates: list[Estimate]) -> int:
+def _best_measured(estimates: Sequence[Estimate]) -> int:
     """The index of the fastest config with samples of its own (the default has some first)."""
     return min((i for i, e in enumerate(estimates) if e.samples > 0), key=lambda i: estimates[i].mean)
 
 
-def settled(estimates: list[Estimate]) -> bool:
+def settled(estimates: Sequence[Estimate]) -> bool:
     """Whether the context is past its baseline and has no unconfirmed best: free to try
     something new."""
     if _baseline_pending(estimates[0]):
@@ -88,7 +88,7 @@ def settled(estimates: list[Estimate]) -> bool:
     return not (best and _unconfirmed(estimates[0], estimates[best]))
 
 
-def novel_trial(estimates: list[Estimate]) -> tuple[int, float] | None:
+def novel_trial(estimates: Sequence[Estimate]) -> tuple[int, float] | None:
     """The most valuable config of an (algorithm, protocol) never measured at this size, with
     NCCL's model given its real uncertainty (NOVEL_STD): (index, value), or None when none is
     worth its cost. The prior orders what is tried; it forbids nothing it could be wrong about.
@@ -116,7 +116,7 @@ def _unconfirmed(default: Estimate, incumbent: Estimate) -> bool:
     return probability_of_gain(default, incumbent) < CONFIDENCE and fewest < CONFIRM_SAMPLES
 
 
-def _confirm(estimates: list[Estimate], best: int) -> int:
+def _confirm(estimates: Sequence[Estimate], best: int) -> int:
     """Exploiting the best known config, or the default where the default is the less certain
     of the two and the gain is not yet confident enough to recommend: a gain that cannot be
     confirmed is never used."""

@@ -19,6 +19,7 @@ recommendation is knowledge.py's trust model.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -74,22 +75,27 @@ class ContextKey:
 def _source_location(values: Iterable[float]) -> float:
     """The median; of two samples that disagree by more than noise can explain, the lower (the
     other is likely a straggler)."""
-    values = list(values)
+    values = sorted(values)
     if len(values) == 2:
-        low, high = sorted(values)
+        low, high = values
         return low if high - low > STRAGGLER_GAP else (low + high) / 2
-    return float(np.median(values))
+    return statistics.median(values)  # a few values: pure Python beats numpy's per-call overhead
 
 
 @dataclass
 class Cell:
-    """Samples of one (context bucket, config) on one fabric, per source."""
+    """Samples of one (context bucket, config) on one fabric, per source. Its robust statistics
+    are computed once per change: a fabric re-judges every cell on each refit, and most cells
+    have nothing new."""
 
     by_source: dict[str, deque[float]] = field(default_factory=dict)
     log_nbytes_sum: float = 0.0
     samples_seen: int = 0
+    _located: dict[str, float] | None = field(default=None, repr=False, compare=False)
+    _location: float | None = field(default=None, repr=False, compare=False)
 
     def add(self, nbytes: int, latency_us: float, source: str | None) -> None:
+        self._located = self._location = None
         key = source or ""
         samples = self.by_source.pop(key, None)  # re-inserted: the dict runs least recent first
         if samples is None:
@@ -120,16 +126,28 @@ class Cell:
         kept = {source: samples for source, samples in self.by_source.items() if source not in distrusted}
         return Cell(kept, self.log_nbytes_sum, self.samples_seen) if kept else None
 
+    def located(self) -> dict[str, float]:
+        """Each source's own location."""
+        if self._located is None:
+            self._located = {source: _source_location(samples) for source, samples in self.by_source.items()}
+        return self._located
+
     def source_locations(self) -> list[float]:
-        return sorted(_source_location(samples) for samples in self.by_source.values())
+        return sorted(self.located().values())
 
     def location(self) -> float:
+        if self._location is None:
+            self._location = self._center_location()
+        return self._location
+
+    def _center_location(self) -> float:
         """Robust log-latency estimate. The sources vote for a center: the median of their
         locations (of an even count, the mean of the middle two where they agree, else the lower,
         as within a source: the other may be a straggler; `corroborated` says whether the center
         can be trusted). The estimate is the median of all samples of the sources that agree
         with the center: as efficient as pooling when sources agree, deaf to those that do not."""
-        per_source = [(_source_location(samples), samples) for samples in self.by_source.values()]
+        located = self.located()
+        per_source = [(located[source], samples) for source, samples in self.by_source.items()]
         if len(per_source) == 1:
             return per_source[0][0]
         locations = sorted(location for location, _ in per_source)
@@ -176,7 +194,7 @@ def distrusted_sources(cells: Iterable[Cell]) -> frozenset[str]:
     for cell in cells:
         if len(cell.by_source) < 2:
             continue
-        located = [(_source_location(samples), source, len(samples)) for source, samples in cell.by_source.items()]
+        located = [(cell.located()[source], source, len(samples)) for source, samples in cell.by_source.items()]
         # a refutation needs a repeated measurement: one sample may be a straggler's
         slowest = max((location for location, _, n in located if n >= 2), default=-math.inf)
         for location, source, _ in located:
@@ -198,9 +216,10 @@ def slower_in_use(cell: Cell, default: Cell, noise: float) -> bool:
         if len(samples) < 2:
             continue
         own = default.by_source.get(source)
-        baseline, baseline_n = (_source_location(own), len(own)) if own and len(own) >= 2 else (overall, default.n)
+        own_default = default.located()[source] if own and len(own) >= 2 else None
+        baseline, baseline_n = (own_default, len(own)) if own_default is not None else (overall, default.n)
         margin = WITHDRAW_GAP + 2.5 * noise * math.sqrt(1 / len(samples) + 1 / baseline_n)
-        if _source_location(samples) - baseline > margin:
+        if cell.located()[source] - baseline > margin:
             return True
     return False
 

@@ -7,10 +7,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from dynamiccl.nccl.space import candidate_configs
 from dynamiccl.schemas import Context, Fabric, Measurement, SuggestionKind
 from dynamiccl.server.learner.base import Decision, Estimate, Pick, Tuner
-from dynamiccl.server.learner.guard import decide
 from dynamiccl.server.learner.knowledge import KnowledgeBase
 from dynamiccl.server.learner.policy import Choice, choose_suggestion, novel_trial, settled
 from dynamiccl.server.learner.stats import ContextKey
@@ -40,9 +38,9 @@ class DynamicclTuner(Tuner):
     def suggest(
         self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context], seed: int
     ) -> list[Pick]:
-        knowledge = self.knowledge.get(fabric_id, fabric)
-        candidates = [candidate_configs(fabric, c) for c in contexts]
-        estimates = knowledge.estimates(list(zip(contexts, candidates)))
+        decisions = self.knowledge.get(fabric_id, fabric).decisions(contexts)
+        candidates = [d.candidates for d in decisions]
+        estimates = [d.estimates for d in decisions]
         rng = np.random.default_rng(seed)
         choices = [choose_suggestion(e, rng) for e in estimates]
         for index, trial in self._novel_trials(contexts, estimates).items():
@@ -71,7 +69,4 @@ class DynamicclTuner(Tuner):
         return {i: candidate for _, i, candidate in best.values()}
 
     def recommend(self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context]) -> list[Decision]:
-        knowledge = self.knowledge.get(fabric_id, fabric)
-        candidates = [candidate_configs(fabric, c) for c in contexts]
-        estimates = knowledge.estimates(list(zip(contexts, candidates)))
-        return [decide(c, configs, e) for c, configs, e in zip(contexts, candidates, estimates)]
+        return self.knowledge.get(fabric_id, fabric).decisions(contexts)

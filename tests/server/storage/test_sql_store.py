@@ -78,10 +78,10 @@ def test_a_batch_whose_insert_fails_leaves_nothing(with_fabric, examples, monkey
     good_row = sql_module._row
 
     def row_failing_on_the_third(fabric_id, batch_pk, m, client):
-        row = good_row(fabric_id, batch_pk, m, client)
+        row = list(good_row(fabric_id, batch_pk, m, client))
         if m.latency_us == 12.0:
-            row["latency_us"] = None  # NOT NULL violation halfway through the batch
-        return row
+            row[sql_module.ROW_COLUMNS.index("latency_us")] = None  # NOT NULL violation halfway through the batch
+        return tuple(row)
 
     monkeypatch.setattr(sql_module, "_row", row_failing_on_the_third)
     with pytest.raises(sa.exc.IntegrityError):

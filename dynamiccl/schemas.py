@@ -133,7 +133,8 @@ class Context(WireModel):
         return self
 
     def key(self) -> tuple[str, int, int, int]:
-        return (self.collective.value, self.nbytes, self.nranks, self.nnodes)
+        """A hashable, sortable key (names are `WireEnum`s: equal to, and hashed as, their strings)."""
+        return (self.collective, self.nbytes, self.nranks, self.nnodes)
 
     def weighted(self, weight: float = 1.0) -> WeightedContext:
         """This call as a `/v1/recommend` context issued `weight` times a step."""
@@ -152,12 +153,9 @@ class NcclConfig(WireModel):
         return self.algo is None and self.proto is None and self.nchannels is None
 
     def key(self) -> tuple[str, str, int]:
-        """A hashable, sortable key ('' and 0 stand for 'NCCL decides')."""
-        return (
-            self.algo.value if self.algo else "",
-            self.proto.value if self.proto else "",
-            self.nchannels or 0,
-        )
+        """A hashable, sortable key ('' and 0 stand for 'NCCL decides'; names are `WireEnum`s,
+        equal to and hashed as their strings)."""
+        return (self.algo or "", self.proto or "", self.nchannels or 0)
 
     def label(self) -> str:
         if self.is_default:
@@ -229,8 +227,8 @@ class WeightedContext(Context):
     weight: Annotated[FiniteFloat, Field(ge=0, le=1e12)] = 1.0
 
     def context(self) -> Context:
-        """The call without its weight (its fields are valid already: nothing is checked again)."""
-        return Context.model_construct(
+        """The call without its weight."""
+        return Context(
             collective=self.collective, nbytes=self.nbytes, nranks=self.nranks, nnodes=self.nnodes
         )
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import secrets
+from collections import Counter
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, status
@@ -17,7 +15,6 @@ from dynamiccl.nccl.space import InvalidConfig, check_config
 from dynamiccl.schemas import (
     FABRIC_ID_PATTERN,
     BatchAccepted,
-    Context,
     Fabric,
     FabricOut,
     FabricStatus,
@@ -25,11 +22,11 @@ from dynamiccl.schemas import (
     MeasurementBatch,
     RecommendRequest,
     RecommendResponse,
-    Suggestion,
     SuggestionKind,
     SuggestRequest,
     SuggestResponse,
 )
+from dynamiccl.server import pinning
 from dynamiccl.server.auth import Caller, Scope, require
 from dynamiccl.server.learner import Tuner
 from dynamiccl.server.learner.compose import respond
@@ -166,14 +163,6 @@ def _check_configs(fabric: Fabric, batch: MeasurementBatch) -> None:
         raise RequestValidationError(errors[:20])
 
 
-def _digest(*parts: object) -> str:
-    return hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=12).hexdigest()
-
-
-def _context_key(context: Context) -> str:
-    return ":".join(map(str, context.key()))
-
-
 def _learner_state(tuner: Tuner, fabric_id: str, fabric: Fabric, metrics: ServerMetrics) -> LearnerState:
     """Reading your own writes: wait (at most LEARNER_WAIT_S) until the learner has taken in every
     batch stored before this request; say so in the answer when it could not."""
@@ -186,49 +175,47 @@ def _learner_state(tuner: Tuner, fabric_id: str, fabric: Fabric, metrics: Server
 
 
 @router.post("/suggest", response_model=SuggestResponse, responses=_errors(404), openapi_extra=scopes(Scope.agent))
-def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> SuggestResponse:
+def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> Response:
     fabric = _fabric_or_404(store, body.fabric_id)
     learner = _learner_state(tuner, body.fabric_id, fabric, metrics)
-    pinned = body.job_id is not None and body.round is not None
-    seed = int(_digest(body.fabric_id, body.job_id, body.round), 16) if pinned else secrets.randbits(64)
-    picks = tuner.suggest(body.fabric_id, fabric, body.contexts, seed)
-    suggestions = []
-    for context, pick in zip(body.contexts, picks):
-        if pinned:
-            key = f"suggest|{body.fabric_id}|{body.job_id}|{body.round}|{_context_key(context)}"
-            proposal = {"config": pick.config.model_dump(mode="json"), "kind": pick.kind.value,
-                        "suggestion_id": f"s-{_digest(key)}"}
-            stored = json.loads(store.pin(key, json.dumps(proposal)))
-            suggestion = Suggestion(context=context, **stored)
-        else:
-            suggestion = Suggestion(context=context, config=pick.config, kind=pick.kind,
-                                    suggestion_id=f"s-{secrets.token_hex(8)}")
-        metrics.suggestions.labels(suggestion.kind.value).inc()
-        suggestions.append(suggestion)
-    explored = sum(s.kind is SuggestionKind.explore for s in suggestions)
-    metrics.exploration_share.set(explored / len(suggestions))
-    return SuggestResponse(suggestions=suggestions, learner=learner)
+    picks = tuner.suggest(body.fabric_id, fabric, body.contexts,
+                          pinning.suggestion_seed(body.fabric_id, body.job_id, body.round))
+    if body.job_id is not None and body.round is not None:
+        suggestions = pinning.pinned_suggestions(store, body.fabric_id, body.job_id, body.round, body.contexts, picks)
+    else:
+        suggestions = pinning.fresh_suggestions(body.contexts, picks)
+    kinds = Counter(s.kind for s in suggestions)
+    for kind, count in kinds.items():
+        metrics.suggestions.labels(kind.value).inc(count)
+    metrics.exploration_share.set(kinds[SuggestionKind.explore] / len(suggestions))
+    return _json(SuggestResponse(suggestions=suggestions, learner=learner))
 
 
 @router.post("/recommend", response_model=RecommendResponse, responses=_errors(404),
              openapi_extra=scopes(Scope.agent, Scope.read))
 def recommend(body: RecommendRequest, request: Request, store: StoreDep, tuner: TunerDep,
-              metrics: MetricsDep) -> RecommendResponse:
+              metrics: MetricsDep) -> Response:
     if body.refresh:  # re-pinning changes what every later launch of the job runs
         require(request.state.caller, frozenset({Scope.agent}), "re-pin a job's recommendation (refresh)")
     fabric = _fabric_or_404(store, body.fabric_id)
-    key = f"recommend|{body.fabric_id}|{body.job_id}"
-    if body.job_id is not None and not body.refresh and (pinned := store.pinned(key)) is not None:
-        return RecommendResponse.model_validate_json(pinned)
+    if body.job_id is not None and not body.refresh:
+        if (pinned := pinning.pinned_recommendation(store, body.fabric_id, body.job_id)) is not None:
+            return _json(pinned)
     if not body.contexts:
         raise HTTPException(status_code=404, detail=f"job {body.job_id!r} has no pinned recommendation yet: send its contexts")
     learner = _learner_state(tuner, body.fabric_id, fabric, metrics)
-    decisions = tuner.recommend(body.fabric_id, fabric, [c.context() for c in body.contexts])
+    decisions = tuner.recommend(body.fabric_id, fabric, body.contexts)
     answer = respond(body.contexts, decisions).model_copy(update={"learner": learner})
-    if body.job_id is not None:
-        answer = RecommendResponse.model_validate_json(store.pin(key, answer.model_dump_json(), replace=body.refresh))
     metrics.predicted_speedup.labels(body.fabric_id).set(_weighted_speedup(body, answer))
-    return answer
+    if body.job_id is None:
+        return _json(answer)
+    return _json(pinning.pin_recommendation(store, body.fabric_id, body.job_id, answer, replace=body.refresh))
+
+
+def _json(body: BaseModel | str) -> Response:
+    """An answer already serialised (a pinned one is stored as JSON): FastAPI would validate and
+    serialise the model again. `response_model` still documents it."""
+    return Response(body if isinstance(body, str) else body.model_dump_json(), media_type="application/json")
 
 
 def _weighted_speedup(body: RecommendRequest, answer: RecommendResponse) -> float:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from dynamiccl.schemas import Context, Fabric, Measurement, NcclConfig, SuggestionKind
+from dynamiccl.schemas import Context, Fabric, Measurement, NcclConfig, Recommendation, SuggestionKind
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,29 @@ class Decision:
         """The evidence for another candidate of this context (None: not a candidate)."""
         index = self._index_by_key.get(config.key())
         return None if index is None else self.estimates[index]
+
+    @cached_property
+    def recommendation(self) -> Recommendation:
+        """The decision as `/v1/recommend` states it."""
+        chosen, default = self.estimate, self.default
+        return Recommendation(
+            context=self.context,
+            config=self.config,
+            predicted_latency_us=round(chosen.latency_us, 3),
+            default_latency_us=round(default.latency_us, 3),
+            speedup=round(math.exp(default.mean - chosen.mean), 4),
+            confidence=round(self.confidence, 4),
+            samples=chosen.samples,
+        )
+
+    @cached_property
+    def forced_costs(self) -> dict[tuple[str, str, int], float]:
+        """`guard.forced_cost` of every candidate, by config key: what a process-wide setting
+        that makes NCCL run it would cost this call. Computed once: a decision is composed into
+        many answers."""
+        from dynamiccl.server.learner.guard import forced_cost  # the guard builds on this module
+
+        return {config.key(): forced_cost(self, config) for config in self.candidates}
 
     @cached_property
     def _index_by_key(self) -> dict[tuple[str, str, int], int]:

@@ -24,7 +24,6 @@ and per-size rules for DynamICCL's tuner plugin. The same for every tuner.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -33,14 +32,15 @@ from dynamiccl.nccl.env import EnvSetting, render_env
 from dynamiccl.nccl.tuner_rules import RULE_COLLECTIVES, TunerRule, render_rules
 from dynamiccl.schemas import (
     DEFAULT_CONFIG,
+    Algo,
     Collective,
     NcclConfig,
-    Recommendation,
+    Proto,
     RecommendResponse,
     WeightedContext,
 )
 from dynamiccl.server.learner.base import Decision
-from dynamiccl.server.learner.guard import MIN_GAIN, forced_cost
+from dynamiccl.server.learner.guard import MIN_GAIN
 
 MAX_BYTES = (1 << 63) - 1
 _P2P = "p2p"  # the calls NCCL_P2P_NCHANNELS sets
@@ -49,22 +49,9 @@ _P2P = "p2p"  # the calls NCCL_P2P_NCHANNELS sets
 def respond(contexts: Sequence[WeightedContext], decisions: Sequence[Decision]) -> RecommendResponse:
     """The /v1/recommend body for these contexts, from one decision per context."""
     return RecommendResponse(
-        recommendations=[_recommendation(d) for d in decisions],
+        recommendations=[d.recommendation for d in decisions],
         env=choose_env([c.weight for c in contexts], decisions),
         tuner_config=render_rules(tuner_rules(decisions)),
-    )
-
-
-def _recommendation(decision: Decision) -> Recommendation:
-    chosen, default = decision.estimate, decision.default
-    return Recommendation(
-        context=decision.context,
-        config=decision.config,
-        predicted_latency_us=round(chosen.latency_us, 3),
-        default_latency_us=round(default.latency_us, 3),
-        speedup=round(math.exp(default.mean - chosen.mean), 4),
-        confidence=round(decision.confidence, 4),
-        samples=chosen.samples,
     )
 
 
@@ -72,14 +59,14 @@ def _group(decision: Decision) -> Collective | str:
     return _P2P if decision.context.collective.is_p2p else decision.context.collective
 
 
-def _env_option(group: Collective | str, config: NcclConfig) -> NcclConfig | None:
-    """What a process-wide setting can take from a departing config: a collective's pair, or the
-    point-to-point channel count (None: nothing it could set)."""
+def _env_option(group: Collective | str, config: NcclConfig) -> tuple[str, str, int] | None:
+    """The key of what a process-wide setting can take from a departing config: a collective's
+    pair, or the point-to-point channel count (None: nothing it could set)."""
     if group == _P2P:
-        return DEFAULT_CONFIG.model_copy(update={"nchannels": config.nchannels}) if config.nchannels else None
+        return ("", "", config.nchannels) if config.nchannels else None
     if config.algo is None or config.proto is None:
         return None
-    return config.model_copy(update={"nchannels": None})
+    return (config.algo, config.proto, 0)
 
 
 def choose_env(weights: Sequence[float], decisions: Sequence[Decision]) -> dict[str, str]:
@@ -91,21 +78,22 @@ def choose_env(weights: Sequence[float], decisions: Sequence[Decision]) -> dict[
     for group, members in groups.items():
         options = {_env_option(group, decisions[i].config) for i in members if decisions[i].departs} - {None}
 
-        def total(option: NcclConfig) -> float:
+        def total(option: tuple[str, str, int]) -> float:
             """Weighted pessimistic time of the group's calls with `option` set (the default: nothing)."""
-            return sum(weights[i] * forced_cost(decisions[i], option) for i in members)
+            return sum(weights[i] * decisions[i].forced_costs.get(option, math.inf) for i in members)
 
-        base = total(NcclConfig())
+        base = total(DEFAULT_CONFIG.key())
         best, best_cost = None, base
-        for option in sorted(options, key=lambda o: o.label()):
+        for option in sorted(options):
             if (cost := total(option)) < best_cost:
                 best, best_cost = option, cost
         if best is None or not math.isfinite(base) or base <= 0 or math.log(base / best_cost) < MIN_GAIN:
             continue
+        algo, proto, channels = best
         if group == _P2P:
-            p2p_channels = best.nchannels
+            p2p_channels = channels
         else:
-            algos[group], protos[group] = best.algo, best.proto
+            algos[group], protos[group] = Algo(algo), Proto(proto)
     return render_env(EnvSetting(algos=algos, protos=protos, p2p_nchannels=p2p_channels))
 
 
@@ -118,6 +106,7 @@ def tuner_rules(decisions: Sequence[Decision]) -> list[TunerRule]:
             shapes[(RULE_COLLECTIVES.index(c.collective), c.nnodes, c.nranks)].setdefault(c.nbytes, decision)
     rules: list[TunerRule] = []
     for (collective_index, nnodes, nranks), by_size in sorted(shapes.items()):
+        spans: list[list] = []  # [low, high, (algo, proto, channels)], adjacent equal configs merged
         sizes = sorted(by_size)
         for i, nbytes in enumerate(sizes):
             config = by_size[nbytes].config
@@ -125,16 +114,11 @@ def tuner_rules(decisions: Sequence[Decision]) -> list[TunerRule]:
                 continue  # NCCL's own choice: no rule
             low = nbytes // 2 if i == 0 else math.isqrt(sizes[i - 1] * nbytes) + 1
             high = min(MAX_BYTES, 2 * nbytes + 1) if i == len(sizes) - 1 else math.isqrt(nbytes * sizes[i + 1])
-            rule = TunerRule(RULE_COLLECTIVES[collective_index], low, high, config.algo, config.proto,
-                             config.nchannels, nnodes, nranks)
-            previous = rules[-1] if rules else None
-            if (
-                previous is not None
-                and (previous.collective, previous.nnodes, previous.nranks) == (rule.collective, nnodes, nranks)
-                and previous.config == rule.config
-                and previous.max_bytes + 1 == low
-            ):
-                rules[-1] = dataclasses.replace(previous, max_bytes=high)
+            setting = (config.algo, config.proto, config.nchannels)
+            if spans and spans[-1][2] == setting and spans[-1][1] + 1 == low:
+                spans[-1][1] = high
             else:
-                rules.append(rule)
+                spans.append([low, high, setting])
+        rules += [TunerRule(RULE_COLLECTIVES[collective_index], low, high, algo, proto, channels, nnodes, nranks)
+                  for low, high, (algo, proto, channels) in spans]
     return rules

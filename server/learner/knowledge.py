@@ -60,6 +60,7 @@ from dynamiccl.schemas import Context, Fabric, NcclConfig
 from dynamiccl.server.learner.base import Decision, Estimate
 from dynamiccl.server.learner.prior import NcclPrior
 from dynamiccl.server.learner.guard import MIN_GAIN, decide
+from dynamiccl.server.learner.policy import Plan, plan
 from dynamiccl.server.learner.stats import (
     DEFAULT_KEY,
     DEFAULT_NOISE,
@@ -80,7 +81,8 @@ log = logging.getLogger(__name__)
 TRANSFER_WEIGHT = 0.3
 #: Extra spread (log scale) of evidence transferred from another fabric.
 TRANSFER_STD = 0.05
-#: A snapshot older than this triggers a background refresh (other replicas may have ingested).
+#: A fabric not read from the store for this long is refreshed in the background (other
+#: replicas may have ingested).
 STALE_AFTER_S = 5.0
 READ_PAGE = 50_000
 #: Least spread of the surrogate where a cell has samples of its own: the model was fit to
@@ -135,8 +137,8 @@ class Snapshot:
     distrusted: frozenset[str] = frozenset()
     withdrawn: int = 0  # cells withdrawn from recommendation (slower where a source ran them)
     last_id: int = 0  # the id of the last stored measurement taken in
-    built_at: float = field(default_factory=time.monotonic)
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)
     _memo_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     def decisions(self, contexts: Sequence[Context]) -> list[Decision]:
@@ -149,11 +151,23 @@ class Snapshot:
             missing = {key: context for key, context in zip(keys, contexts) if key not in self._memo}
             if len(self._memo) + len(missing) > MEMO_LIMIT:
                 self._memo.clear()
+                self._plans.clear()
             if missing:
-                asked = [(context, candidate_configs(self.prior.fabric, context)) for context in missing.values()]
+                asked = [(_plain(context), candidate_configs(self.prior.fabric, context)) for context in missing.values()]
                 for (context, candidates), estimates in zip(asked, self.estimates(asked)):
                     self._memo[context.key()] = decide(context, candidates, estimates)
             return [self._memo[key] for key in keys]
+
+    def plans(self, contexts: Sequence[Context]) -> list[tuple[Decision, Plan]]:
+        """Each context's decision and what to try next there (`policy.plan`), made once per
+        snapshot like the decision: a suggestion is then one draw among equally valuable trials."""
+        decisions = self.decisions(contexts)
+        with self._memo_lock:
+            for decision in decisions:
+                key = decision.context.key()
+                if key not in self._plans:
+                    self._plans[key] = plan(decision.estimates)
+            return [(decision, self._plans[decision.context.key()]) for decision in decisions]
 
     def estimates(self, requests: Sequence[tuple[Context, Sequence[NcclConfig]]]) -> list[list[Estimate]]:
         """Posterior per config of each context: the surrogate's prediction combined with the
@@ -164,12 +178,14 @@ class Snapshot:
         return [[next(flat) for _ in configs] for _, configs in requests]
 
     def keep_decisions(self, other: Snapshot, unchanged: Callable[[ContextKey], bool]) -> None:
-        """Reuse `other`'s decisions for the contexts `unchanged` accepts (same model, same
-        evidence there)."""
+        """Reuse `other`'s decisions (and plans) for the contexts `unchanged` accepts (same model,
+        same evidence there)."""
         with other._memo_lock:
             kept = {key: d for key, d in other._memo.items() if unchanged(ContextKey.of(d.context))}
+            plans = {key: p for key, p in other._plans.items() if key in kept}
         with self._memo_lock:
             self._memo.update(kept)
+            self._plans.update(plans)
 
     def _combine(self, pairs, means, stds, novel) -> list[Estimate]:
         results = []
@@ -229,14 +245,16 @@ class FabricKnowledge:
         self._recent: dict[tuple, Context] = {}  # by context key, oldest first
         self._recent_lock = threading.Lock()
         self._fitted_on: tuple | None = None  # the evidence (ids taken in) the surrogate was fit on
+        self.checked_at = time.monotonic()  # when the store was last read for new measurements
         self.snapshot = Snapshot(self.prior, {}, {}, ResidualModel(self.prior, []), DEFAULT_NOISE, 0)
 
     def refresh(self, store: Store, donors: Iterable[FabricKnowledge], fit: bool = True) -> bool:
         """Fold in new measurements, re-judge every cell (sources distrusted, noise) and, with
-        `fit`, refit the surrogate unless it was fit on this very evidence; False when nothing
-        changed. The fit runs without holding the fabric, so `catch_up` never waits for one."""
+        `fit`, refit the surrogate unless it was fit on this very evidence; True when it was refit.
+        The fit runs without holding the fabric, so `catch_up` never waits for one."""
         donors = list(donors)
         with self._lock:
+            self.checked_at = time.monotonic()
             new = self._read_new(store)
             donor_cells = {k: v for d in donors for k, v in d.snapshot.cells.items()}
             evidence = (self._last_id, tuple((d.fabric_id, d.snapshot.last_id) for d in donors))
@@ -259,7 +277,7 @@ class FabricKnowledge:
             self.snapshot = snapshot
             if fit:
                 self._fitted_on = evidence
-        return bool(new)
+        return fit
 
     def catch_up(self, store: Store, target_id: int, timeout_s: float) -> bool:
         """Take in every measurement up to `target_id` within `timeout_s`: fold the new rows in and
@@ -294,12 +312,20 @@ class FabricKnowledge:
     def decisions(self, contexts: Sequence[Context]) -> list[Decision]:
         """The current snapshot's decisions; what was asked is remembered, so the next snapshot
         has decided it before it replaces this one."""
+        self._remember(contexts)
+        return self.snapshot.decisions(contexts)
+
+    def _remember(self, contexts: Sequence[Context]) -> None:
         with self._recent_lock:
             for context in contexts:
                 self._recent[context.key()] = context
             while len(self._recent) > RECENT_LIMIT:
                 self._recent.pop(next(iter(self._recent)))
-        return self.snapshot.decisions(contexts)
+
+    def plans(self, contexts: Sequence[Context]) -> list[tuple[Decision, Plan]]:
+        """The current snapshot's decisions and plans (what was asked is remembered, as above)."""
+        self._remember(contexts)
+        return self.snapshot.plans(contexts)
 
     def _read_new(self, store: Store, touched: set[ContextKey] | None = None) -> int:
         count = 0
@@ -360,6 +386,13 @@ class FabricKnowledge:
         return examples
 
 
+def _plain(context: Context) -> Context:
+    """The call itself, without what a subclass adds (a recommendation request's weight)."""
+    if type(context) is Context:
+        return context
+    return Context(**{name: getattr(context, name) for name in Context.model_fields})
+
+
 def _representative(key: CellKey, nbytes: int) -> tuple[Context, NcclConfig]:
     """A context and config standing for a cell (its mean message size)."""
     context_key, (algo, proto, channels) = key
@@ -402,7 +435,7 @@ class KnowledgeBase:
                     knowledge.refresh(self._store, self._donors(knowledge), fit=False)
                     self._fabrics[fabric_id] = knowledge
             self.mark(fabric_id)
-        elif time.monotonic() - knowledge.snapshot.built_at > STALE_AFTER_S:
+        elif time.monotonic() - knowledge.checked_at > STALE_AFTER_S:
             self.mark(fabric_id)
         return knowledge
 
@@ -462,12 +495,12 @@ class KnowledgeBase:
             time.sleep(max(0.0, self._next_refit.get(fabric_id, 0.0) - time.monotonic()))
             started = time.perf_counter()
             try:
-                knowledge.refresh(self._store, self._donors(knowledge))
+                refit = knowledge.refresh(self._store, self._donors(knowledge))
             except Exception:  # a failed refit keeps the last snapshot; the next one retries
                 log.exception("refit of fabric %s failed", fabric_id)
                 continue
             elapsed = time.perf_counter() - started
             self._next_refit[fabric_id] = time.monotonic() + max(MIN_REFIT_INTERVAL_S, REFIT_SPACING * elapsed)
-            if self._on_refit is not None:
+            if refit and self._on_refit is not None:
                 self._on_refit(elapsed)
 

@@ -15,6 +15,7 @@ guard can recommend it. What is recommended is the guard's business
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,30 +42,58 @@ class Choice:
     explore: bool
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What to try in one context, decided once per snapshot of the evidence: one of `indices`
+    (several only where exploration values them alike: `choose` draws among them), and, for the
+    caller's budget of novel trials, `novel_trial` when the context is `settled`."""
+
+    indices: tuple[int, ...]
+    explore: bool
+    settled: bool
+    novel: tuple[int, float] | None
+
+    def choose(self, rng: np.random.Generator) -> Choice:
+        """An exploring plan draws (a seeded `rng` makes replicas draw alike)."""
+        return Choice(int(rng.choice(self.indices)) if self.explore else self.indices[0], self.explore)
+
+
 def expected_improvement(best: float, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """E[max(best - X, 0)] for X ~ N(mean, std), per candidate."""
     z = (best - mean) / std
     return (best - mean) * ndtr(z) + std * np.exp(-0.5 * z**2) / SQRT_2PI
 
 
+def plan(estimates: Sequence[Estimate]) -> Plan:
+    """The context's plan (see `choose_suggestion`), with what `novel_trial` offers."""
+    choice = _next_trial(estimates)
+    is_settled = settled(estimates)
+    return Plan(choice[0], choice[1], is_settled, novel_trial(estimates) if is_settled else None)
+
+
 def choose_suggestion(estimates: Sequence[Estimate], rng: np.random.Generator) -> Choice:
     """Index 0 is the NCCL default; it is measured first (DEFAULT_SAMPLES times, so that one
     straggler cannot make everything else look fast, and until its evidence is trusted), as the
     baseline everything is judged by."""
+    indices, explore = _next_trial(estimates)
+    return Plan(indices, explore, settled=False, novel=None).choose(rng)
+
+
+def _next_trial(estimates: Sequence[Estimate]) -> tuple[tuple[int, ...], bool]:
+    """(the candidates worth trying next, alike in value; whether that explores)."""
     if _baseline_pending(estimates[0]):
-        return Choice(0, explore=False)
+        return (0,), False
     mean = np.array([e.mean for e in estimates])
     std = np.array([e.std for e in estimates])
     best = _best_measured(estimates)
     if best and _unconfirmed(estimates[0], estimates[best]):
-        return Choice(_confirm(estimates, best), explore=False)
+        return (_confirm(estimates, best),), False
     value = HORIZON * expected_improvement(mean[best], mean, std) - np.maximum(mean - mean[best], 0.0)
     value[best] = 0.0
     top = float(value.max())
     if top <= 0.0:
-        return Choice(_confirm(estimates, best), explore=False)
-    ties = np.flatnonzero(value >= top - 1e-12)
-    return Choice(int(rng.choice(ties)), explore=True)
+        return (_confirm(estimates, best),), False
+    return tuple(int(i) for i in np.flatnonzero(value >= top - 1e-12)), True
 
 
 def _baseline_pending(default: Estimate) -> bool:

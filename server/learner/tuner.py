@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from dynamiccl.schemas import Context, Fabric, Measurement, SuggestionKind
-from dynamiccl.server.learner.base import Decision, Estimate, Pick, Tuner
+from dynamiccl.server.learner.base import Decision, Pick, Tuner
 from dynamiccl.server.learner.knowledge import KnowledgeBase
-from dynamiccl.server.learner.policy import Choice, choose_suggestion, novel_trial, settled
+from dynamiccl.server.learner.policy import Choice, Plan
 from dynamiccl.server.learner.stats import ContextKey
 from dynamiccl.server.storage.base import Store
 
@@ -38,16 +38,14 @@ class DynamicclTuner(Tuner):
     def suggest(
         self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context], seed: int
     ) -> list[Pick]:
-        decisions = self.knowledge.get(fabric_id, fabric).decisions(contexts)
-        candidates = [d.candidates for d in decisions]
-        estimates = [d.estimates for d in decisions]
+        planned = self.knowledge.get(fabric_id, fabric).plans(contexts)
         rng = np.random.default_rng(seed)
-        choices = [choose_suggestion(e, rng) for e in estimates]
-        for index, trial in self._novel_trials(contexts, estimates).items():
+        choices = [p.choose(rng) for _, p in planned]
+        for index, trial in self._novel_trials(contexts, [p for _, p in planned]).items():
             choices[index] = Choice(trial, explore=True)
         picks = []
-        for configs, choice in zip(candidates, choices):
-            config = configs[choice.index]
+        for (decision, _), choice in zip(planned, choices):
+            config = decision.candidates[choice.index]
             if config.is_default:
                 kind = SuggestionKind.default
             else:
@@ -56,12 +54,12 @@ class DynamicclTuner(Tuner):
         return picks
 
     @staticmethod
-    def _novel_trials(contexts: Sequence[Context], estimates: list[list[Estimate]]) -> dict[int, int]:
+    def _novel_trials(contexts: Sequence[Context], plans: Sequence[Plan]) -> dict[int, int]:
         """Per context group (collective, ranks, nodes), the one most valuable trial of an
         (algorithm, protocol) NCCL's model alone rates there: {context index: candidate index}."""
         best: dict[tuple, tuple[float, int, int]] = {}
-        for i, (context, e) in enumerate(zip(contexts, estimates)):
-            if not settled(e) or (trial := novel_trial(e)) is None:
+        for i, (context, plan) in enumerate(zip(contexts, plans)):
+            if not plan.settled or (trial := plan.novel) is None:
                 continue
             group = ContextKey.of(context).group
             if group not in best or trial[1] > best[group][0]:

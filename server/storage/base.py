@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from dynamiccl.schemas import Context, Fabric, Measurement, NcclConfig
@@ -63,10 +63,14 @@ class Store(ABC):
         """The highest id of the fabric's measurements (0: none); what a reader that has taken in
         everything stored so far has read up to."""
 
-    @abstractmethod
     def pin(self, key: str, value: str, replace: bool = False) -> str:
         """Store `value` under `key` unless an unexpired value is there already (or `replace`), and
         return the value now stored. The first writer wins across replicas."""
+        return self.pin_many({key: value}, replace)[key]
+
+    @abstractmethod
+    def pin_many(self, values: Mapping[str, str], replace: bool = False) -> dict[str, str]:
+        """`pin` for many keys in one transaction: {key: the value now stored}."""
 
     @abstractmethod
     def pinned(self, key: str) -> str | None:

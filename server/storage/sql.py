@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,8 +25,17 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 DEFAULT_PIN_TTL_S = 7 * 86400.0
 #: At most this many pins are kept (the oldest go first), so the table cannot grow without bound.
 DEFAULT_MAX_PINS = 100_000
-#: Expired and surplus pins are deleted once every this many new pins.
+#: A fabric read from the database within this many seconds is not read again.
+FABRIC_CACHE_S = 1.0
+#: Expired and surplus pins are deleted once every this many new pins (or 1% of the bound, if
+#: more: a prune reads the pins' index, so its cost is spread over as many pins as it may delete).
 PRUNE_EVERY = 64
+
+
+#: Connections kept open: enough for a burst of concurrent requests to reuse them instead of
+#: opening and closing one each (SQLAlchemy's defaults, 5 and 10, churn under 20 clients).
+POOL_SIZE = 16
+POOL_OVERFLOW = 16
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -38,10 +49,11 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10},
+                               pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
 
 
 #: Key of the PostgreSQL advisory lock that serialises migrations across replicas.
@@ -74,25 +86,45 @@ class SqlStore(Store):
         self.pin_ttl_s = pin_ttl_s
         self.max_pins = max_pins
         self._pins_since_prune = 0
+        self._fabrics: dict[str, tuple[Fabric, float]] = {}  # fabric id -> (fabric, when read)
+        self._write_lock = threading.Lock() if self._dialect == "sqlite" else nullcontext()
 
     def close(self) -> None:
         self.engine.dispose()
 
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """A write transaction. SQLite lets one writer in at a time and makes the others poll (its
+        busy handler sleeps up to 100 ms a turn, so under a burst some writers wait seconds): this
+        process's writers queue on a lock instead. PostgreSQL locks rows, not the database."""
+        with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
     def put_fabric(self, fabric_id: str, fabric: Fabric) -> bool:
         body, now = fabric.model_dump_json(), time.time()
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             statement = self._insert(fabrics).values(fabric_id=fabric_id, body=body, created_at=now, updated_at=now)
             created = conn.execute(
                 statement.on_conflict_do_update(
                     index_elements=["fabric_id"], set_={"body": body, "updated_at": now}
                 ).returning(fabrics.c.created_at)
             ).scalar_one()
+        self._fabrics[fabric_id] = (fabric, time.monotonic())
         return created == now
 
     def get_fabric(self, fabric_id: str) -> Fabric | None:
+        """Every request reads its fabric: a copy read within FABRIC_CACHE_S is used (a change made
+        through another replica shows within that time; through this one, at once)."""
+        cached = self._fabrics.get(fabric_id)
+        if cached is not None and time.monotonic() - cached[1] < FABRIC_CACHE_S:
+            return cached[0]
         with self.engine.connect() as conn:
             body = conn.execute(select(fabrics.c.body).where(fabrics.c.fabric_id == fabric_id)).scalar()
-        return Fabric.model_validate_json(body) if body is not None else None
+        if body is None:
+            return None
+        fabric = Fabric.model_validate_json(body)
+        self._fabrics[fabric_id] = (fabric, time.monotonic())
+        return fabric
 
     def list_fabrics(self) -> dict[str, Fabric]:
         with self.engine.connect() as conn:
@@ -116,7 +148,7 @@ class SqlStore(Store):
         self, fabric_id: str, batch_id: str, items: Sequence[Measurement], client: str | None = None
     ) -> bool:
         try:
-            with self.engine.begin() as conn:
+            with self._transaction() as conn:
                 batch_pk = conn.execute(
                     insert(batches)
                     .values(fabric_id=fabric_id, batch_id=batch_id, client=client,
@@ -179,18 +211,21 @@ class SqlStore(Store):
         with self.engine.connect() as conn:
             return conn.execute(query).scalar_one() or 0
 
-    def pin(self, key: str, value: str, replace: bool = False) -> str:
+    def pin_many(self, values: Mapping[str, str], replace: bool = False) -> dict[str, str]:
+        if not values:
+            return {}
         now = time.time()
-        with self.engine.begin() as conn:
-            statement = self._insert(pins).values(key=key, value=value, created_at=now)
-            expired = pins.c.created_at < now - self.pin_ttl_s
-            conn.execute(statement.on_conflict_do_update(
-                index_elements=["key"], set_={"value": value, "created_at": now},
-                where=None if replace else expired,
-            ))
-            stored = conn.execute(select(pins.c.value).where(pins.c.key == key)).scalar_one()
-        self._pins_since_prune += 1
-        if self._pins_since_prune >= PRUNE_EVERY:
+        statement = self._insert(pins)
+        statement = statement.on_conflict_do_update(
+            index_elements=["key"], set_={"value": statement.excluded.value, "created_at": now},
+            where=None if replace else pins.c.created_at < now - self.pin_ttl_s,
+        )
+        keys = sorted(values)  # one lock order: concurrent pinners of overlapping keys cannot deadlock
+        with self._transaction() as conn:
+            conn.execute(statement, [{"key": key, "value": values[key], "created_at": now} for key in keys])
+            stored = dict(conn.execute(select(pins.c.key, pins.c.value).where(pins.c.key.in_(keys))).all())
+        self._pins_since_prune += len(keys)
+        if self._pins_since_prune >= max(PRUNE_EVERY, self.max_pins // 100):
             self.prune_pins()
         return stored
 
@@ -202,7 +237,7 @@ class SqlStore(Store):
     def prune_pins(self) -> int:
         """Delete expired pins and all but the newest `max_pins`; how many went."""
         self._pins_since_prune = 0
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             gone = conn.execute(delete(pins).where(pins.c.created_at < time.time() - self.pin_ttl_s)).rowcount
             surplus = select(pins.c.key).order_by(pins.c.created_at.desc(), pins.c.key).offset(self.max_pins)
             gone += conn.execute(delete(pins).where(pins.c.key.in_(surplus))).rowcount

@@ -139,7 +139,7 @@ def test_recommend_returns_the_tuners_answer(client, examples):
     config = recommendation["config"]
     assert config["algo"] is not None and body["env"] == {}, "no evidence for what an env would force"
     [rule] = [line for line in body["tuner_config"].splitlines() if not line.startswith("#")]
-    assert rule.startswith(f"allreduce,") and f",{config['algo']},{config['proto']}," in rule
+    assert rule.startswith("allreduce,") and f",{config['algo']},{config['proto']}," in rule
 
 
 def test_a_job_keeps_its_first_recommendation_until_refreshed(client, tuner, examples):

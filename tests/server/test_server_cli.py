@@ -29,7 +29,7 @@ def test_the_cli_imports_the_server_lazily():
 def test_server_command_options():
     result = CliRunner().invoke(app, ["server", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for option in ("--host", "--port", "--database", "--tokens-file"):
+    for option in ("--host", "--port", "--database", "--tokens-file", "--workers"):
         assert option in result.output
 
 
@@ -64,3 +64,39 @@ def test_passwords_are_hidden_in_the_logged_url():
     from dynamiccl.server.app import masked
 
     assert masked("postgresql+psycopg://u:hunter2@db:5432/x") == "postgresql+psycopg://u:***@db:5432/x"
+
+
+def test_several_workers_serve_one_port_and_give_a_job_one_answer(tmp_path, examples):
+    """`--workers 2`: two processes, each with its own learner, on one port and one database;
+    whichever answers, a job gets its one pinned recommendation and every batch is stored once."""
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DYNAMICCL_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dynamiccl.cli.main", "server", "--port", str(port), "--workers", "2",
+         "--database", f"sqlite:///{tmp_path / 'workers.db'}"],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/healthz").raise_for_status()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and process.poll() is None, "server did not answer"
+                time.sleep(0.2)
+        httpx.put(f"{url}/v1/fabrics/{examples.FABRIC_ID}", json=examples.FABRIC).raise_for_status()
+        for _ in range(3):  # a retried batch: stored once, whichever worker takes it
+            httpx.post(f"{url}/v1/measurements", json=examples.batch(n=5)).raise_for_status()
+        answers = set()
+        for _ in range(12):  # fresh connections: both workers get some of them
+            answer = httpx.post(f"{url}/v1/recommend", json=examples.recommend(job_id="job-1"), timeout=30)
+            answers.add(answer.raise_for_status().text)
+        assert len(answers) == 1
+        assert httpx.get(f"{url}/v1/fabrics/{examples.FABRIC_ID}").json()["measurements"] == 5
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert "2 worker processes" in output
+    assert output.count("Started server process") >= 2

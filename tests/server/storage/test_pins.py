@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
@@ -26,6 +27,29 @@ def test_the_first_writer_wins_until_replaced(url):
     store = SqlStore(url)
     assert store.pin("k", "first") == "first" and store.pin("k", "second") == "first"
     assert store.pin("k", "third", replace=True) == "third" and store.pinned("k") == "third"
+
+
+def test_many_keys_are_pinned_at_once_each_first_writer_winning_on_its_own(url):
+    store = SqlStore(url)
+    store.pin("b", "taken")
+    assert store.pin_many({"a": "1", "b": "2", "c": "3"}) == {"a": "1", "b": "taken", "c": "3"}
+    assert store.pin_many({"c": "again", "d": "4"}) == {"c": "3", "d": "4"}
+    assert store.pin_many({"a": "new", "b": "new"}, replace=True) == {"a": "new", "b": "new"}
+    assert store.pin_many({}) == {}
+
+
+def test_concurrent_pinners_of_overlapping_keys_agree_on_one_value_each(url):
+    stores = [SqlStore(url) for _ in range(4)]
+    keys = [f"suggest|round-{i}" for i in range(40)]
+
+    def pin_as(writer: int) -> dict[str, str]:
+        order = keys[writer * 10:] + keys[:writer * 10]  # each writer in its own order
+        return stores[writer].pin_many({key: f"writer-{writer}" for key in order})
+
+    with ThreadPoolExecutor(len(stores)) as pool:
+        answers = list(pool.map(pin_as, range(len(stores))))
+    assert all(answer == answers[0] for answer in answers), "every writer reads back the same winners"
+    assert set(answers[0]) == set(keys)
 
 
 def test_an_expired_pin_is_gone_and_the_next_writer_pins_afresh(url):

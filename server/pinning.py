@@ -1,0 +1,64 @@
+"""Answers that stay the same on every replica and every retry.
+
+A job's recommendation is pinned: its first answer is stored, and every later
+launch of the job (on any replica, after any restart) gets that answer until
+it is refreshed or expires, so the ranks of one job never run different
+configs. A job's suggestions for one round are pinned the same way, one key per
+context, so that two replicas asked for the same round hand out the same
+trials under the same suggestion ids. The first writer wins (`Store.pin_many`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Sequence
+
+from dynamiccl.schemas import Context, RecommendResponse, Suggestion
+from dynamiccl.server.learner import Pick
+from dynamiccl.server.storage import Store
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=12).hexdigest()
+
+
+def _recommendation_key(fabric_id: str, job_id: str) -> str:
+    return f"recommend|{fabric_id}|{job_id}"
+
+
+def pinned_recommendation(store: Store, fabric_id: str, job_id: str) -> str | None:
+    """The job's pinned answer, as JSON (None: none yet, or expired)."""
+    return store.pinned(_recommendation_key(fabric_id, job_id))
+
+
+def pin_recommendation(store: Store, fabric_id: str, job_id: str, answer: RecommendResponse,
+                       replace: bool = False) -> str:
+    """Pin `answer` for the job unless another is pinned already (or `replace`): the pinned JSON."""
+    return store.pin(_recommendation_key(fabric_id, job_id), answer.model_dump_json(), replace=replace)
+
+
+def suggestion_seed(fabric_id: str, job_id: str | None, round_index: int | None) -> int:
+    """The same seed for the same job and round on every replica; a fresh one otherwise."""
+    if job_id is None or round_index is None:
+        return secrets.randbits(64)
+    return int(_digest(fabric_id, job_id, round_index), 16)
+
+
+def fresh_suggestions(contexts: Sequence[Context], picks: Sequence[Pick]) -> list[Suggestion]:
+    return [Suggestion(context=context, config=pick.config, kind=pick.kind, suggestion_id=f"s-{secrets.token_hex(8)}")
+            for context, pick in zip(contexts, picks)]
+
+
+def pinned_suggestions(store: Store, fabric_id: str, job_id: str, round_index: int,
+                       contexts: Sequence[Context], picks: Sequence[Pick]) -> list[Suggestion]:
+    """The round's suggestions as first pinned (these picks where none were), in one transaction."""
+    keys = [f"suggest|{fabric_id}|{job_id}|{round_index}|{':'.join(map(str, c.key()))}" for c in contexts]
+    proposals = {
+        key: json.dumps({"config": pick.config.model_dump(mode="json"), "kind": pick.kind.value,
+                         "suggestion_id": f"s-{_digest(key)}"})
+        for key, pick in zip(keys, picks)
+    }
+    stored = store.pin_many(proposals)
+    return [Suggestion(context=context, **json.loads(stored[key])) for context, key in zip(contexts, keys)]

@@ -2,7 +2,8 @@
 
 Per database and worker count, a real `dynamiccl server` on 127.0.0.1 is driven over HTTP:
 * ingest: `--clients` threads post `--batches` 1,000-measurement batches of a simulated
-  fabric (132 contexts, every candidate config, latencies from `dynamiccl.sim`):
+  fabric (132 contexts, every candidate config, latencies from `dynamiccl.sim`), encoded
+  before the clock starts and sent on keep-alive connections, as an agent sends its spool:
   measurements stored per second of wall time;
 * learner lag after that burst: the time from the last 202 to a recommendation of 100
   contexts that took every batch in (the server waits for its learner, at most its bound, or
@@ -181,14 +182,30 @@ def _drive(server: ServiceProcess, bodies: list[dict], contexts: list[Context], 
     with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
         http.put(f"/v1/fabrics/{FABRIC_ID}", json=PRESET.fabric.model_dump(mode="json")).raise_for_status()
 
-    def post(body: dict) -> None:
-        with httpx.Client(base_url=url, timeout=120, trust_env=False) as http:
-            http.post("/v1/measurements", json=body).raise_for_status()
-
     refits_before = refits(url)
+    encoded = [json.dumps(body).encode() for body in bodies]  # as an agent sends its spooled batches
+    queue = iter(encoded)
+    lock = threading.Lock()
+
+    def post_all(_: int) -> None:
+        connection = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=300)
+        try:
+            while True:
+                with lock:
+                    body = next(queue, None)
+                if body is None:
+                    return
+                connection.request("POST", "/v1/measurements", body=body, headers={"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                if response.status != 202:
+                    raise RuntimeError(f"POST /v1/measurements: HTTP {response.status}")
+        finally:
+            connection.close()
+
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(post, bodies))
+        list(pool.map(post_all, range(clients)))
     posted_at = time.perf_counter()
     ingest = len(bodies) * BATCH / (posted_at - started)
 

@@ -179,8 +179,8 @@ def measure(database_url: str, workers: int, bodies: list[dict], contexts: list[
 def _drive(server: ServiceProcess, bodies: list[dict], contexts: list[Context], clients: int,
            requests: int) -> dict[str, object]:
     url = server.url
-    with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
-        http.put(f"/v1/fabrics/{FABRIC_ID}", json=PRESET.fabric.model_dump(mode="json")).raise_for_status()
+    with httpx.Client(base_url=url, timeout=60, trust_env=False) as api:
+        api.put(f"/v1/fabrics/{FABRIC_ID}", json=PRESET.fabric.model_dump(mode="json")).raise_for_status()
 
     refits_before = refits(url)
     encoded = [json.dumps(body).encode() for body in bodies]  # as an agent sends its spooled batches
@@ -210,8 +210,8 @@ def _drive(server: ServiceProcess, bodies: list[dict], contexts: list[Context], 
     ingest = len(bodies) * BATCH / (posted_at - started)
 
     rng = np.random.default_rng(1)
-    with httpx.Client(base_url=url, timeout=120, trust_env=False) as http:
-        answer = http.post("/v1/recommend", json={"fabric_id": FABRIC_ID, "contexts": drawn(contexts, rng)})
+    with httpx.Client(base_url=url, timeout=120, trust_env=False) as api:
+        answer = api.post("/v1/recommend", json={"fabric_id": FABRIC_ID, "contexts": drawn(contexts, rng)})
     lag_s = time.perf_counter() - posted_at
     learner = answer.raise_for_status().json()["learner"]
     took_in = learner["measurements_learned"] >= len(bodies) * BATCH and not learner["behind"]

@@ -90,14 +90,21 @@ class Decision:
             samples=chosen.samples,
         )
 
-    @cached_property
-    def forced_costs(self) -> dict[tuple[str, str, int], float]:
-        """`guard.forced_cost` of every candidate, by config key: what a process-wide setting
-        that makes NCCL run it would cost this call. Computed once: a decision is composed into
-        many answers."""
-        from dynamiccl.server.learner.guard import forced_cost  # the guard builds on this module
+    def forced_cost(self, key: tuple[str, str, int]) -> float:
+        """`guard.forced_cost` of the candidate with this config key (inf: not a candidate): what a
+        process-wide setting that makes NCCL run it would cost this call. Remembered: a decision
+        is composed into many answers."""
+        cost = self._forced.get(key)
+        if cost is None:
+            from dynamiccl.server.learner.guard import forced_cost  # the guard builds on this module
 
-        return {config.key(): forced_cost(self, config) for config in self.candidates}
+            index = self._index_by_key.get(key)
+            cost = self._forced[key] = math.inf if index is None else forced_cost(self, self.candidates[index])
+        return cost
+
+    @cached_property
+    def _forced(self) -> dict[tuple[str, str, int], float]:
+        return {}
 
     @cached_property
     def _index_by_key(self) -> dict[tuple[str, str, int], int]:

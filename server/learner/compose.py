@@ -80,7 +80,7 @@ def choose_env(weights: Sequence[float], decisions: Sequence[Decision]) -> dict[
 
         def total(option: tuple[str, str, int]) -> float:
             """Weighted pessimistic time of the group's calls with `option` set (the default: nothing)."""
-            return sum(weights[i] * decisions[i].forced_costs.get(option, math.inf) for i in members)
+            return sum(weights[i] * decisions[i].forced_cost(option) for i in members)
 
         base = total(DEFAULT_CONFIG.key())
         best, best_cost = None, base

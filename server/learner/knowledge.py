@@ -174,8 +174,16 @@ class Snapshot:
         config's own samples (precision-weighted), in one batched model call."""
         pairs = [(context, config) for context, configs in requests for config in configs]
         means, stds, novel = self.model.predict(pairs)
-        flat = iter(self._combine(pairs, means, stds, novel))
-        return [[next(flat) for _ in configs] for _, configs in requests]
+        results, index = [], 0
+        for context, configs in requests:
+            key = ContextKey.of(context)
+            near = [ContextKey(key.collective, key.bucket + delta, key.nranks, key.nnodes) for delta in (-2, -1, 1, 2)]
+            row = []
+            for config in configs:
+                row.append(self._combine(key, near, config.key(), means[index], stds[index], novel[index]))
+                index += 1
+            results.append(row)
+        return results
 
     def keep_decisions(self, other: Snapshot, unchanged: Callable[[ContextKey], bool]) -> None:
         """Reuse `other`'s decisions (and plans) for the contexts `unchanged` accepts (same model,
@@ -187,39 +195,33 @@ class Snapshot:
             self._memo.update(kept)
             self._plans.update(plans)
 
-    def _combine(self, pairs, means, stds, novel) -> list[Estimate]:
-        results = []
-        for (context, config), mean, std, unexplored in zip(pairs, means, stds, novel):
-            key = ContextKey.of(context)
-            cell = self.cells.get((key, config.key()))
-            if cell is not None:  # the model learned from this very cell: do not count it twice
-                std = max(std, MODEL_STD_WITH_DATA)
-            precision, weighted = 1.0 / std**2, mean / std**2
-            if cell is not None:
-                precision += 1.0 / cell.std_error**2
-                weighted += cell.location / cell.std_error**2
-            transferred = self._transferred(key, config)
-            results.append(
-                Estimate(
-                    mean=weighted / precision,
-                    std=math.sqrt(1.0 / precision),
-                    samples=cell.n if cell else 0,
-                    transferred=transferred,
-                    trusted=cell.trusted if cell is not None else transferred,
-                    novel=bool(unexplored) and cell is None,
-                )
-            )
-        return results
+    def _combine(self, key: ContextKey, near: list[ContextKey], config_key: tuple, mean: float, std: float,
+                 unexplored: bool) -> Estimate:
+        cell = self.cells.get((key, config_key))
+        if cell is not None:  # the model learned from this very cell: do not count it twice
+            std = max(std, MODEL_STD_WITH_DATA)
+        precision, weighted = 1.0 / std**2, mean / std**2
+        if cell is not None:
+            precision += 1.0 / cell.std_error**2
+            weighted += cell.location / cell.std_error**2
+        transferred = self._transferred(key, near, config_key)
+        return Estimate(
+            mean=weighted / precision,
+            std=math.sqrt(1.0 / precision),
+            samples=cell.n if cell else 0,
+            transferred=transferred,
+            trusted=cell.trusted if cell is not None else transferred,
+            novel=bool(unexplored) and cell is None,
+        )
 
-    def _transferred(self, key: ContextKey, config: NcclConfig) -> bool:
-        """Measured (twice or more, trusted) in the neighbouring buckets or on a fabric like this one."""
-        config_key = config.key()
+    def _transferred(self, key: ContextKey, near: list[ContextKey], config_key: tuple) -> bool:
+        """Measured (twice or more, trusted) in the neighbouring buckets (`near`) or on a fabric
+        like this one."""
         donor = self.donor_cells.get((key, config_key))
         if donor is not None and donor.n >= 2 and donor.trusted:
             return True
-        for delta in (-2, -1, 1, 2):
-            near = ContextKey(key.collective, key.bucket + delta, key.nranks, key.nnodes)
-            cell = self.cells.get((near, config_key))
+        for neighbour in near:
+            cell = self.cells.get((neighbour, config_key))
             if cell is not None and cell.n >= 2 and cell.trusted:
                 return True
         return False

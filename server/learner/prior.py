@@ -16,20 +16,44 @@ from dynamiccl.nccl.cost_model import NcclCostModel
 from dynamiccl.schemas import Context, Fabric, NcclConfig
 
 
+#: Resolutions and predictions a prior remembers (a fabric's contexts times their candidates).
+CACHE_LIMIT = 200_000
+
+
 class NcclPrior:
-    """Cached resolution and predicted log latency under NCCL's cost model for one fabric."""
+    """Cached resolution and predicted log latency under NCCL's cost model for one fabric.
+
+    The caches are keyed by the calls' and configs' plain keys: the surrogate asks for every
+    candidate of every context it predicts, and hashing the wire models costs more than the
+    lookup."""
 
     def __init__(self, fabric: Fabric) -> None:
         self.fabric = fabric
         self._model = NcclCostModel(fabric)
-        self.resolve = lru_cache(maxsize=65536)(self._model.resolve)
-        self.log_time = lru_cache(maxsize=65536)(self._log_time)
+        self._resolved: dict[tuple, NcclConfig] = {}
+        self._log_times: dict[tuple, float] = {}
         self._resolve_env = lru_cache(maxsize=65536)(self._resolve_env_uncached)
 
-    def _log_time(self, context: Context, config: NcclConfig) -> float:
-        resolved = self.resolve(context, config)
-        time_us = self._model.time_us(context, resolved.algo, resolved.proto, resolved.nchannels)
-        return math.log(max(time_us, 1e-3)) if math.isfinite(time_us) else math.log(1e12)
+    def resolve(self, context: Context, config: NcclConfig) -> NcclConfig:
+        """The config with what it leaves to NCCL filled in as NCCL would pick it."""
+        key = (context.key(), config.key())
+        resolved = self._resolved.get(key)
+        if resolved is None:
+            if len(self._resolved) >= CACHE_LIMIT:
+                self._resolved.clear()
+            resolved = self._resolved[key] = self._model.resolve(context, config)
+        return resolved
+
+    def log_time(self, context: Context, config: NcclConfig) -> float:
+        key = (context.key(), config.key())
+        value = self._log_times.get(key)
+        if value is None:
+            if len(self._log_times) >= CACHE_LIMIT:
+                self._log_times.clear()
+            resolved = self.resolve(context, config)
+            time_us = self._model.time_us(context, resolved.algo, resolved.proto, resolved.nchannels)
+            value = self._log_times[key] = math.log(max(time_us, 1e-3)) if math.isfinite(time_us) else math.log(1e12)
+        return value
 
     def resolve_env(self, context: Context, env: dict[str, str]) -> NcclConfig:
         return self._resolve_env(context, tuple(sorted(env.items())))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dynamiccl.schemas import Algo, Collective, Context, NcclConfig, Proto
+from dynamiccl.schemas import DEFAULT_CONFIG, Algo, Collective, Context, NcclConfig, Proto
 from dynamiccl.server.learner.prior import NcclPrior
 
 if TYPE_CHECKING:
@@ -89,7 +89,12 @@ class ResidualModel:
 
     def features(self, context: Context, config: NcclConfig) -> list[float]:
         resolved = self.prior.resolve(context, config)
-        default = self.prior.resolve(context, NcclConfig())
+        default = self.prior.resolve(context, DEFAULT_CONFIG)
+        relative_time = self.prior.log_time(context, config) - self.prior.log_time(context, DEFAULT_CONFIG)
+        return self._features(context, resolved, default, relative_time)
+
+    @staticmethod
+    def _features(context: Context, resolved: NcclConfig, default: NcclConfig, relative_time: float) -> list[float]:
         channels = resolved.nchannels or 1
         return [
             *_one_hot(context.collective, _COLLECTIVES),
@@ -101,27 +106,35 @@ class ResidualModel:
             math.log2(context.nranks / context.nnodes),
             math.log2(channels),
             math.log2(channels) - math.log2(default.nchannels or 1),
-            self.prior.log_time(context, config) - self.prior.log_time(context, NcclConfig()),
+            relative_time,
         ]
 
-    def _neighbour_support(self, context: Context, config: NcclConfig) -> int:
-        key = _support_key(context, self.prior.resolve(context, config))
+    def _neighbour_support(self, key: tuple) -> int:
         *head, size, channels = key
         return sum(self._support[(*head, size + ds, channels)] for ds in (-1, 0, 1))
 
-    def novel(self, context: Context, config: NcclConfig) -> bool:
-        """Whether nothing of the config's (algorithm, protocol) was measured at this call's size,
-        on any channel count: NCCL's model, and trends that trees cannot extrapolate, speak for it."""
-        return not self._family_support[_support_key(context, self.prior.resolve(context, config))[:-1]]
-
     def predict(self, pairs: list[tuple[Context, NcclConfig]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean, std, novel) of log latency for each (context, config), in one batch."""
-        prior = np.array([self.prior.log_time(c, k) for c, k in pairs])
-        support = np.array([self._neighbour_support(c, k) for c, k in pairs])
-        novel = np.array([self.novel(c, k) for c, k in pairs], dtype=bool)
-        unseen_var = UNSEEN_RESIDUAL_STD**2 / (1.0 + support)
+        """(mean, std, novel) of log latency for each (context, config), in one batch; each pair
+        and each context's default is resolved under NCCL's model once. Novel: nothing of the
+        config's (algorithm, protocol) was measured at this call's size, on any channel count
+        (NCCL's model, and trends that trees cannot extrapolate, speak for it)."""
+        prior, support, novel, features = [], [], [], []
+        defaults: dict[tuple, tuple[NcclConfig, float]] = {}
+        for context, config in pairs:
+            if (default := defaults.get(context.key())) is None:
+                default = defaults[context.key()] = (self.prior.resolve(context, DEFAULT_CONFIG),
+                                                     self.prior.log_time(context, DEFAULT_CONFIG))
+            resolved, log_time = self.prior.resolve(context, config), self.prior.log_time(context, config)
+            key = _support_key(context, resolved)
+            prior.append(log_time)
+            support.append(self._neighbour_support(key))
+            novel.append(not self._family_support[key[:-1]])
+            if self._forest is not None:
+                features.append(self._features(context, resolved, default[0], log_time - default[1]))
+        prior_mean = np.array(prior)
+        unseen_var = UNSEEN_RESIDUAL_STD**2 / (1.0 + np.array(support))
+        novel_mask = np.array(novel, dtype=bool)
         if self._forest is None or not pairs:
-            return prior, np.sqrt(unseen_var), novel
-        features = np.asarray([self.features(c, k) for c, k in pairs])
-        per_tree = np.stack([tree.predict(features) for tree in self._forest.estimators_])
-        return prior + per_tree.mean(axis=0), np.sqrt(per_tree.var(axis=0) + unseen_var), novel
+            return prior_mean, np.sqrt(unseen_var), novel_mask
+        per_tree = np.stack([tree.predict(np.asarray(features)) for tree in self._forest.estimators_])
+        return prior_mean + per_tree.mean(axis=0), np.sqrt(per_tree.var(axis=0) + unseen_var), novel_mask

@@ -273,9 +273,12 @@ class FabricKnowledge:
         model = ResidualModel(self.prior, examples) if fit else self.snapshot.model
         with self._lock:  # what catch_up folded in meanwhile is kept: summaries are current
             snapshot = self._snapshot(model, donor_cells)
-            with self._recent_lock:
-                recent = list(self._recent.values())
-            snapshot.decisions(recent)  # requests find the new snapshot warm
+        with self._recent_lock:
+            recent = list(self._recent.values())
+        snapshot.decisions(recent)  # requests find it warm; warmed without the fabric: catch_up never waits
+        with self._lock:
+            if self._last_id != snapshot.last_id:  # a catch_up took rows in meanwhile: keep its summaries
+                snapshot = self._snapshot(model, donor_cells)
             self.snapshot = snapshot
             if fit:
                 self._fitted_on = evidence

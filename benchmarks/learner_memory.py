@@ -1,14 +1,16 @@
 """Learner memory: what the server holds for a fabric as its history grows, and for many fabrics.
 
 In one process, a SQLite store is filled through `Store.add_batch` and the server's learner
-(`KnowledgeBase`, as a server runs it) takes it in and refits:
+takes it in as a server does (`FabricKnowledge`: a request's catch-up folds the new rows in,
+then the refit the worker thread would run):
 * one fabric: 1,000,000 measurements (`--measurements`) of 176 contexts (4 collectives on
   1 to 4 nodes, 4 KiB to 4 GiB in 4x steps) and every candidate config, with the learner's
   resident memory after 10%, 50% and 100% of them;
 * many fabrics: `--fabrics` fabrics of the seven simulated presets' hardware, 10,000
   measurements each.
 Memory is the process's resident set above what it held before the learner was built (the
-store's own cache included), after a garbage collection; the refit time is the last refit's.
+store's own cache included), after a garbage collection. For many fabrics the times are the
+last fabric's.
 Latencies come from `dynamiccl.sim`. Every loop is bounded.
 
 Usage: python benchmarks/learner_memory.py [--measurements 1000000] [--fabrics 100]
@@ -30,7 +32,7 @@ from rich.table import Table
 
 from dynamiccl.nccl.space import candidate_configs
 from dynamiccl.schemas import Collective, Context, Measurement
-from dynamiccl.server.learner.knowledge import KnowledgeBase
+from dynamiccl.server.learner.knowledge import FabricKnowledge
 from dynamiccl.server.storage import Store, open_store
 from dynamiccl.sim import PRESETS, SimulatedFabric
 
@@ -66,22 +68,23 @@ def fill(store: Store, fabric_id: str, sim: SimulatedFabric, count: int, rng: np
         store.add_batch(fabric_id, f"batch-{first}", batch)
 
 
-def refit(knowledge: KnowledgeBase, fabric_id: str, sim: SimulatedFabric) -> float:
+def take_in(knowledge: FabricKnowledge, store: Store, donors: list[FabricKnowledge]) -> tuple[float, float]:
+    """Seconds to fold the new rows in (a request's catch-up) and to refit (the worker's job)."""
     started = time.perf_counter()
-    knowledge.catch_up(fabric_id, sim.fabric, timeout_s=600)
-    knowledge.mark(fabric_id)
-    knowledge.wait_idle(timeout=600)
-    return time.perf_counter() - started
+    knowledge.catch_up(store, store.last_measurement_id(knowledge.fabric_id), timeout_s=600)
+    caught_up = time.perf_counter()
+    knowledge.refresh(store, donors)
+    return caught_up - started, time.perf_counter() - caught_up
 
 
-def one_fabric(total: int) -> list[tuple[str, str, str, str, str]]:
+def one_fabric(total: int) -> list[tuple[str, ...]]:
     rows = []
     sim, rng = SimulatedFabric(PRESETS["h100-ib-4n"], seed=0), np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as scratch:
         store = open_store(f"sqlite:///{scratch}/memory.db")
         store.put_fabric("big", sim.fabric)
         baseline = rss_mib()
-        knowledge = KnowledgeBase(store)
+        knowledge = FabricKnowledge("big", sim.fabric)
         done = 0
         with Progress(console=console) as progress:
             task = progress.add_task("one fabric", total=total)
@@ -89,17 +92,16 @@ def one_fabric(total: int) -> list[tuple[str, str, str, str, str]]:
                 target = int(total * share)
                 fill(store, "big", sim, target - done, rng, start=done)
                 progress.update(task, completed=target)
-                done = target
-                seconds = refit(knowledge, "big", sim)
-                fabric = knowledge.get("big", sim.fabric)
-                rows.append(("1 fabric", f"{done:,}", f"{len(fabric.snapshot.cells):,}",
-                             f"{rss_mib() - baseline:.0f} MiB", f"{seconds:.1f} s"))
-        knowledge.close()
+                new, done = target - done, target
+                catch_up_s, refit_s = take_in(knowledge, store, [])
+                rows.append(("1 fabric", f"{done:,}", f"{new:,}", f"{len(knowledge.snapshot.cells):,}",
+                             f"{rss_mib() - baseline:.0f} MiB", f"{catch_up_s:.1f} s", f"{refit_s:.1f} s"))
         store.close()
     return rows
 
 
-def many_fabrics(fabrics: int, per_fabric: int) -> tuple[str, str, str, str, str]:
+def many_fabrics(fabrics: int, per_fabric: int) -> tuple[str, ...]:
+    """Fabrics of one preset's hardware are each other's donors, as the server pairs them."""
     presets = list(PRESETS.values())
     rng = np.random.default_rng(1)
     with tempfile.TemporaryDirectory() as scratch:
@@ -112,14 +114,14 @@ def many_fabrics(fabrics: int, per_fabric: int) -> tuple[str, str, str, str, str
                 fill(store, fabric_id, sim, per_fabric, rng)
                 progress.advance(task)
         baseline = rss_mib()
-        knowledge = KnowledgeBase(store)
-        seconds = 0.0
-        for fabric_id, sim in sims.items():
-            seconds = refit(knowledge, fabric_id, sim)
-        cells = sum(len(knowledge.get(f, s.fabric).snapshot.cells) for f, s in sims.items())
-        row = (f"{fabrics} fabrics", f"{fabrics * per_fabric:,}", f"{cells:,}", f"{rss_mib() - baseline:.0f} MiB",
-               f"{seconds:.1f} s")
-        knowledge.close()
+        knowledge = {fabric_id: FabricKnowledge(fabric_id, sim.fabric) for fabric_id, sim in sims.items()}
+        catch_up_s = refit_s = 0.0
+        for fabric_id, fabric in knowledge.items():
+            donors = [other for other in knowledge.values() if other is not fabric and other.signature == fabric.signature]
+            catch_up_s, refit_s = take_in(fabric, store, donors)
+        cells = sum(len(fabric.snapshot.cells) for fabric in knowledge.values())
+        row = (f"{fabrics} fabrics", f"{fabrics * per_fabric:,}", f"{per_fabric:,} each", f"{cells:,}",
+               f"{rss_mib() - baseline:.0f} MiB", f"{catch_up_s:.1f} s", f"{refit_s:.1f} s")
         store.close()
     return row
 
@@ -129,8 +131,8 @@ def main(
     fabrics: int = typer.Option(100, min=1),
     per_fabric: int = typer.Option(10_000, min=BATCH),
 ) -> None:
-    table = Table(title="Learner memory (resident, above the store's) and the last refit")
-    for column in ("case", "measurements", "cells", "learner memory", "last refit"):
+    table = Table(title="Learner memory (resident, above the store's), and the time to take in what is new")
+    for column in ("case", "measurements", "new", "cells", "learner memory", "catch-up", "refit"):
         table.add_column(column, justify="left" if column == "case" else "right")
     for row in [*one_fabric(measurements), many_fabrics(fabrics, per_fabric)]:
         table.add_row(*row)

@@ -10,7 +10,9 @@ through the model.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
+from typing import TypeVar
 
 from dynamiccl.nccl.cost_model import NcclCostModel
 from dynamiccl.schemas import Context, Fabric, NcclConfig
@@ -18,6 +20,17 @@ from dynamiccl.schemas import Context, Fabric, NcclConfig
 
 #: Resolutions and predictions a prior remembers (a fabric's contexts times their candidates).
 CACHE_LIMIT = 200_000
+T = TypeVar("T")
+
+
+def _remembered(cache: dict[tuple, T], key: tuple, compute: Callable[[], T]) -> T:
+    """`cache[key]`, computed on a miss; a full cache starts over (its bound is the memory)."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= CACHE_LIMIT:
+            cache.clear()
+        value = cache[key] = compute()
+    return value
 
 
 class NcclPrior:
@@ -36,24 +49,15 @@ class NcclPrior:
 
     def resolve(self, context: Context, config: NcclConfig) -> NcclConfig:
         """The config with what it leaves to NCCL filled in as NCCL would pick it."""
-        key = (context.key(), config.key())
-        resolved = self._resolved.get(key)
-        if resolved is None:
-            if len(self._resolved) >= CACHE_LIMIT:
-                self._resolved.clear()
-            resolved = self._resolved[key] = self._model.resolve(context, config)
-        return resolved
+        return _remembered(self._resolved, (context.key(), config.key()), lambda: self._model.resolve(context, config))
 
     def log_time(self, context: Context, config: NcclConfig) -> float:
-        key = (context.key(), config.key())
-        value = self._log_times.get(key)
-        if value is None:
-            if len(self._log_times) >= CACHE_LIMIT:
-                self._log_times.clear()
-            resolved = self.resolve(context, config)
-            time_us = self._model.time_us(context, resolved.algo, resolved.proto, resolved.nchannels)
-            value = self._log_times[key] = math.log(max(time_us, 1e-3)) if math.isfinite(time_us) else math.log(1e12)
-        return value
+        return _remembered(self._log_times, (context.key(), config.key()), lambda: self._log_time(context, config))
+
+    def _log_time(self, context: Context, config: NcclConfig) -> float:
+        resolved = self.resolve(context, config)
+        time_us = self._model.time_us(context, resolved.algo, resolved.proto, resolved.nchannels)
+        return math.log(max(time_us, 1e-3)) if math.isfinite(time_us) else math.log(1e12)
 
     def resolve_env(self, context: Context, env: dict[str, str]) -> NcclConfig:
         return self._resolve_env(context, tuple(sorted(env.items())))

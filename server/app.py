@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dynamiccl import __version__
 from dynamiccl.server import errors
 from dynamiccl.server.auth import TOKENS_FILE_ENV, Token, TokenAuth, load_tokens
-from dynamiccl.server.errors import RateLimit, RateLimiter
+from dynamiccl.server.limits import RateLimit, RateLimiter
 from dynamiccl.server.learner import Tuner, make_tuner
 from dynamiccl.server.metrics import RequestMetrics, ServerMetrics
 from dynamiccl.server.routes import router

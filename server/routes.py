@@ -7,7 +7,7 @@ import math
 from collections import Counter
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, status
+from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
@@ -28,6 +28,7 @@ from dynamiccl.schemas import (
 )
 from dynamiccl.server import pinning
 from dynamiccl.server.auth import Caller, Scope, require
+from dynamiccl.server.deps import MetricsDep, StoreDep, TunerDep, client_of
 from dynamiccl.server.learner import Tuner
 from dynamiccl.server.learner.compose import respond
 from dynamiccl.server.metrics import ServerMetrics
@@ -61,27 +62,6 @@ router = APIRouter(prefix="/v1", route_class=V1Route, responses=_errors(*COMMON_
 #: How long suggest and recommend wait for the learner to take in batches stored before them.
 LEARNER_WAIT_S = 2.0
 FabricIdPath = Annotated[str, Path(pattern=FABRIC_ID_PATTERN, description="1 to 128 of [A-Za-z0-9._:-]")]
-
-
-def store_of(request: Request) -> Store:
-    return request.app.state.store
-
-
-def tuner_of(request: Request) -> Tuner:
-    return request.app.state.tuner
-
-
-def metrics_of(request: Request) -> ServerMetrics:
-    return request.app.state.metrics
-
-
-def client_of(request: Request) -> str | None:
-    return request.state.client
-
-
-StoreDep = Annotated[Store, Depends(store_of)]
-TunerDep = Annotated[Tuner, Depends(tuner_of)]
-MetricsDep = Annotated[ServerMetrics, Depends(metrics_of)]
 
 
 def _fabric_or_404(store: Store, fabric_id: str) -> Fabric:

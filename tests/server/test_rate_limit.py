@@ -8,7 +8,7 @@ from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
 from dynamiccl.server.app import create_app
-from dynamiccl.server.errors import RateLimit, RateLimiter
+from dynamiccl.server.limits import RateLimit, RateLimiter
 from dynamiccl.server.storage import SqlStore
 
 

@@ -14,6 +14,8 @@ Per database and worker count, a real `dynamiccl server` on 127.0.0.1 is driven 
   to `/healthz`, the floor: the same server, the same HTTP stack and concurrency, no work.
   Each latency is printed beside the floor's, as a ratio. A warm-up of one request per
   client precedes each phase (a fresh worker decides each context once per snapshot);
+* small batches: the same 20 clients post batches of 10 measurements, as node agents do each
+  window: batches answered a second;
 * memory: resident set of the server's processes at the end.
 Loopback only; every loop is bounded.
 
@@ -55,6 +57,7 @@ FABRIC_ID = "load"
 CONCURRENCY = 20
 PER_REQUEST = 100
 BATCH = 1000
+SMALL_BATCH = 10
 console = Console(width=160)
 _REFITS = re.compile(r"^dynamiccl_refit_duration_seconds_count (\S+)$", re.MULTILINE)
 
@@ -118,6 +121,7 @@ def refits(url: str) -> float:
 class Latencies:
     p50_ms: float
     p99_ms: float
+    per_second: float  # timed requests answered a second, all clients together
 
 
 #: One request: method, path and JSON body (None: no body).
@@ -140,7 +144,9 @@ def under_load(url: str, request: Callable[[np.random.Generator], Request], requ
         latencies = []
         try:
             start.wait()
-            for method, path, body in prepared:
+            for number, (method, path, body) in enumerate(prepared):
+                if number == 1:  # the warm-up is done
+                    spans.append(time.perf_counter())
                 started = time.perf_counter()
                 connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
                 response = connection.getresponse()
@@ -150,11 +156,14 @@ def under_load(url: str, request: Callable[[np.random.Generator], Request], requ
                     raise RuntimeError(f"{method} {path}: HTTP {response.status}")
         finally:
             connection.close()
+        spans.append(time.perf_counter())
         return latencies[1:]  # the first is the warm-up
 
+    spans: list[float] = []
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         latencies = np.concatenate(list(pool.map(client, range(CONCURRENCY)))) * 1000
-    return Latencies(float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)))
+    return Latencies(float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
+                     len(latencies) / (max(spans) - min(spans)))
 
 
 def drawn(contexts: list[Context], rng: np.random.Generator, weighted: bool = True) -> list[dict]:
@@ -235,8 +244,17 @@ def _drive(server: ServiceProcess, bodies: list[dict], contexts: list[Context], 
     def healthz(rng: np.random.Generator) -> Request:
         return "GET", "/healthz", None
 
+    sample = bodies[0]["measurements"]
+
+    def small_batch(rng: np.random.Generator) -> Request:
+        """What a node's agent posts each window: a few aggregated measurements."""
+        chosen = rng.choice(len(sample), size=SMALL_BATCH, replace=False)
+        return "POST", "/v1/measurements", {"fabric_id": FABRIC_ID, "batch_id": f"small-{rng.integers(1 << 62)}",
+                                            "measurements": [sample[i] for i in chosen]}
+
     phases = {name: under_load(url, call, requests) for name, call in (
-        ("healthz", healthz), ("recommend", recommend), ("suggest", suggest), ("suggest pinned", suggest_pinned))}
+        ("healthz", healthz), ("recommend", recommend), ("suggest", suggest), ("suggest pinned", suggest_pinned),
+        ("small batches", small_batch))}  # last: its measurements set off refits
     return {"ingest": ingest, "lag_s": lag_s, "took_in": took_in, "refit_s": refit_s, "phases": phases,
             "rss_mib": rss_mib(server.process.pid)}
 
@@ -277,11 +295,13 @@ def main(
     ingest = Table(title=f"Ingest ({clients} clients, {batches:,} x {BATCH:,} measurements, {len(contexts)} "
                          f"contexts), learner lag after it, memory")
     for column in ("database", "workers", "measurements/s", "answer after the burst", "took it in",
-                   "refit ended", "RSS (all processes)"):
+                   "refit ended", f"{SMALL_BATCH}-measurement batches/s", "RSS (all processes)"):
         ingest.add_column(column, justify="right")
     for name, count, r in results:
+        small = r["phases"]["small batches"]
         ingest.add_row(name, str(count), f"{r['ingest']:,.0f}", f"{r['lag_s']:.2f} s", "yes" if r["took_in"] else "no",
-                       f"{r['refit_s']:.1f} s", f"{r['rss_mib']:.0f} MiB")
+                       f"{r['refit_s']:.1f} s", f"{small.per_second:,.0f} (p99 {small.p99_ms:.0f} ms)",
+                       f"{r['rss_mib']:.0f} MiB")
     console.print(ingest)
 
 

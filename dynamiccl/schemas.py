@@ -85,7 +85,10 @@ def _lower(value: Any) -> Any:
 LowerStr = Annotated[str, BeforeValidator(_lower)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 FabricId = Annotated[str, Field(pattern=FABRIC_ID_PATTERN, description="1 to 128 of [A-Za-z0-9._:-]")]
-OptionalId = Annotated[str, Field(min_length=1, max_length=128)]
+#: A client-chosen id (batch, job, suggestion): 1 to 128 characters, none of them a control
+#: character (PostgreSQL's text cannot hold NUL; no id needs a tab or a newline).
+OptionalId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$",
+                                  description="1 to 128 characters, no control characters")]
 
 
 class WireModel(BaseModel):

@@ -40,12 +40,13 @@ BATCH_VARIANTS = [  # (path to the field, bad value or ... for missing)
     ((*M, "config", "nchannels"), 0), ((*M, "config", "nchannels"), 65), ((*M, "latency_us"), 0),
     ((*M, "latency_us"), -3.0), ((*M, "latency_us"), 1e300), ((*M, "latency_us"), ...),
     ((*M, "count"), 0), ((*M, "source"), "guess"), ((*M, "job_id"), ""), ((*M, "ts"), "yesterday"),
-    ((*M, "suggestion_id"), "s" * 200),
+    ((*M, "suggestion_id"), "s" * 200), (("batch_id",), "b\x00"), ((*M, "job_id"), "job\x00-1"),
+    ((*M, "job_id"), "line\nbreak"), ((*M, "suggestion_id"), "s-\x7f"),
 ]
 FABRIC_VARIANTS = [(("gpu",), ...), (("gpu",), ""), (("gpus_per_node",), 0), (("gpus_per_node",), "eight"),
                    (("intra_node",), None), (("nics_per_node",), -1), (("sharp",), "maybe")]
 SUGGEST_VARIANTS = [(("contexts",), []), (("contexts",), ...), (("contexts", 0, "nranks"), -4),
-                    (("round",), -1), (("round",), "first"), (("job_id",), "")]
+                    (("round",), -1), (("round",), "first"), (("job_id",), ""), (("job_id",), "j\x00")]
 RECOMMEND_VARIANTS = [(("contexts", 0, "weight"), -1.0), (("contexts", 0, "weight"), "heavy"),
                       (("contexts", 0, "collective"), None), (("refresh",), "please")]
 

@@ -139,6 +139,12 @@ class Context(WireModel):
         """A hashable, sortable key (names are `WireEnum`s: equal to, and hashed as, their strings)."""
         return (self.collective, self.nbytes, self.nranks, self.nnodes)
 
+    def plain(self) -> Context:
+        """The call itself, without what a subclass adds (a recommendation request's weight)."""
+        if type(self) is Context:
+            return self
+        return Context(collective=self.collective, nbytes=self.nbytes, nranks=self.nranks, nnodes=self.nnodes)
+
     def weighted(self, weight: float = 1.0) -> WeightedContext:
         """This call as a `/v1/recommend` context issued `weight` times a step."""
         return WeightedContext(**self.model_dump(), weight=weight)
@@ -228,12 +234,6 @@ class SuggestResponse(WireModel):
 
 class WeightedContext(Context):
     weight: Annotated[FiniteFloat, Field(ge=0, le=1e12)] = 1.0
-
-    def context(self) -> Context:
-        """The call without its weight."""
-        return Context(
-            collective=self.collective, nbytes=self.nbytes, nranks=self.nranks, nnodes=self.nnodes
-        )
 
 
 class RecommendRequest(WireModel):

@@ -153,7 +153,7 @@ class Snapshot:
                 self._memo.clear()
                 self._plans.clear()
             if missing:
-                asked = [(_plain(context), candidate_configs(self.prior.fabric, context)) for context in missing.values()]
+                asked = [(context.plain(), candidate_configs(self.prior.fabric, context)) for context in missing.values()]
                 for (context, candidates), estimates in zip(asked, self.estimates(asked)):
                     self._memo[context.key()] = decide(context, candidates, estimates)
             return [self._memo[key] for key in keys]
@@ -389,13 +389,6 @@ class FabricKnowledge:
                 context, config = _representative(key, summary.mean_nbytes)
                 examples.append(Example(context, config, summary.location, scale * _example_weight(summary.n)))
         return examples
-
-
-def _plain(context: Context) -> Context:
-    """The call itself, without what a subclass adds (a recommendation request's weight)."""
-    if type(context) is Context:
-        return context
-    return Context(**{name: getattr(context, name) for name in Context.model_fields})
 
 
 def _representative(key: CellKey, nbytes: int) -> tuple[Context, NcclConfig]:

@@ -63,7 +63,7 @@ def test_weighted_contexts_sum_the_calls_of_each_context():
     trace = step_trace(TINY, Layout(tp=2, dp=2, seq_len=16))
     weighted = weighted_contexts(trace)
     assert sum(c.weight for c in weighted) == sum(e.calls for e in trace)
-    assert len({c.context() for c in weighted}) == len(weighted)
+    assert len({c.plain() for c in weighted}) == len(weighted)
 
 
 def test_layouts_that_cannot_run_are_refused():

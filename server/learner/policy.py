@@ -65,22 +65,17 @@ def expected_improvement(best: float, mean: np.ndarray, std: np.ndarray) -> np.n
 
 
 def plan(estimates: Sequence[Estimate]) -> Plan:
-    """The context's plan (see `choose_suggestion`), with what `novel_trial` offers."""
-    choice = _next_trial(estimates)
-    is_settled = settled(estimates)
-    return Plan(choice[0], choice[1], is_settled, novel_trial(estimates) if is_settled else None)
-
-
-def choose_suggestion(estimates: Sequence[Estimate], rng: np.random.Generator) -> Choice:
-    """Index 0 is the NCCL default; it is measured first (DEFAULT_SAMPLES times, so that one
-    straggler cannot make everything else look fast, and until its evidence is trusted), as the
-    baseline everything is judged by."""
+    """The context's plan, with what `novel_trial` offers when it is settled."""
     indices, explore = _next_trial(estimates)
-    return Plan(indices, explore, settled=False, novel=None).choose(rng)
+    is_settled = settled(estimates)
+    return Plan(indices, explore, is_settled, novel_trial(estimates) if is_settled else None)
 
 
 def _next_trial(estimates: Sequence[Estimate]) -> tuple[tuple[int, ...], bool]:
-    """(the candidates worth trying next, alike in value; whether that explores)."""
+    """(the candidates worth trying next, alike in value; whether that explores). Index 0 is the
+    NCCL default; it is measured first (DEFAULT_SAMPLES times, so that one straggler cannot make
+    everything else look fast, and until its evidence is trusted), as the baseline everything is
+    judged by."""
     if _baseline_pending(estimates[0]):
         return (0,), False
     mean = np.array([e.mean for e in estimates])

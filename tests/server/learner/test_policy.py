@@ -8,9 +8,9 @@ from dynamiccl.server.learner.base import Estimate
 from dynamiccl.server.learner.policy import (
     DEFAULT_SAMPLES,
     Choice,
-    choose_suggestion,
     expected_improvement,
     novel_trial,
+    plan,
 )
 
 RNG = np.random.default_rng(0)
@@ -21,27 +21,27 @@ def est(mean, std=0.01, samples=DEFAULT_SAMPLES, transferred=False):
 
 
 def test_the_default_is_measured_first():
-    choice = choose_suggestion([est(100, samples=0), est(50, std=0.5, samples=0)], RNG)
+    choice = plan([est(100, samples=0), est(50, std=0.5, samples=0)]).choose(RNG)
     assert choice.index == 0 and not choice.explore
 
 
 def test_a_config_that_may_be_much_faster_is_explored():
-    choice = choose_suggestion([est(100), est(90, std=0.1, samples=0)], RNG)
+    choice = plan([est(100), est(90, std=0.1, samples=0)]).choose(RNG)
     assert choice.index == 1 and choice.explore
 
 
 def test_the_default_is_measured_again_to_confirm_an_uncertain_gain():
-    choice = choose_suggestion([est(100, std=0.03), est(97, std=0.01, samples=8)], RNG)
+    choice = plan([est(100, std=0.03), est(97, std=0.01, samples=8)]).choose(RNG)
     assert choice.index == 0
 
 
 def test_a_config_known_to_be_slow_is_never_tried():
-    choice = choose_suggestion([est(100), est(150, std=0.02, samples=0)], RNG)
+    choice = plan([est(100), est(150, std=0.02, samples=0)]).choose(RNG)
     assert choice.index == 0 and not choice.explore
 
 
 def test_once_everything_plausible_is_measured_the_best_is_exploited():
-    choice = choose_suggestion([est(100), est(80, samples=5), est(120, samples=2)], RNG)
+    choice = plan([est(100), est(80, samples=5), est(120, samples=2)]).choose(RNG)
     assert choice.index == 1 and not choice.explore
 
 
@@ -52,9 +52,9 @@ def test_expected_improvement_grows_with_uncertainty():
 
 def test_a_new_best_is_confirmed_before_anything_else_is_explored():
     promising = [est(100), est(80, samples=1, std=0.15), est(90, std=0.2, samples=0)]
-    assert choose_suggestion(promising, RNG) == Choice(1, explore=False)
+    assert plan(promising).choose(RNG) == Choice(1, explore=False)
     confirmed = [est(100), est(80, samples=3), est(90, std=0.2, samples=0)]
-    assert choose_suggestion(confirmed, RNG).index == 2, "then exploration resumes"
+    assert plan(confirmed).choose(RNG).index == 2, "then exploration resumes"
 
 
 def test_nccls_model_orders_what_is_tried_but_forbids_nothing_it_may_be_wrong_about():
@@ -65,6 +65,6 @@ def test_nccls_model_orders_what_is_tried_but_forbids_nothing_it_may_be_wrong_ab
     assert index == 1 and value > 0
     measured_nearby = Estimate(mean=math.log(180), std=0.15, samples=0, novel=False)
     assert novel_trial([est(100), measured_nearby]) is None
-    assert choose_suggestion([est(100), measured_nearby], RNG).index == 0
+    assert plan([est(100), measured_nearby]).choose(RNG).index == 0
     hopeless = Estimate(mean=math.log(2000), std=0.15, samples=0, novel=True)
     assert novel_trial([est(100), hopeless]) is None, "still worth its cost, or not tried"

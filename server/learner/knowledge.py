@@ -32,6 +32,10 @@ for transfer to neighbouring sizes and similar fabrics, and for the surrogate:
   straggler contests too, until the next samples outvote it);
 * a source whose claims others keep refuting is not listened to at all
   (`distrusted_sources`);
+* what a fabric with the same hardware measured stands in for this fabric's
+  own measurements (at `TRANSFER_WEIGHT`) only while the two agree where
+  both measured the same cells (`behaves_alike`): the same GPUs and links
+  need not behave the same, and a fabric's own evidence outranks a twin's;
 * verified in use: a config that a source ran (twice or more) and found
   slower than NCCL's default, against its own measurements of the default
   where it has them, is withdrawn (`slower_in_use`): not recommended again,
@@ -79,6 +83,15 @@ log = logging.getLogger(__name__)
 
 #: Weight of a cell measured on a fabric with the same hardware, when learning another.
 TRANSFER_WEIGHT = 0.3
+#: Fabrics with the same hardware are taken to behave alike until their own measurements of the
+#: same cells say otherwise: a cell disagrees when the two locations differ by more than this
+#: (log scale, 5%) and more than noise explains (`DISAGREE_SIGMAS` standard errors) ...
+ALIKE_TOLERANCE = math.log(1.05)
+DISAGREE_SIGMAS = 2.5
+#: ... and a fabric stops learning from another once this share of the cells both measured twice
+#: or more (and at least MIN_DISAGREEING of them) disagree.
+MAX_DISAGREEING_SHARE = 0.25
+MIN_DISAGREEING = 3
 #: Extra spread (log scale) of evidence transferred from another fabric.
 TRANSFER_STD = 0.05
 #: A fabric not read from the store for this long is refreshed in the background (other
@@ -102,7 +115,7 @@ QUORUM_SHARE_INVERSE = 3
 
 
 def hardware_signature(fabric: Fabric) -> tuple:
-    """Fabrics with the same signature are expected to behave alike."""
+    """Fabrics with the same signature are expected to behave alike (`behaves_alike` checks)."""
     return (
         gpu_generation(fabric.gpu),
         fabric.gpus_per_node,
@@ -122,6 +135,21 @@ class CellSummary:
     sources: int
     trusted: bool
     withdrawn: bool = False  # faster by the evidence, slower where a source ran it: not recommended
+
+
+def behaves_alike(own: dict[CellKey, CellSummary], other: dict[CellKey, CellSummary]) -> bool:
+    """Whether a fabric's measurements agree with another's where both measured the same cell
+    (twice or more, trusted): the same hardware need not mean the same fabric (topology, firmware,
+    other jobs' traffic), so what another fabric measured is transferred only while they agree."""
+    shared = disagreeing = 0
+    for key, theirs in other.items():
+        mine = own.get(key)
+        if mine is None or mine.n < 2 or theirs.n < 2 or not (mine.trusted and theirs.trusted):
+            continue
+        shared += 1
+        gap = abs(mine.location - theirs.location)
+        disagreeing += gap > ALIKE_TOLERANCE + DISAGREE_SIGMAS * math.hypot(mine.std_error, theirs.std_error)
+    return disagreeing < MIN_DISAGREEING or disagreeing <= MAX_DISAGREEING_SHARE * shared
 
 
 @dataclass(frozen=True)
@@ -258,7 +286,6 @@ class FabricKnowledge:
         with self._lock:
             self.checked_at = time.monotonic()
             new = self._read_new(store)
-            donor_cells = {k: v for d in donors for k, v in d.snapshot.cells.items()}
             evidence = (self._last_id, tuple((d.fabric_id, d.snapshot.last_id) for d in donors))
             fit = fit and evidence != self._fitted_on
             if not new and not fit:
@@ -269,6 +296,8 @@ class FabricKnowledge:
             self._summaries = {}
             for context_key in self._context_cells:
                 self._summaries.update(self._judge(context_key))
+            donor_cells = {key: summary for donor in donors if behaves_alike(self._summaries, donor.snapshot.cells)
+                           for key, summary in donor.snapshot.cells.items()}
             examples = self._examples(self._summaries, donor_cells)
         model = ResidualModel(self.prior, examples) if fit else self.snapshot.model
         with self._lock:  # what catch_up folded in meanwhile is kept: summaries are current

@@ -90,6 +90,20 @@ def test_closed_loop_gains_where_there_is_headroom_and_never_regresses(tuner, sq
     assert tuner.describe("dgx", sim.fabric)["measurements_learned"] == 24 * len(CONTEXTS)
 
 
+def transferred_from(tuner, donor_id: str, fabric_id: str) -> list[bool]:
+    """For each config the donor measured twice or more (not the default), whether the fabric's
+    estimate of it, without samples of its own, rests on the donor's measurements."""
+    donor = tuner.knowledge.get(donor_id, PRESET.fabric).snapshot
+    explored = [(context, config) for context in CONTEXTS for config in candidate_configs(PRESET.fabric, context)
+                if not config.is_default and (cell := donor.cells.get(cell_key(context, config)))
+                and cell.n >= 2 and cell.trusted]
+    assert explored
+    estimates = tuner.knowledge.get(fabric_id, PRESET.fabric).snapshot.estimates(
+        [(context, [config]) for context, config in explored])
+    assert all(e.samples == 0 for (e,) in estimates)
+    return [e.transferred for (e,) in estimates]
+
+
 def test_a_new_fabric_with_the_same_hardware_starts_from_what_its_twin_learned(tuner, sqlite_store):
     run_loop(tuner, sqlite_store, "cluster-a", SimulatedFabric(PRESET, seed=1), rounds=12)
     sqlite_store.put_fabric("cluster-b", PRESET.fabric)
@@ -99,14 +113,20 @@ def test_a_new_fabric_with_the_same_hardware_starts_from_what_its_twin_learned(t
     assert all(r.config.is_default for r in answer.recommendations), "no baseline of its own yet"
     picks = tuner.suggest("cluster-b", PRESET.fabric, CONTEXTS, seed=0)
     assert all(p.kind is SuggestionKind.default for p in picks)
-    twin = tuner.knowledge.get("cluster-a", PRESET.fabric).snapshot
-    explored = [(context, config) for context in CONTEXTS for config in candidate_configs(PRESET.fabric, context)
-                if not config.is_default and (cell := twin.cells.get(cell_key(context, config)))
-                and cell.n >= 2 and cell.trusted]
-    assert explored
-    fresh = tuner.knowledge.get("cluster-b", PRESET.fabric).snapshot
-    estimates = fresh.estimates([(context, [config]) for context, config in explored])
-    assert all(e.transferred and e.samples == 0 for (e,) in estimates), "the twin's measurements back its configs"
+    assert all(transferred_from(tuner, "cluster-a", "cluster-b")), "the twin's measurements back its configs"
+
+    run_loop(tuner, sqlite_store, "cluster-b", SimulatedFabric(PRESET, seed=2), rounds=3)
+    assert all(transferred_from(tuner, "cluster-a", "cluster-b")), "its own baseline agrees with the twin's"
+
+
+def test_a_fabric_with_the_same_hardware_that_measures_otherwise_stops_learning_from_the_other(tuner, sqlite_store):
+    """Same GPUs, links and NICs, but a network that delivers a third less: its own measurements
+    of the defaults disagree with the other fabric's, so what the other measured no longer
+    stands in for its own."""
+    run_loop(tuner, sqlite_store, "cluster-a", SimulatedFabric(PRESET, seed=1), rounds=12)
+    other = dataclasses.replace(PRESET, name="slower-network", effects=Effects(net_efficiency=(0.65, 0.045)))
+    run_loop(tuner, sqlite_store, "cluster-b", SimulatedFabric(other, seed=2), rounds=3)
+    assert not any(transferred_from(tuner, "cluster-a", "cluster-b"))
 
 
 def test_a_config_nccls_model_rates_twice_as_slow_but_that_is_fastest_is_found(tuner, sqlite_store):

@@ -1,13 +1,8 @@
-"""The agent's local API, used by the torch hook and the launcher on the same node.
+"""The agent's local API (the contract: `dynamiccl.agent_api`), used by the jobs on its node.
 
-`POST /local/v1/measurements`, `POST /local/v1/recommend`,
-`POST /local/v1/plugin/register` and `/unregister` (plugin-mode jobs tuned
-online, see plugin_online), `POST /local/v1/jobs/{job_id}/ended` (what the
-agent received from a job, asked by the launch when the job exits),
-`GET /healthz`, `GET /metrics`. Malformed input is a 422 naming the field (and counted);
-nothing a caller sends can stop the agent. Measurements of configs the fabric
-cannot run are a 422 naming each of them, with `accepted` counting the others,
-which are taken.
+Malformed input is a 422 naming the field (and counted); nothing a caller sends can stop the
+agent. Measurements of configs the fabric cannot run are a 422 naming each of them, with
+`accepted` counting the others, which are taken.
 """
 
 from __future__ import annotations
@@ -15,77 +10,33 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path as FilePath
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Path, Request, Response
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
 
 from dynamiccl import __version__
-from dynamiccl.schemas import (
-    MAX_BATCH_MEASUREMENTS,
-    MAX_CONTEXTS,
-    Measurement,
-    OptionalId,
-    RecommendResponse,
-    WeightedContext,
+from dynamiccl.agent_api import (
+    JOBS_PATH,
+    MEASUREMENTS_PATH,
+    RECOMMEND_PATH,
+    REGISTER_PATH,
+    UNREGISTER_PATH,
+    JobReport,
+    LocalAccepted,
+    LocalMeasurements,
+    LocalRecommendRequest,
+    LocalRecommendResponse,
+    PluginRegistered,
+    PluginRegistration,
+    PluginUnregistration,
 )
 
 from dynamiccl.agent.daemon import Agent
 from dynamiccl.agent.plugin_online import PluginJob, RegistrationError
-
-
-class LocalMeasurements(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    job_id: OptionalId | None = None
-    measurements: Annotated[list[Measurement], Field(max_length=MAX_BATCH_MEASUREMENTS)]
-
-
-class LocalAccepted(BaseModel):
-    accepted: int
-
-
-class LocalRecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    job_id: OptionalId
-    contexts: Annotated[list[WeightedContext], Field(min_length=1, max_length=MAX_CONTEXTS)] | None = None
-    refresh: bool = False
-
-
-class PluginRegistration(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    job_id: OptionalId
-    rules_file: Annotated[str, Field(min_length=1, max_length=4096)]
-    round_calls: Annotated[int, Field(ge=1, le=1 << 40)]
-
-
-class PluginRegistered(BaseModel):
-    rules_file: str
-    next_round: int
-
-
-class PluginUnregistration(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    rules_file: Annotated[str, Field(min_length=1, max_length=4096)]
-
-
-class JobReport(BaseModel):
-    job_id: str
-    measurements: int
-    calls: int
-    contexts: int
-
-
-class LocalRecommendResponse(RecommendResponse):
-    source: Literal["server", "cache", "default"]
-    reason: str
 
 
 def create_app(agent: Agent, manage_agent: bool = True) -> FastAPI:
@@ -108,7 +59,7 @@ def create_app(agent: Agent, manage_agent: bool = True) -> FastAPI:
         agent.metrics.bad_requests.inc()
         return await request_validation_exception_handler(request, error)
 
-    @app.post("/local/v1/measurements", status_code=202, response_model=LocalAccepted)
+    @app.post(MEASUREMENTS_PATH, status_code=202, response_model=LocalAccepted)
     def measurements(body: LocalMeasurements) -> Response:
         ingested = agent.ingest(body.measurements, job_id=body.job_id)
         if not ingested.refused:
@@ -119,14 +70,14 @@ def create_app(agent: Agent, manage_agent: bool = True) -> FastAPI:
         ]
         return JSONResponse({"detail": detail, "accepted": ingested.accepted}, status_code=422)
 
-    @app.post("/local/v1/recommend")
+    @app.post(RECOMMEND_PATH)
     def recommend(body: LocalRecommendRequest) -> LocalRecommendResponse:
         answer = agent.recommend(body.job_id, body.contexts, body.refresh)
         return LocalRecommendResponse(
             **answer.response.model_dump(), source=answer.source, reason=answer.reason
         )
 
-    @app.post("/local/v1/plugin/register", status_code=201)
+    @app.post(REGISTER_PATH, status_code=201)
     def plugin_register(body: PluginRegistration) -> PluginRegistered:
         job = PluginJob(job_id=body.job_id, rules_file=FilePath(body.rules_file), round_calls=body.round_calls)
         try:
@@ -135,13 +86,13 @@ def create_app(agent: Agent, manage_agent: bool = True) -> FastAPI:
             raise HTTPException(status_code=422, detail=str(error)) from None
         return PluginRegistered(rules_file=body.rules_file, next_round=publisher.next_round)
 
-    @app.post("/local/v1/plugin/unregister")
+    @app.post(UNREGISTER_PATH)
     def plugin_unregister(body: PluginUnregistration) -> dict[str, bool]:
         if not agent.online.unregister(FilePath(body.rules_file)):
             raise HTTPException(status_code=404, detail=f"{body.rules_file} is not registered")
         return {"unregistered": True}
 
-    @app.post("/local/v1/jobs/{job_id:path}/ended")
+    @app.post(JOBS_PATH + "/{job_id:path}/ended")
     def job_ended(job_id: Annotated[str, Path(min_length=1, max_length=128)]) -> JobReport:
         summary = agent.job_ended(job_id)
         return JobReport(job_id=job_id, measurements=summary.measurements, calls=summary.calls,

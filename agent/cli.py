@@ -1,13 +1,24 @@
-"""`dynamiccl agent`: detect the fabric and run the node agent with uvicorn."""
+"""`dynamiccl agent`: detect the fabric and run the node agent with uvicorn.
+
+The local API takes measurements and rules-file registrations in the node's name, so it is
+served only where the node's jobs alone reach it: a Unix domain socket in a directory shared
+with them (`unix:/run/dynamiccl/agent.sock`), or loopback. Prometheus scrapes `/metrics` on a
+listener of its own (`metrics_listen`), which serves nothing else.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
+from prometheus_client import start_http_server
 
+from dynamiccl.agent_api import UNIX_SCHEME
 from dynamiccl.schemas import FABRIC_ID_RE
 
 from dynamiccl.agent.app import create_app
@@ -23,12 +34,63 @@ def default_spool_dir() -> Path:
     return Path(os.environ.get("DYNAMICCL_SPOOL") or Path.home() / ".cache" / "dynamiccl" / "agent")
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """'host:port' (IPv6 as '[::1]:7461') -> (host, port)."""
-    host, sep, port = listen.rpartition(":")
+@dataclass(frozen=True)
+class Address:
+    """Where a listener binds: a TCP host and port, or a Unix socket path."""
+
+    host: str = ""
+    port: int = 0
+    socket: Path | None = None
+
+    def __str__(self) -> str:
+        return f"{UNIX_SCHEME}{self.socket}" if self.socket else f"http://{self.host}:{self.port}"
+
+
+def parse_address(text: str, option: str = "--listen") -> Address:
+    """'host:port' (IPv6 as '[::1]:7461') or 'unix:/path/agent.sock'."""
+    if text.startswith(UNIX_SCHEME):
+        path = Path("/" + text[len(UNIX_SCHEME):].lstrip("/"))
+        if path == Path("/"):
+            raise ValueError(f"{option} unix: needs a socket path, e.g. unix:/run/dynamiccl/agent.sock")
+        return Address(socket=path)
+    host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--listen must be host:port, got {listen!r}")
-    return (host.strip("[]") or "127.0.0.1"), int(port)
+        raise ValueError(f"{option} must be host:port or unix:/path/agent.sock, got {text!r}")
+    return Address(host=host.strip("[]") or "127.0.0.1", port=int(port))
+
+
+def local_api_address(text: str) -> Address:
+    """The local API's address; refused unless only this node's processes can reach it."""
+    address = parse_address(text)
+    if address.socket is None and not _is_loopback(address.host):
+        raise ValueError(
+            f"--listen {text}: the local API takes measurements and rules files in this node's name, so it "
+            "serves only this node: a Unix socket shared with its jobs (unix:/run/dynamiccl/agent.sock) or "
+            "a loopback address; give Prometheus --metrics-listen HOST:PORT")
+    return address
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind_socket(path: Path) -> None:
+    """Make room for the agent's socket: its directory exists, and a socket left by an agent that
+    died is removed (a live agent on it is refused, as a second TCP listener would be)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_socket():
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()
+                return
+        raise ValueError(f"another agent is serving {path}")
 
 
 def run_agent(
@@ -41,9 +103,13 @@ def run_agent(
     inspector_dir: Path | None = None,
     overrides: FabricOverrides = FabricOverrides(),
     max_backoff_s: float = 30.0,
+    metrics_listen: str | None = None,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    host, port = parse_listen(listen)
+    address = local_api_address(listen)
+    metrics_address = parse_address(metrics_listen, "--metrics-listen") if metrics_listen else None
+    if metrics_address is not None and metrics_address.socket is not None:
+        raise ValueError("--metrics-listen is for Prometheus: host:port")
     detected = detect_fabric(overrides)
     for note in detected.notes:
         log.info("fabric: %s", note)
@@ -61,5 +127,13 @@ def run_agent(
         inspector_dir=inspector_dir,
         max_backoff_s=max_backoff_s,
     )
-    log.info("local API on http://%s:%d", host, port)
-    uvicorn.run(create_app(Agent(config)), host=host, port=port, log_level="warning")
+    agent = Agent(config)
+    if metrics_address is not None:
+        start_http_server(metrics_address.port, metrics_address.host, registry=agent.metrics.registry)
+        log.info("metrics for Prometheus on %s/metrics", metrics_address)
+    log.info("local API on %s", address)
+    if address.socket is not None:
+        _bind_socket(address.socket)
+        uvicorn.run(create_app(agent), uds=str(address.socket), log_level="warning")
+    else:
+        uvicorn.run(create_app(agent), host=address.host, port=address.port, log_level="warning")

@@ -28,7 +28,8 @@ from dynamiccl.agent.inspector import InspectorFollower, InspectorReader
 from dynamiccl.agent.metrics import AgentMetrics
 from dynamiccl.agent.plugin_online import OnlineTuner
 from dynamiccl.agent.reco_cache import RecommendationCache
-from dynamiccl.agent.recommender import Answer, Recommender
+from dynamiccl.agent.recommender import Recommender
+from dynamiccl.agent_api import Answer
 from dynamiccl.agent.registrar import Registrar
 from dynamiccl.agent.sender import Sender
 from dynamiccl.agent.spool import DEFAULT_MAX_BATCHES, DEFAULT_MAX_BYTES, Spool

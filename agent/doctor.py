@@ -20,6 +20,7 @@ from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -28,6 +29,7 @@ from dynamiccl.agent.fabric_detect import TorchInfo, detect_fabric, probe_torch
 from dynamiccl.agent.launcher import on_library_path
 from dynamiccl.agent.tuner_plugin.build import PluginBuildError, build
 from dynamiccl.agent.tuner_plugin.driver import EXPORTED_VERSIONS, TunerLibrary, plugin_environment
+from dynamiccl.agent_client import AgentClient, AgentError
 from dynamiccl.schemas import Algo, Collective, Proto
 
 PROBE_TIMEOUT_S = 180.0
@@ -205,14 +207,20 @@ def _get(url: str) -> httpx.Response | str:
         return f"{error.__class__.__name__}: {error}"
 
 
+def _agent_health(url: str) -> dict[str, Any] | str:
+    try:
+        with AgentClient(url, timeout=HTTP_TIMEOUT_S) as agent:
+            return agent.health()
+    except (httpx.HTTPError, AgentError, ValueError) as error:
+        return f"{error.__class__.__name__}: {error}"
+
+
 def check_services(node: Node) -> Iterator[Finding]:
-    agent = _get(node.agent_url.rstrip("/") + "/healthz")
-    if isinstance(agent, str) or agent.status_code != 200:
-        why = agent if isinstance(agent, str) else f"answered {agent.status_code}"
-        yield Finding("agent", Status.warn, f"{node.agent_url}: {why}",
+    health = _agent_health(node.agent_url)
+    if isinstance(health, str):
+        yield Finding("agent", Status.warn, f"{node.agent_url}: {health}",
                       "start `dynamiccl agent --server URL` on this node (jobs then start on NCCL's defaults)")
     else:
-        health = agent.json()
         registered = "registered" if health.get("registered") else "not yet registered with its server"
         yield Finding("agent", Status.ok, f"{node.agent_url}: fabric {health.get('fabric_id')}, {registered}, "
                       f"{health.get('spool_depth')} batches spooled")

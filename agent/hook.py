@@ -56,8 +56,9 @@ import torch.distributed.distributed_c10d as c10d
 
 from dynamiccl.agent import hook_nccl
 from dynamiccl.agent.hook_ops import C10D_OPS, P2P_METHODS, PYTHON_FUNCTIONS, C10dOp, PythonOp, total_bytes
-from dynamiccl.agent.hook_poster import DEFAULT_AGENT_URL, Poster
+from dynamiccl.agent.hook_poster import Poster
 from dynamiccl.agent.hook_table import CallKey, CallTable, ConfigResolver, to_measurements
+from dynamiccl.agent_api import AGENT_URL_ENV, DEFAULT_AGENT_URL
 from dynamiccl.schemas import Collective
 
 log = logging.getLogger("dynamiccl.hook")
@@ -423,7 +424,7 @@ def install(
         return _profiler
     profiler = Profiler(job_id=job_id or os.environ.get("DYNAMICCL_JOB_ID") or None,
                         sample_every=max(1, int(sample_every)))
-    url = agent_url or os.environ.get("DYNAMICCL_AGENT_URL") or DEFAULT_AGENT_URL
+    url = agent_url or os.environ.get(AGENT_URL_ENV) or DEFAULT_AGENT_URL
     profiler.poster = Poster(url, profiler.job_id, profiler.collect, window_s=window_s)
     if profiler.resolver.error:
         print(f"dynamiccl hook: NCCL calls will not be reported: the NCCL environment is not one "

@@ -21,12 +21,11 @@ from typing import Any
 
 import httpx
 
+from dynamiccl.agent_api import AgentUrl
+from dynamiccl.agent_client import AgentClient
 from dynamiccl.schemas import MAX_BATCH_MEASUREMENTS
 
 log = logging.getLogger("dynamiccl.hook")
-
-DEFAULT_AGENT_URL = "http://127.0.0.1:7461"
-MEASUREMENTS_PATH = "/local/v1/measurements"
 
 
 @dataclass
@@ -48,7 +47,8 @@ class Poster:
         timeout_s: float = 2.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.url = agent_url.rstrip("/") + MEASUREMENTS_PATH
+        AgentUrl.parse(agent_url)  # a malformed address is refused here, not in the posting thread
+        self.url = agent_url
         self.job_id = job_id
         self.window_s = window_s
         self.stats = PosterStats()
@@ -76,13 +76,10 @@ class Poster:
             while not self._stop.wait(self.window_s):
                 self.flush(client)
 
-    def _client(self, timeout_s: float) -> httpx.Client:
-        # trust_env=False: a cluster's HTTP proxy settings must not route loopback calls away.
-        # No certificate store for plain http: loading one costs tens of ms of CPU beside training.
-        return httpx.Client(timeout=timeout_s, trust_env=False, transport=self._transport,
-                            verify=self.url.startswith("https://"))
+    def _client(self, timeout_s: float) -> AgentClient:
+        return AgentClient(self.url, timeout=timeout_s, transport=self._transport)
 
-    def flush(self, client: httpx.Client | None = None, deadline: float | None = None) -> None:
+    def flush(self, client: AgentClient | None = None, deadline: float | None = None) -> None:
         """Collect the current window and post everything pending; never raises."""
         if os.getpid() != self._pid:  # a forked child (e.g. a DataLoader worker) posts nothing
             return
@@ -109,24 +106,20 @@ class Poster:
             self._backlog.popleft()
         self.stats.dropped += max(0, overflow)
 
-    def _drain(self, client: httpx.Client, deadline: float | None) -> None:
+    def _drain(self, client: AgentClient, deadline: float | None) -> None:
         while self._backlog and (deadline is None or time.monotonic() < deadline):
             batch = [self._backlog[i] for i in range(min(len(self._backlog), MAX_BATCH_MEASUREMENTS))]
             try:
-                response = client.post(self.url, json={"job_id": self.job_id, "measurements": batch})
+                delivery = client.post_measurements(self.job_id, batch)
             except httpx.HTTPError as error:
                 self._failed(f"agent unreachable at {self.url} ({error.__class__.__name__})")
                 return
-            if response.status_code == 202:
-                self.stats.posted += len(batch)
-            else:
+            self.stats.posted += delivery.accepted
+            if delivery.refused:
                 # A refused batch would be refused again: drop it rather than wedge the backlog.
-                # A 422 may still have taken the valid measurements (`accepted`).
-                accepted = _accepted(response)
-                self._failed(f"agent refused {len(batch) - accepted} of {len(batch)} measurements: "
-                             f"{response.status_code} {response.text[:200]}")
-                self.stats.posted += accepted
-                self.stats.dropped += len(batch) - accepted
+                # A 422 may still have taken the valid measurements.
+                self._failed(f"agent refused {delivery.refused} of {len(batch)} measurements: {delivery.reason}")
+                self.stats.dropped += delivery.refused
             for _ in batch:
                 self._backlog.popleft()
 
@@ -150,11 +143,3 @@ class Poster:
         self._timeout_s = min(self._timeout_s, remaining)
         self.flush(deadline=deadline)
 
-
-def _accepted(response: httpx.Response) -> int:
-    """How many measurements of a refused batch the agent took anyway (0 when it does not say)."""
-    try:
-        accepted = response.json().get("accepted", 0)
-    except (ValueError, AttributeError):
-        return 0
-    return accepted if isinstance(accepted, int) else 0

@@ -43,24 +43,23 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
-from urllib.parse import quote
 
 import httpx
 from rich.console import Console
 
-from dynamiccl.agent.hook_poster import DEFAULT_AGENT_URL
 from dynamiccl.agent.plugin_online import DEFAULT_ROUND_CALLS, ROUND_CALLS_ENV
 from dynamiccl.agent.plugin_rules import HEADER_TAG, is_own_plugin
 from dynamiccl.agent.tuner_plugin.build import PluginBuildError
 from dynamiccl.agent.tuner_plugin.build import build as build_plugin
 from dynamiccl.agent.tuner_plugin.report import remove_reports
+from dynamiccl.agent_api import AGENT_URL_ENV, DEFAULT_AGENT_URL, DEFAULT_ANSWER, Answer
+from dynamiccl.agent_client import AgentClient, AgentError
 from dynamiccl.client import DynamicclClient
 from dynamiccl.schemas import RecommendResponse
 
 RECOMMEND_TIMEOUT_S = 3.0
 REGISTER_TIMEOUT_S = 3.0
 SITECUSTOMIZE_DIR = Path(__file__).resolve().parent / "sitecustomize"
-DEFAULT_ANSWER = RecommendResponse(recommendations=[], env={}, tuner_config="")
 #: Files by which aws-ofi-nccl (the network plugin of AWS's EFA) is found on a library path.
 AWS_OFI_NCCL_FILES = ("libnccl-net-ofi.so", "libnccl-ofi-tuner.so")
 
@@ -69,13 +68,6 @@ class Mode(StrEnum):
     env = "env"
     plugin = "plugin"
     off = "off"
-
-
-@dataclass(frozen=True)
-class Answer:
-    response: RecommendResponse
-    source: str  # server | cache | default
-    reason: str
 
 
 @dataclass
@@ -100,19 +92,16 @@ def job_name(job: str | None, environ: Mapping[str, str], command: Sequence[str]
 
 
 def ask_agent(agent_url: str, job: str, transport: httpx.BaseTransport | None = None) -> Answer:
-    url = agent_url.rstrip("/") + "/local/v1/recommend"
     try:
-        with httpx.Client(timeout=RECOMMEND_TIMEOUT_S, trust_env=False, transport=transport) as http:
-            response = http.post(url, json={"job_id": job, "contexts": None, "refresh": False})
-        if response.status_code != 200:
-            return Answer(DEFAULT_ANSWER, "default", f"the agent answered {response.status_code}: "
-                                                     f"{response.text[:200]}; NCCL default")
-        body = response.json()
-        return Answer(RecommendResponse.model_validate(body), str(body.get("source", "server")),
-                      str(body.get("reason", "")))
+        with AgentClient(agent_url, timeout=RECOMMEND_TIMEOUT_S, transport=transport) as agent:
+            answer = agent.recommend(job)
+    except AgentError as error:
+        return Answer(DEFAULT_ANSWER, "default", f"{error}; NCCL default")
     except (httpx.HTTPError, ValueError) as error:
         return Answer(DEFAULT_ANSWER, "default",
                       f"the agent at {agent_url} is unreachable ({error.__class__.__name__}); NCCL default")
+    response = RecommendResponse.model_validate(answer.model_dump(exclude={"source", "reason"}))
+    return Answer(response, answer.source, answer.reason)
 
 
 def ask_server(server_url: str, fabric_id: str | None, job: str, token: str | None,
@@ -259,27 +248,24 @@ def _apply_rules(plan: Plan, environ: Mapping[str, str], rules: str, plugin: str
 def register_online(agent_url: str, job: str, plan: Plan, transport: httpx.BaseTransport | None = None) -> str:
     """Hand the job's rules file to the node agent for online tuning; a note saying how it went."""
     assert plan.rules_file is not None
-    body = {"job_id": job, "rules_file": str(plan.rules_file), "round_calls": plan.round_calls}
     try:
-        with httpx.Client(timeout=REGISTER_TIMEOUT_S, trust_env=False, transport=transport) as http:
-            response = http.post(agent_url.rstrip("/") + "/local/v1/plugin/register", json=body)
-    except httpx.HTTPError as error:
+        with AgentClient(agent_url, timeout=REGISTER_TIMEOUT_S, transport=transport) as agent:
+            agent.register_plugin(job, str(plan.rules_file), plan.round_calls)
+    except (httpx.HTTPError, ValueError, AgentError) as error:
         plan.round_calls = 0
         plan.env.pop(ROUND_CALLS_ENV, None)
+        if isinstance(error, AgentError):
+            return f"online tuning off: {error}"
         return f"online tuning off: the agent at {agent_url} is unreachable ({error.__class__.__name__})"
-    if response.status_code != 201:
-        plan.round_calls = 0
-        plan.env.pop(ROUND_CALLS_ENV, None)
-        return f"online tuning off: the agent answered {response.status_code}: {response.text[:200]}"
     return f"online tuning on: a rules section every {plan.round_calls} calls, from the agent at {agent_url}"
 
 
 def unregister_online(agent_url: str, rules_file: Path, transport: httpx.BaseTransport | None = None) -> None:
     """Stop the agent's publication for this job (it also stops by itself once the file is gone)."""
     try:
-        with httpx.Client(timeout=REGISTER_TIMEOUT_S, trust_env=False, transport=transport) as http:
-            http.post(agent_url.rstrip("/") + "/local/v1/plugin/unregister", json={"rules_file": str(rules_file)})
-    except httpx.HTTPError:
+        with AgentClient(agent_url, timeout=REGISTER_TIMEOUT_S, transport=transport) as agent:
+            agent.unregister_plugin(str(rules_file))
+    except (httpx.HTTPError, ValueError, AgentError):
         pass
 
 
@@ -296,7 +282,7 @@ def _enable_profiler(plan: Plan, environ: Mapping[str, str], job: str, agent_url
     if not (SITECUSTOMIZE_DIR / "sitecustomize.py").is_file():
         plan.notes.append(f"profiler off: {SITECUSTOMIZE_DIR} is missing from this installation")
         return
-    plan.env.update(DYNAMICCL_HOOK="1", DYNAMICCL_JOB_ID=job, DYNAMICCL_AGENT_URL=agent_url)
+    plan.env.update(DYNAMICCL_HOOK="1", DYNAMICCL_JOB_ID=job, **{AGENT_URL_ENV: agent_url})
     # Timing must be on before the first collective: enabling it later aborts the communicator.
     _set(plan, environ, "TORCH_NCCL_ENABLE_TIMING", "1", "the profiler wants")
     paths = [str(SITECUSTOMIZE_DIR), *filter(None, environ.get("PYTHONPATH", "").split(os.pathsep))]
@@ -331,15 +317,13 @@ def run(command: Sequence[str], env: Mapping[str, str]) -> int:
 def job_ended(agent_url: str, job: str, transport: httpx.BaseTransport | None = None) -> str:
     """What this node's agent received from the job, in a sentence (the agent counts silent jobs)."""
     try:
-        with httpx.Client(timeout=REGISTER_TIMEOUT_S, trust_env=False, transport=transport) as http:
-            response = http.post(f"{agent_url.rstrip('/')}/local/v1/jobs/{quote(job, safe='')}/ended")
-        response.raise_for_status()
-        received = response.json()
-    except (httpx.HTTPError, ValueError) as error:
+        with AgentClient(agent_url, timeout=REGISTER_TIMEOUT_S, transport=transport) as agent:
+            received = agent.job_ended(job)
+    except (httpx.HTTPError, ValueError, AgentError) as error:
         return f"whether the job's collectives were timed is unknown: the agent at {agent_url} did not say ({error})"
-    if received.get("measurements"):
-        return (f"{received['calls']:,} collective calls of {received['contexts']} kinds timed and received by the "
-                f"agent at {agent_url} ({received['measurements']:,} measurements)")
+    if received.measurements:
+        return (f"{received.calls:,} collective calls of {received.contexts} kinds timed and received by the "
+                f"agent at {agent_url} ({received.measurements:,} measurements)")
     return (f"the agent at {agent_url} received no collective from this job. Either it issued none (no "
             "torch.distributed process group), or the profiler was not active in its processes (a "
             "'dynamiccl hook:' line above says why), or its ranks could not reach the agent, or every "
@@ -377,7 +361,7 @@ def launch(
         console.print("[red]dynamiccl launch: no command given (dynamiccl launch [OPTIONS] -- COMMAND ...)[/red]")
         return 2
     job, job_from = job_name(job, environ, command)
-    agent_url = agent_url or environ.get("DYNAMICCL_AGENT_URL") or DEFAULT_AGENT_URL
+    agent_url = agent_url or environ.get(AGENT_URL_ENV) or DEFAULT_AGENT_URL
     tuner_plugin = tuner_plugin or environ.get("DYNAMICCL_TUNER_PLUGIN") or None
     plugin_note = None
     if mode is Mode.plugin and not tuner_plugin:

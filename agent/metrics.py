@@ -7,19 +7,11 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from dynamiccl.labels import size_class
 from dynamiccl.schemas import Measurement
 
 # 1 us to about 67 s, doubling: NCCL calls range from a few microseconds to seconds.
 LATENCY_BUCKETS = tuple(1e-6 * 2**i for i in range(27))
-_SIZE_CLASSES = ((64 << 10, "<=64KiB"), (1 << 20, "<=1MiB"), (16 << 20, "<=16MiB"), (256 << 20, "<=256MiB"))
-
-
-def size_class(nbytes: int) -> str:
-    """A bounded label for message sizes (exact sizes would explode the label cardinality)."""
-    for limit, label in _SIZE_CLASSES:
-        if nbytes <= limit:
-            return label
-    return ">256MiB"
 
 
 class AgentMetrics:

@@ -10,29 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
-
 import httpx
 
+from dynamiccl.agent_api import DEFAULT_ANSWER, Answer
 from dynamiccl.client import ApiError, DynamicclClient
-from dynamiccl.schemas import RecommendResponse, WeightedContext
+from dynamiccl.schemas import WeightedContext
 
 from dynamiccl.agent.reco_cache import RecommendationCache
 from dynamiccl.agent.workload import WorkloadRecorder
 
 log = logging.getLogger("dynamiccl.agent.recommend")
-
-Source = Literal["server", "cache", "default"]
-DEFAULT_ANSWER = RecommendResponse(recommendations=[], env={}, tuner_config="")
-
-
-@dataclass(frozen=True)
-class Answer:
-    response: RecommendResponse
-    source: Source
-    reason: str
-
 
 class Recommender:
     def __init__(

@@ -8,19 +8,11 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dynamiccl.labels import size_class
 from dynamiccl.nccl.cost_model import bus_factor
 from dynamiccl.schemas import Measurement
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# The agent's size classes (dynamiccl_agent_collective_latency_seconds), so dashboards can set the two side by side.
-_SIZE_CLASSES = ((64 << 10, "<=64KiB"), (1 << 20, "<=1MiB"), (16 << 20, "<=16MiB"), (256 << 20, "<=256MiB"))
-
-
-def size_class(nbytes: int) -> str:
-    for limit, label in _SIZE_CLASSES:
-        if nbytes <= limit:
-            return label
-    return ">256MiB"
 
 
 def config_kind(measurement: Measurement) -> str:

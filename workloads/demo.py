@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dynamiccl.agent_client import AgentClient, AgentError
 from dynamiccl.client import DynamicclClient
 from dynamiccl.schemas import Collective, Context, Measurement, NcclConfig, RecommendResponse
 from dynamiccl.sim import SimulatedFabric, get_preset
@@ -226,9 +227,9 @@ def print_settings(outcomes: Iterable[Outcome]) -> None:
 def run_real_job(server_url: str, workdir: Path, steps: int) -> None:
     """A DP2 x TP2 x PP2 training run on gloo under `dynamiccl launch`, reported through a node agent."""
     with local_agent(server_url, workdir) as agent_process, \
-            httpx.Client(base_url=agent_process.url, trust_env=False) as agent:
+            AgentClient(agent_process.url) as agent:
         agent_url = agent_process.url
-        health = _wait_for(lambda: agent.get("/healthz").json(), lambda h: h.get("registered"), 30.0)
+        health = _wait_for(agent.health, lambda h: h.get("registered"), 30.0)
         command = [*CLI, "launch", "--agent", agent_url, "--job", "demo-gloo", "--", sys.executable, "-m",
                    "torch.distributed.run", "--nproc-per-node=8", f"--master-port={free_port()}", "-m",
                    "dynamiccl.workloads.train", "--tp=2", "--pp=2", "--dp=2", f"--steps={steps}", "--seq-len=32"]
@@ -252,7 +253,7 @@ def _wait_for(read: Callable[[], T], ready: Callable[[T], object], timeout_s: fl
             value = read()
             if ready(value):
                 return value
-        except (httpx.HTTPError, ValueError):
+        except (httpx.HTTPError, AgentError, ValueError):
             pass
         if time.monotonic() > deadline:
             raise TimeoutError("gave up waiting for the node agent")

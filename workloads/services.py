@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from dynamiccl.agent_client import AgentClient, AgentError
+
 CLI = [sys.executable, "-m", "dynamiccl.cli.main"]
 
 
@@ -44,16 +46,17 @@ class ServiceProcess:
             self.process = subprocess.Popen(self.command, cwd=self.workdir, env={**os.environ, **self.env},
                                             stdout=output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1, trust_env=False).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
+        while not self.healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"the {self.name} did not start; {self.log} ends:\n{self.log.read_text()[-2000:]}")
             time.sleep(0.05)
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1, trust_env=False).status_code == 200
+        except httpx.TransportError:
+            return False
 
     def kill(self) -> None:
         """SIGKILL: no shutdown handler runs, as in a power cut or an OOM kill."""
@@ -83,8 +86,25 @@ class ServiceProcess:
 
 
 class AgentProcess(ServiceProcess):
+    """A node agent on a loopback port, or with `socket` on that Unix socket (`url` then is
+    `unix:PATH`, for `AgentClient`)."""
+
+    def __init__(self, name: str, arguments: list[str], workdir: Path, socket: Path | None = None) -> None:
+        self.socket = socket
+        super().__init__(name, arguments, workdir)
+        if socket is not None:
+            self.url = f"unix:{socket}"
+
     def _listen_options(self) -> list[str]:
-        return ["--listen", f"127.0.0.1:{self.port}"]
+        return ["--listen", f"unix:{self.socket}" if self.socket else f"127.0.0.1:{self.port}"]
+
+    def healthy(self) -> bool:
+        try:
+            with AgentClient(self.url, timeout=1) as agent:
+                agent.health()
+        except (httpx.TransportError, AgentError):
+            return False
+        return True
 
 
 def server_process(database_url: str, workdir: Path, env: dict[str, str] | None = None) -> ServiceProcess:

@@ -42,7 +42,7 @@ def demo(
 @app.command()
 def doctor(
     agent_url: str = typer.Option(None, "--agent", envvar="DYNAMICCL_AGENT_URL",
-                                  help="the node agent's local URL (default http://127.0.0.1:7461)"),
+                                  help="the node agent's local URL (default http://127.0.0.1:7461; unix:/path/agent.sock for a socket)"),
     server_url: str | None = typer.Option(None, "--server", envvar="DYNAMICCL_SERVER", help="the tuning server"),
 ) -> None:
     """Check, on this node, what DynamICCL depends on: torch and NCCL, GPUs and topology, the tuner plugin
@@ -53,7 +53,7 @@ def doctor(
     from rich.markup import escape
 
     from dynamiccl.agent.doctor import Node, Status, diagnose
-    from dynamiccl.agent.hook_poster import DEFAULT_AGENT_URL
+    from dynamiccl.agent_api import DEFAULT_AGENT_URL
 
     node = Node(environ=dict(os.environ), agent_url=agent_url or DEFAULT_AGENT_URL, server_url=server_url)
     styles = {Status.ok: "green", Status.warn: "yellow", Status.fail: "red", Status.skip: "dim"}
@@ -89,7 +89,10 @@ def server(
 @app.command()
 def agent(
     server: str = typer.Option(..., envvar="DYNAMICCL_SERVER", help="URL of the tuning server"),
-    listen: str = typer.Option("127.0.0.1:7461", help="host:port of the local API"),
+    listen: str = typer.Option("127.0.0.1:7461", help="the local API, for this node's jobs only: "
+                               "unix:/path/agent.sock (a socket shared with them) or a loopback host:port"),
+    metrics_listen: str | None = typer.Option(None, help="host:port serving /metrics to Prometheus (and nothing "
+                                                         "else); default: /metrics on the local API only"),
     spool: Path | None = typer.Option(
         None, envvar="DYNAMICCL_SPOOL", help="spool directory (default ~/.cache/dynamiccl/agent)"
     ),
@@ -116,8 +119,13 @@ def agent(
         gpu=gpu, gpus_per_node=gpus_per_node, intra_node=intra_node, inter_node=inter_node,
         nics_per_node=nics_per_node, nccl_version=nccl_version, sharp=sharp,
     )
-    run_agent(server=server, listen=listen, spool=spool, fabric_id=fabric_id, token=token,
-              window_s=window, inspector_dir=inspector_dir, overrides=overrides, max_backoff_s=max_backoff)
+    try:
+        run_agent(server=server, listen=listen, spool=spool, fabric_id=fabric_id, token=token,
+                  window_s=window, inspector_dir=inspector_dir, overrides=overrides, max_backoff_s=max_backoff,
+                  metrics_listen=metrics_listen)
+    except ValueError as error:  # a bad address or fabric id: said plainly, before anything starts
+        typer.echo(f"dynamiccl agent: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

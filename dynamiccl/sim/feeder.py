@@ -17,15 +17,10 @@ from collections.abc import Sequence
 import httpx
 import typer
 
+from dynamiccl.agent_api import AGENT_URL_ENV, DEFAULT_AGENT_URL
+from dynamiccl.agent_client import AgentClient, AgentError
 from dynamiccl.client import DynamicclClient
-from dynamiccl.schemas import (
-    Collective,
-    Context,
-    Fabric,
-    Measurement,
-    NcclConfig,
-    RecommendResponse,
-)
+from dynamiccl.schemas import Collective, Context, Fabric, Measurement, NcclConfig
 from dynamiccl.sim.fabric import SimulatedFabric
 from dynamiccl.sim.presets import Preset, get_preset
 
@@ -42,7 +37,7 @@ def job_contexts(preset: Preset) -> list[Context]:
 
 
 class SimJobFeeder:
-    def __init__(self, agent: httpx.Client, server: DynamicclClient, preset: Preset, fabric_id: str,
+    def __init__(self, agent: AgentClient, server: DynamicclClient, preset: Preset, fabric_id: str,
                  count: int = 20, interval_s: float = 1.0) -> None:
         self.agent, self.server, self.fabric_id = agent, server, fabric_id
         self.sim = SimulatedFabric(preset)
@@ -54,7 +49,7 @@ class SimJobFeeder:
         deadline = time.monotonic() + timeout_s
         while not self._agent_registered():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the agent at {self.agent.base_url} did not register its fabric "
+                raise RuntimeError(f"the agent at {self.agent.url} did not register its fabric "
                                    f"within {timeout_s:.0f} s")
             time.sleep(1.0)
         served = Fabric.model_validate(self.server.get_fabric(self.fabric_id).model_dump())
@@ -65,24 +60,20 @@ class SimJobFeeder:
 
     def _agent_registered(self) -> bool:
         try:
-            response = self.agent.get("/healthz")
-        except httpx.TransportError:
+            return bool(self.agent.health().get("registered"))
+        except (httpx.TransportError, AgentError):
             return False
-        return response.status_code == 200 and bool(response.json().get("registered"))
 
     def run_job(self, job_id: str, tune_rounds: int, run_rounds: int) -> None:
         for round_ in range(tune_rounds):
             suggestions = self.server.suggest(self.fabric_id, self.contexts, job_id=job_id, round=round_)
             self._report(job_id, [(s.context, s.config, s.suggestion_id) for s in suggestions])
-        answer = self.agent.post("/local/v1/recommend", json={
-            "job_id": job_id, "contexts": [c.weighted().model_dump(mode="json") for c in self.contexts]})
-        answer.raise_for_status()
-        recommended = RecommendResponse.model_validate(answer.json()).recommendations
+        answer = self.agent.recommend(job_id, [c.weighted() for c in self.contexts])
         for _ in range(run_rounds):
-            self._report(job_id, [(r.context, r.config, None) for r in recommended])
+            self._report(job_id, [(r.context, r.config, None) for r in answer.recommendations])
         status = self.server.get_fabric(self.fabric_id)
         log.info("job %s done (source of its recommendation: %s); fabric %s: %d measurements, %d contexts",
-                 job_id, answer.json()["source"], self.fabric_id, status.measurements, status.contexts)
+                 job_id, answer.source, self.fabric_id, status.measurements, status.contexts)
 
     def _report(self, job_id: str, runs: Sequence[tuple[Context, NcclConfig, str | None]]) -> None:
         measurements = [
@@ -90,14 +81,16 @@ class SimJobFeeder:
                         count=self.count, source="sim", job_id=job_id, ts=time.time(), suggestion_id=suggestion)
             for context, config, suggestion in runs
         ]
-        body = {"job_id": job_id, "measurements": [m.model_dump(mode="json", exclude_none=True) for m in measurements]}
-        self.agent.post("/local/v1/measurements", json=body).raise_for_status()
+        delivery = self.agent.post_measurements(job_id, [m.model_dump(mode="json", exclude_none=True)
+                                                          for m in measurements])
+        if delivery.refused:
+            raise AgentError(422, delivery.reason)
         time.sleep(self.interval_s)
 
 
 def sim_job(
     server: str = typer.Option(..., envvar="DYNAMICCL_SERVER", help="URL of the tuning server"),
-    agent: str = typer.Option("http://127.0.0.1:7461", envvar="DYNAMICCL_AGENT_URL", help="node agent URL"),
+    agent: str = typer.Option(DEFAULT_AGENT_URL, envvar=AGENT_URL_ENV, help="node agent URL"),
     preset: str = typer.Option("h100-ib-2n", help="simulated preset (`dynamiccl fabrics`)"),
     fabric_id: str | None = typer.Option(None, help="the agent's fabric id (default sim-PRESET)"),
     token: str | None = typer.Option(None, envvar="DYNAMICCL_TOKEN", help="bearer token for the server"),
@@ -116,9 +109,9 @@ def sim_job(
         raise typer.BadParameter(str(error), param_hint="--preset") from None
     fabric_id = fabric_id or f"sim-{chosen.name}"
     prefix = f"sim-{int(time.time())}"
-    with httpx.Client(base_url=agent.rstrip("/"), timeout=30.0) as agent_http, \
+    with AgentClient(agent, timeout=30.0) as agent_api, \
             DynamicclClient(server, token, timeout=30.0) as server_api:
-        feeder = SimJobFeeder(agent_http, server_api, chosen, fabric_id, count=count, interval_s=interval)
+        feeder = SimJobFeeder(agent_api, server_api, chosen, fabric_id, count=count, interval_s=interval)
         try:
             feeder.wait_for_fabric()
         except RuntimeError as error:

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dynamiccl.agent_client import AgentClient
 from dynamiccl.workloads.services import free_port
 
 pytestmark = pytest.mark.slow
@@ -54,11 +55,14 @@ class Processes:
                                "--database", f"sqlite:///{self.tmp_path}/server.db"])
         wait_for(lambda: httpx.get(f"{self.server_url}/healthz").status_code == 200)
 
-    def start_agent(self) -> None:
-        self._start("agent", ["agent", "--server", self.server_url, "--listen", f"127.0.0.1:{self.agent_port}",
+    def start_agent(self, socket: bool = False) -> None:
+        """The agent on loopback, or on a Unix socket (`agent_url` then is unix:PATH)."""
+        listen = f"unix:{self.tmp_path / 'run' / 'agent.sock'}" if socket else f"127.0.0.1:{self.agent_port}"
+        self.agent_url = listen if socket else f"http://{listen}"
+        self._start("agent", ["agent", "--server", self.server_url, "--listen", listen,
                               "--spool", str(self.tmp_path / "spool"), "--fabric-id", FABRIC_ID,
                               "--window", "0.2", "--max-backoff", "0.5"])
-        wait_for(lambda: httpx.get(f"{self.agent_url}/healthz").status_code == 200)
+        wait_for(lambda: agent_health(self)["status"] == "ok")
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         process = self.running.pop(name)
@@ -95,7 +99,8 @@ def stored(procs: Processes) -> int:
 
 
 def agent_health(procs: Processes) -> dict:
-    return httpx.get(f"{procs.agent_url}/healthz").json()
+    with AgentClient(procs.agent_url) as agent:
+        return agent.health()
 
 
 def test_crash_and_outage_lose_nothing_and_count_nothing_twice(procs):
@@ -146,11 +151,12 @@ dist.destroy_process_group()
 
 
 def test_a_four_rank_gloo_job_under_launch_reaches_the_server_with_its_contexts(procs, tmp_path):
-    """server + agent + an unmodified 4-rank torchrun job under `dynamiccl launch`."""
+    """server + agent + an unmodified 4-rank torchrun job under `dynamiccl launch`, the job's ranks
+    and the launcher reaching the agent through its Unix socket, as in the shipped deployments."""
     from dynamiccl.server.storage import SqlStore
 
     procs.start_server()
-    procs.start_agent()
+    procs.start_agent(socket=True)
     script = tmp_path / "train.py"
     script.write_text(TRAINING_SCRIPT)
     launch = subprocess.run(

@@ -19,7 +19,8 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 K8S = DEPLOY / "k8s"
-SERVER_PORT, AGENT_PORT = 8000, 7461
+SERVER_PORT, AGENT_METRICS_PORT = 8000, 7462
+AGENT_SOCKET = "unix:/run/dynamiccl/agent.sock"
 
 
 def compose() -> dict:
@@ -74,12 +75,13 @@ def test_prometheus_and_the_proxy_reach_every_replica_and_the_agent():
     replicas = {f"{name}:{SERVER_PORT}" for name in server_services(services)}
     scrape = {job["job_name"]: {t for c in job["static_configs"] for t in c["targets"]}
               for job in yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]}
-    assert scrape == {"dynamiccl-server": replicas, "dynamiccl-agent": {f"agent:{AGENT_PORT}"}}
+    assert scrape == {"dynamiccl-server": replicas, "dynamiccl-agent": {f"agent:{AGENT_METRICS_PORT}"}}
     assert set(scrape) >= alert_jobs()
     upstreams = set(re.findall(r"^\s*server\s+(\S+?:\d+)", (DEPLOY / "nginx" / "nginx.conf").read_text(), re.MULTILINE))
     assert upstreams == replicas
     agent = services["agent"]["command"]
-    assert option(agent, "--listen") == f"0.0.0.0:{AGENT_PORT}"
+    assert option(agent, "--listen") == AGENT_SOCKET, "the local API is for the node's jobs only"
+    assert option(agent, "--metrics-listen") == f"0.0.0.0:{AGENT_METRICS_PORT}"
     assert option(agent, "--server") == option(services["sim-job"]["command"], "--server") == f"http://proxy:{SERVER_PORT}"
 
 
@@ -87,7 +89,9 @@ def test_the_simulated_job_and_the_agent_agree_on_the_fabric():
     services = compose()["services"]
     agent, job = services["agent"]["command"], services["sim-job"]["command"]
     assert option(agent, "--fabric-id") == option(job, "--fabric-id")
-    assert option(job, "--agent") == f"http://agent:{AGENT_PORT}"
+    assert option(job, "--agent") == AGENT_SOCKET
+    shared = {v.split(":")[0] for v in services["agent"]["volumes"]} & {v.split(":")[0] for v in services["sim-job"]["volumes"]}
+    assert shared == {"agent-socket"}, "the job reaches the agent through the socket's volume alone"
     overrides = Fabric(gpu=option(agent, "--gpu"), gpus_per_node=int(option(agent, "--gpus-per-node")),
                        intra_node=option(agent, "--intra-node"), inter_node=option(agent, "--inter-node"),
                        nics_per_node=int(option(agent, "--nics-per-node")),
@@ -110,10 +114,10 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboards():
 def test_images_run_as_a_user_with_a_healthcheck_and_no_torch():
     stages = {m.group(1): m.group(2) for m in re.finditer(r"^FROM \S+ AS (\w+)\n(.*?)(?=^FROM |\Z)",
                                                           DOCKERFILE.read_text(), re.MULTILINE | re.DOTALL)}
-    for target, port in (("server", SERVER_PORT), ("agent", AGENT_PORT)):
+    for target, port, path in (("server", SERVER_PORT, "healthz"), ("agent", AGENT_METRICS_PORT, "metrics")):
         body = stages[target]
         assert re.search(r"^USER dynamiccl$", body, re.MULTILINE), f"{target} runs as root"
-        assert f"127.0.0.1:{port}/healthz" in body and "HEALTHCHECK" in body
+        assert f"127.0.0.1:{port}/{path}" in body and "HEALTHCHECK" in body
         assert f"EXPOSE {port}" in body
     assert "torch" not in "".join(line for line in DOCKERFILE.read_text().splitlines() if line.startswith("RUN"))
 
@@ -181,15 +185,17 @@ def test_agent_daemonset_runs_on_gpu_nodes_with_node_name_spool_and_metrics():
     assert secret_refs(agent) <= set(objects[("Secret", "dynamiccl")]["stringData"])
     host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["spec"]["volumes"] if "hostPath" in v}
     mounts = {m["name"]: m for m in agent["volumeMounts"]}
-    assert set(host_paths) == {"spool", "inspector"} <= set(mounts)
+    assert set(host_paths) == {"spool", "inspector", "socket"} <= set(mounts)
     assert mounts["spool"]["mountPath"] == env["DYNAMICCL_SPOOL"]["value"]
     assert mounts["inspector"]["mountPath"] == option(agent["args"], "--inspector-dir")
-    assert option(agent["args"], "--listen") == f"0.0.0.0:{AGENT_PORT}"
+    assert option(agent["args"], "--listen") == f"unix:{mounts['socket']['mountPath']}/agent.sock" == AGENT_SOCKET
+    assert option(agent["args"], "--metrics-listen") == f"0.0.0.0:{AGENT_METRICS_PORT}"
     assert option(agent["args"], "--server") == f"http://dynamiccl-server:{SERVER_PORT}"
+    assert all("hostPort" not in p for p in agent["ports"]), "nothing of the agent's on the node's network"
     ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
-    assert ports["metrics"] == AGENT_PORT
+    assert ports["metrics"] == AGENT_METRICS_PORT
     for probe in ("readinessProbe", "livenessProbe"):
-        assert agent[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert agent[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     monitor = objects[("PodMonitor", "dynamiccl-agent")]["spec"]
     assert monitor["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert {e["port"] for e in monitor["podMetricsEndpoints"]} == {"metrics"}

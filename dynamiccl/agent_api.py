@@ -1,0 +1,116 @@
+"""The node agent's local API: what the jobs on a node (the torch hook, `dynamiccl launch`, the
+simulated feeder) and the agent say to each other, as the v1 schemas are for the server.
+
+The agent listens on a Unix domain socket (`unix:/run/dynamiccl/agent.sock`, shared with the
+node's jobs and nothing else) or on loopback (`http://127.0.0.1:7461`); `AgentUrl` reads both.
+
+`POST /local/v1/measurements`, `POST /local/v1/recommend`, `POST /local/v1/plugin/register` and
+`/unregister` (plugin-mode jobs tuned online), `POST /local/v1/jobs/{job_id}/ended` (what the
+agent received from a job), `GET /healthz`, `GET /metrics`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dynamiccl.schemas import MAX_BATCH_MEASUREMENTS, MAX_CONTEXTS, Measurement, OptionalId, RecommendResponse, \
+    WeightedContext
+
+#: Where jobs find their node's agent unless $DYNAMICCL_AGENT_URL says otherwise.
+DEFAULT_AGENT_URL = "http://127.0.0.1:7461"
+AGENT_URL_ENV = "DYNAMICCL_AGENT_URL"
+UNIX_SCHEME = "unix:"
+
+MEASUREMENTS_PATH = "/local/v1/measurements"
+RECOMMEND_PATH = "/local/v1/recommend"
+REGISTER_PATH = "/local/v1/plugin/register"
+UNREGISTER_PATH = "/local/v1/plugin/unregister"
+JOBS_PATH = "/local/v1/jobs"  # /{job_id}/ended: what the agent received from a job
+
+
+@dataclass(frozen=True)
+class AgentUrl:
+    """An agent address: `unix:/path/agent.sock` (also `unix:///path`) or `http(s)://host:port`."""
+
+    base: str  # what requests are sent to (a placeholder host over a socket)
+    socket: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> AgentUrl:
+        if url.startswith(UNIX_SCHEME):
+            path = "/" + url[len(UNIX_SCHEME):].lstrip("/")
+            if path == "/":
+                raise ValueError(f"agent URL {url!r} names no socket (unix:/path/agent.sock)")
+            return cls("http://dynamiccl-agent", path)
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"agent URL {url!r} is neither unix:/path/agent.sock nor http://host:port")
+        return cls(url.rstrip("/"))
+
+
+class LocalMeasurements(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: OptionalId | None = None
+    measurements: Annotated[list[Measurement], Field(max_length=MAX_BATCH_MEASUREMENTS)]
+
+
+class LocalAccepted(BaseModel):
+    accepted: int
+
+
+class LocalRecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: OptionalId
+    contexts: Annotated[list[WeightedContext], Field(min_length=1, max_length=MAX_CONTEXTS)] | None = None
+    refresh: bool = False
+
+
+AnswerSource = Literal["server", "cache", "default"]
+
+
+class LocalRecommendResponse(RecommendResponse):
+    source: AnswerSource
+    reason: str
+
+
+class PluginRegistration(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: OptionalId
+    rules_file: Annotated[str, Field(min_length=1, max_length=4096)]
+    round_calls: Annotated[int, Field(ge=1, le=1 << 40)]
+
+
+class PluginRegistered(BaseModel):
+    rules_file: str
+    next_round: int
+
+
+class PluginUnregistration(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    rules_file: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class JobReport(BaseModel):
+    job_id: str
+    measurements: int
+    calls: int
+    contexts: int
+
+
+#: The answer that leaves every call to NCCL.
+DEFAULT_ANSWER = RecommendResponse(recommendations=[], env={}, tuner_config="")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A recommendation with where it came from and why."""
+
+    response: RecommendResponse
+    source: AnswerSource
+    reason: str

@@ -36,7 +36,7 @@ from dynamiccl.agent_api import (
 )
 
 from dynamiccl.agent.daemon import Agent
-from dynamiccl.agent.plugin_online import PluginJob, RegistrationError
+from dynamiccl.agent.plugin_online import RegistrationError
 
 
 def create_app(agent: Agent, manage_agent: bool = True) -> FastAPI:
@@ -79,12 +79,11 @@ def create_app(agent: Agent, manage_agent: bool = True) -> FastAPI:
 
     @app.post(REGISTER_PATH, status_code=201)
     def plugin_register(body: PluginRegistration) -> PluginRegistered:
-        job = PluginJob(job_id=body.job_id, rules_file=FilePath(body.rules_file), round_calls=body.round_calls)
         try:
-            publisher = agent.online.register(job)
+            publisher = agent.online.register(body.job_id, body.rules, body.round_calls)
         except RegistrationError as error:
             raise HTTPException(status_code=422, detail=str(error)) from None
-        return PluginRegistered(rules_file=body.rules_file, next_round=publisher.next_round)
+        return PluginRegistered(rules_file=str(publisher.job.rules_file), next_round=publisher.next_round)
 
     @app.post(UNREGISTER_PATH)
     def plugin_unregister(body: PluginUnregistration) -> dict[str, bool]:

@@ -104,6 +104,7 @@ def run_agent(
     overrides: FabricOverrides = FabricOverrides(),
     max_backoff_s: float = 30.0,
     metrics_listen: str | None = None,
+    rules_dir: Path | None = None,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     address = local_api_address(listen)
@@ -126,6 +127,7 @@ def run_agent(
         window_s=window_s,
         inspector_dir=inspector_dir,
         max_backoff_s=max_backoff_s,
+        rules_dir=rules_dir,
     )
     agent = Agent(config)
     if metrics_address is not None:

@@ -68,6 +68,7 @@ class AgentConfig:
     max_spool_batches: int = DEFAULT_MAX_BATCHES
     max_backoff_s: float = 30.0
     online_interval_s: float = 1.0  # how often plugin-mode jobs are checked for a due tuning round
+    rules_dir: Path | None = None  # where plugin-mode jobs' rules files live (default: spool_dir/rules)
 
 
 class Agent:
@@ -116,6 +117,7 @@ class Agent:
             config.fabric_id,
             lambda job_id: self.workload.contexts(job_id),
             self.metrics.registry,
+            rules_dir=config.rules_dir or config.spool_dir / "rules",
             interval_s=config.online_interval_s,
             on_unknown_fabric=self.registrar.request,
         )

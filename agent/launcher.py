@@ -52,7 +52,7 @@ from dynamiccl.agent.plugin_rules import HEADER_TAG, is_own_plugin
 from dynamiccl.agent.tuner_plugin.build import PluginBuildError
 from dynamiccl.agent.tuner_plugin.build import build as build_plugin
 from dynamiccl.agent.tuner_plugin.report import remove_reports
-from dynamiccl.agent_api import AGENT_URL_ENV, DEFAULT_AGENT_URL, DEFAULT_ANSWER, Answer
+from dynamiccl.agent_api import AGENT_URL_ENV, DEFAULT_AGENT_URL, DEFAULT_ANSWER, Answer, path_safe
 from dynamiccl.agent_client import AgentClient, AgentError
 from dynamiccl.client import DynamicclClient
 from dynamiccl.schemas import RecommendResponse
@@ -158,11 +158,6 @@ def on_library_path(environ: Mapping[str, str], names: Sequence[str]) -> list[Pa
     return [d / name for d in dirs for name in names if (d / name).is_file()]
 
 
-def path_safe(job: str) -> str:
-    """A job id as a file-name part: what is not a letter, digit or `._-` becomes `_`."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in job)[:128]
-
-
 def other_tuner(environ: Mapping[str, str]) -> str | None:
     """The tuner NCCL would load for this job without DynamICCL's: the user's NCCL_TUNER_PLUGIN, or
     aws-ofi-nccl's (found on LD_LIBRARY_PATH or named by NCCL_NET_PLUGIN), or None."""
@@ -246,17 +241,23 @@ def _apply_rules(plan: Plan, environ: Mapping[str, str], rules: str, plugin: str
 
 
 def register_online(agent_url: str, job: str, plan: Plan, transport: httpx.BaseTransport | None = None) -> str:
-    """Hand the job's rules file to the node agent for online tuning; a note saying how it went."""
+    """Hand the job's launch rules to the node agent for online tuning: the job then runs on the
+    agent's copy (the launch's own file is removed), or on the launch's rules alone if the agent
+    refuses. A note saying how it went."""
     assert plan.rules_file is not None
     try:
         with AgentClient(agent_url, timeout=REGISTER_TIMEOUT_S, transport=transport) as agent:
-            agent.register_plugin(job, str(plan.rules_file), plan.round_calls)
+            registered = agent.register_plugin(job, plan.rules_file.read_text(encoding="utf-8"), plan.round_calls)
     except (httpx.HTTPError, ValueError, AgentError) as error:
         plan.round_calls = 0
         plan.env.pop(ROUND_CALLS_ENV, None)
         if isinstance(error, AgentError):
             return f"online tuning off: {error}"
         return f"online tuning off: the agent at {agent_url} is unreachable ({error.__class__.__name__})"
+    plan.rules_file.unlink()
+    plan.notes[:] = [note.replace(str(plan.rules_file), registered.rules_file) for note in plan.notes]
+    plan.rules_file = Path(registered.rules_file)
+    plan.env["NCCL_TUNER_CONFIG_FILE"] = registered.rules_file
     return f"online tuning on: a rules section every {plan.round_calls} calls, from the agent at {agent_url}"
 
 
@@ -382,9 +383,10 @@ def launch(
         return run(command, plan.env)
     finally:
         if plan.rules_file is not None:
-            if plan.round_calls:
+            if plan.round_calls:  # the agent's file: it removes it
                 unregister_online(agent_url, plan.rules_file)
-            plan.rules_file.unlink(missing_ok=True)
+            else:
+                plan.rules_file.unlink(missing_ok=True)
             remove_reports(plan.rules_file)
         if plan.env.get("DYNAMICCL_HOOK") == "1":
             console.print(f"dynamiccl launch: {job_ended(agent_url, job)}", markup=False, highlight=False)

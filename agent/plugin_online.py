@@ -1,8 +1,10 @@
 """Online tuning inside a running job: the agent appends one rules section per tuning round.
 
-A job launched with `dynamiccl launch --mode plugin` loads DynamICCL's tuner
-plugin on a rules file the launcher wrote (version 0: the job's pinned
-recommendation) and registers that file here. For round r = 0, 1, 2, ... the
+A job launched with `dynamiccl launch --mode plugin` hands its launch rules
+(version 0: the job's pinned recommendation) to the agent, which writes them
+into a file of its own in its rules directory (`OnlineTuner.rules_dir`, shared
+with the node's jobs) and loads DynamICCL's tuner plugin on that file. The
+agent rewrites no other file: no caller names a path. For round r = 0, 1, 2, ... the
 agent asks the server `/v1/suggest` for the job's contexts with the job id and
 `round=r`, turns the suggestions into exact-size rules placed before the
 recommendation's, and appends them as
@@ -45,6 +47,8 @@ ids equal the previous section's is not published (both are deterministic).
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,6 +58,7 @@ from pathlib import Path
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from dynamiccl.agent_api import MAX_RULES_BYTES, path_safe
 from dynamiccl.client import ApiError, DynamicclClient
 from dynamiccl.nccl.space import InvalidConfig
 from dynamiccl.nccl.tuner_rules import RULE_COLLECTIVES
@@ -66,7 +71,6 @@ log = logging.getLogger("dynamiccl.agent.online")
 
 ROUND_CALLS_ENV = "DYNAMICCL_ROUND_CALLS"
 DEFAULT_ROUND_CALLS = 10_000
-MAX_RULES_BYTES = 4 << 20  # the plugin ignores a larger file (MAX_FILE_BYTES in the C source)
 
 Suggest = Callable[[Sequence[Context], str, int], list[Suggestion]]  # (contexts, job_id, round)
 
@@ -221,13 +225,17 @@ class OnlineTuner:
     """The agent's plugin-mode jobs, each with its publisher, ticked by one thread.
 
     Jobs are keyed by rules file: two launchers of one job on a node have
-    two files, each fed the same pinned sections. The agent rewrites only
-    files that already parse as a rules file and end in `.rules`.
+    two files, each fed the same pinned sections. The files live in
+    `rules_dir`, created by the agent and removed when their job is
+    unregistered. The directory is shared with the node's jobs, whose plugin
+    writes its reports beside each file: it is sticky and world-writable
+    (as /tmp), so a job cannot remove or replace another's files.
     """
 
     def __init__(self, client: DynamicclClient, fabric_id: str, contexts: Callable[[str], Sequence[Context]],
-                 registry: CollectorRegistry, interval_s: float = 1.0,
+                 registry: CollectorRegistry, rules_dir: Path, interval_s: float = 1.0,
                  on_unknown_fabric: Callable[[], None] | None = None) -> None:
+        self.rules_dir = rules_dir
         self._client = client
         self._fabric_id = fabric_id
         self._contexts = contexts
@@ -247,15 +255,16 @@ class OnlineTuner:
                 self._on_unknown_fabric()
             raise
 
-    def register(self, job: PluginJob) -> RoundPublisher:
-        path = job.rules_file
-        if not path.is_absolute() or path.suffix != ".rules" or not path.is_file():
-            raise RegistrationError(f"{path} is not an existing absolute path ending in .rules")
+    def register(self, job_id: str, rules: str, round_calls: int) -> RoundPublisher:
+        """Write the job's launch rules into a new file of the rules directory and tune it."""
+        path = self._new_rules_file(job_id, rules)
+        job = PluginJob(job_id=job_id, rules_file=path, round_calls=round_calls)
         try:
             publisher = RoundPublisher(job, self.suggest, lambda: self._contexts(job.job_id),
                                        metrics=self.metrics)
-        except (OSError, UnicodeDecodeError, InvalidConfig) as error:
-            raise RegistrationError(f"{path} is not a rules file: {error}") from None
+        except (OSError, UnicodeDecodeError, InvalidConfig, ValueError) as error:
+            path.unlink(missing_ok=True)
+            raise RegistrationError(f"the rules are not a rules file: {error}") from None
         with self._lock:
             self._jobs[path] = publisher
             self.metrics.jobs.set(len(self._jobs))
@@ -263,11 +272,22 @@ class OnlineTuner:
                  job.job_id, path, job.round_calls, publisher.next_round)
         return publisher
 
+    def _new_rules_file(self, job_id: str, rules: str) -> Path:
+        self.rules_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.rules_dir, 0o1777)
+        fd, name = tempfile.mkstemp(prefix=f"dynamiccl-{path_safe(job_id)}-", suffix=".rules", dir=self.rules_dir)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o644)  # the job's NCCL reads it, whoever runs it
+            handle.write(rules if rules.endswith("\n") or not rules else rules + "\n")
+        return Path(name)
+
     def unregister(self, rules_file: Path) -> bool:
+        """Stop tuning the job of this file and remove the file; False when it is not registered."""
         with self._lock:
             publisher = self._jobs.pop(rules_file, None)
             self.metrics.jobs.set(len(self._jobs))
         if publisher is not None:
+            rules_file.unlink(missing_ok=True)
             log.info("job %s: online tuning stopped after round %d", publisher.job.job_id,
                      publisher.next_round - 1)
         return publisher is not None

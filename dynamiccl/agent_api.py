@@ -77,16 +77,24 @@ class LocalRecommendResponse(RecommendResponse):
     reason: str
 
 
+#: The largest rules file DynamICCL's tuner plugin reads (MAX_FILE_BYTES in its C source).
+MAX_RULES_BYTES = 4 << 20
+
+
 class PluginRegistration(BaseModel):
+    """A plugin-mode job to tune online: its launch rules (version 0). The agent writes them into a
+    rules file of its own, in a directory it owns, and rewrites only that file: no caller can
+    make it write anywhere else."""
+
     model_config = ConfigDict(extra="ignore")
 
     job_id: OptionalId
-    rules_file: Annotated[str, Field(min_length=1, max_length=4096)]
+    rules: Annotated[str, Field(max_length=MAX_RULES_BYTES)]
     round_calls: Annotated[int, Field(ge=1, le=1 << 40)]
 
 
 class PluginRegistered(BaseModel):
-    rules_file: str
+    rules_file: str  # the file the job's NCCL_TUNER_CONFIG_FILE names
     next_round: int
 
 
@@ -101,6 +109,12 @@ class JobReport(BaseModel):
     measurements: int
     calls: int
     contexts: int
+
+
+def path_safe(job_id: str) -> str:
+    """A job id as a file-name part (rules files, Inspector dump folders): what is not a letter,
+    digit or `._-` becomes `_`."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in job_id)[:128]
 
 
 #: The answer that leaves every call to NCCL.

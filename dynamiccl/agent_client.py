@@ -79,12 +79,13 @@ class AgentClient:
                 "contexts": None if contexts is None else [c.model_dump(mode="json") for c in contexts]}
         return LocalRecommendResponse.model_validate(self._ok(self._http.post(RECOMMEND_PATH, json=body)).json())
 
-    def register_plugin(self, job_id: str, rules_file: str, round_calls: int) -> PluginRegistered:
-        body = {"job_id": job_id, "rules_file": rules_file, "round_calls": round_calls}
+    def register_plugin(self, job_id: str, rules: str, round_calls: int) -> PluginRegistered:
+        """Hand a job's launch rules to the agent for online tuning; the file it keeps them in."""
+        body = {"job_id": job_id, "rules": rules, "round_calls": round_calls}
         return PluginRegistered.model_validate(self._ok(self._http.post(REGISTER_PATH, json=body)).json())
 
     def unregister_plugin(self, rules_file: str) -> bool:
-        """False when the agent did not have the file registered."""
+        """Stop tuning the job (the agent removes its file); False when it was not registered."""
         response = self._http.post(UNREGISTER_PATH, json={"rules_file": rules_file})
         return response.status_code != 404 and bool(self._ok(response).json().get("unregistered"))
 

@@ -110,6 +110,8 @@ def agent(
     nccl_version: str | None = typer.Option(None, help="override the NCCL version"),
     sharp: bool | None = typer.Option(None, "--sharp/--no-sharp", help="override: in-network reduction"),
     max_backoff: float = typer.Option(30.0, min=0.01, help="longest wait between retries to the server (s)"),
+    rules_dir: Path | None = typer.Option(None, help="where plugin-mode jobs' rules files are kept, shared with "
+                                                     "the node's jobs (default SPOOL/rules)"),
 ) -> None:
     """Run the node agent: collects measurements, spools and sends them, serves recommendations."""
     from dynamiccl.agent.cli import run_agent
@@ -122,7 +124,7 @@ def agent(
     try:
         run_agent(server=server, listen=listen, spool=spool, fabric_id=fabric_id, token=token,
                   window_s=window, inspector_dir=inspector_dir, overrides=overrides, max_backoff_s=max_backoff,
-                  metrics_listen=metrics_listen)
+                  metrics_listen=metrics_listen, rules_dir=rules_dir)
     except ValueError as error:  # a bad address or fabric id: said plainly, before anything starts
         typer.echo(f"dynamiccl agent: {error}", err=True)
         raise typer.Exit(2) from None

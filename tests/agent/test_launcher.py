@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -239,25 +240,32 @@ def test_sitecustomize_is_a_no_op_unless_enabled_and_never_breaks_the_script(tmp
         assert proc.stderr.count("dynamiccl hook") == (1 if hook_on == "1" else 0)
 
 
-def test_plugin_mode_registers_the_rules_file_for_online_tuning_and_unregisters_it(
+def test_plugin_mode_hands_its_rules_to_the_agent_for_online_tuning_and_runs_on_the_agents_file(
         recording_server, tmp_path: Path) -> None:
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler")
+    kept = tmp_path / "agent-rules" / "dynamiccl-j5-1.rules"
 
     def answer(path: str, body: dict) -> tuple[int, dict]:
-        if path == "/local/v1/plugin/register":
-            return 201, {"rules_file": body["rules_file"], "next_round": 0}
+        if path == "/local/v1/plugin/register":  # the agent keeps the rules in a file of its own
+            kept.parent.mkdir(exist_ok=True)
+            kept.write_text(body["rules"])
+            return 201, {"rules_file": str(kept), "next_round": 0}
         if path == "/local/v1/plugin/unregister":
+            kept.unlink()
             return 200, {"unregistered": True}
         return 200, {**ANSWER, "source": "server", "reason": "pinned"}
 
     agent = recording_server(answer)
     rc, seen, err = launch(["--job", "j5", "--agent", agent.url, "--mode", "plugin", *probe()],
                            base_env(XDG_CACHE_HOME=str(tmp_path), DYNAMICCL_ROUND_CALLS="500"))
-    rules = seen["env"]["NCCL_TUNER_CONFIG_FILE"]
-    assert rc == 0 and seen["env"]["DYNAMICCL_ROUND_CALLS"] == "500" and seen["rules"] == ANSWER["tuner_config"]
+    assert rc == 0 and seen["env"]["DYNAMICCL_ROUND_CALLS"] == "500"
+    assert seen["env"]["NCCL_TUNER_CONFIG_FILE"] == str(kept) and seen["rules"] == ANSWER["tuner_config"]
     assert [path for path, _ in agent.requests] == [
         "/local/v1/recommend", "/local/v1/plugin/register", "/local/v1/plugin/unregister", "/local/v1/jobs/j5/ended"]
-    assert agent.posted("/local/v1/plugin/register") == [{"job_id": "j5", "rules_file": rules, "round_calls": 500}]
-    assert agent.posted("/local/v1/plugin/unregister") == [{"rules_file": rules}]
-    assert "online tuning on: a rules section every 500 calls" in err and not Path(rules).exists()
+    assert agent.posted("/local/v1/plugin/register") == [
+        {"job_id": "j5", "rules": ANSWER["tuner_config"], "round_calls": 500}]
+    assert agent.posted("/local/v1/plugin/unregister") == [{"rules_file": str(kept)}]
+    assert "online tuning on: a rules section every 500 calls" in err and f"written to {kept}" in err
+    named = re.findall(r"(/[^\s=;]*dynamiccl-j5-[^\s;]*\.rules)", err)
+    assert named and set(named) == {str(kept)}, "the launch's own file is gone, and not named"

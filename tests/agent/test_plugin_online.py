@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,17 +79,11 @@ class SuggestServer:
         return DynamicclClient("http://fake", attempts=1, transport=self.transport)
 
 
-def rules_file(directory: Path, name: str = "job.rules") -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
-    path.write_text(BASE)
-    return path
-
-
-def node(server: SuggestServer, path: Path, contexts: list[Context], round_calls: int = 100) -> OnlineTuner:
-    """One node's agent side: a tuner with its own client and its own record of the job's contexts."""
-    tuner = OnlineTuner(server.client(), "fab", lambda job: contexts, CollectorRegistry())
-    tuner.register(PluginJob(job_id="job-7", rules_file=path, round_calls=round_calls))
+def node(server: SuggestServer, rules_dir: Path, contexts: list[Context], round_calls: int = 100) -> OnlineTuner:
+    """One node's agent side: a tuner with its own client, its own record of the job's contexts and
+    its own rules directory, with job-7 registered on the launch rules BASE."""
+    tuner = OnlineTuner(server.client(), "fab", lambda job: contexts, CollectorRegistry(), rules_dir=rules_dir)
+    tuner.register("job-7", BASE, round_calls)
     return tuner
 
 
@@ -114,8 +109,8 @@ def expected_section_rules(round_: int, contexts: list[Context]) -> tuple[list[T
 
 def test_rounds_0_to_2_become_sections_at_round_switch_points(tmp_path: Path) -> None:
     server = SuggestServer()
-    path = rules_file(tmp_path)
-    publisher = node(server, path, [LARGE, GATHER, SMALL]).jobs()[0]
+    publisher = node(server, tmp_path, [LARGE, GATHER, SMALL]).jobs()[0]
+    path = publisher.job.rules_file
     for round_ in range(3):
         assert publisher.publish_round(round_) is Outcome.published
     sections = parse_schedule(path.read_text())
@@ -134,9 +129,9 @@ def test_rounds_0_to_2_become_sections_at_round_switch_points(tmp_path: Path) ->
 
 def test_a_round_is_published_when_due_and_a_late_one_is_flagged(tmp_path: Path) -> None:
     server = SuggestServer()
-    path = rules_file(tmp_path)
-    tuner = node(server, path, [SMALL, LARGE])
+    tuner = node(server, tmp_path, [SMALL, LARGE])
     publisher = tuner.jobs()[0]
+    path = publisher.job.rules_file
     write_report(path, calls=49)
     assert publisher.tick() == [] and len(parse_schedule(path.read_text())) == 1  # due at 100 - 50
     write_report(path, calls=50)
@@ -152,8 +147,8 @@ def test_a_round_is_published_when_due_and_a_late_one_is_flagged(tmp_path: Path)
 
 def test_server_down_publishes_nothing_and_the_round_follows_when_it_is_back(tmp_path: Path) -> None:
     server = SuggestServer()
-    path = rules_file(tmp_path)
-    publisher = node(server, path, [SMALL]).jobs()[0]
+    publisher = node(server, tmp_path, [SMALL]).jobs()[0]
+    path = publisher.job.rules_file
     server.down = True
     write_report(path, calls=60)
     before = path.read_bytes()
@@ -166,19 +161,19 @@ def test_server_down_publishes_nothing_and_the_round_follows_when_it_is_back(tmp
 
 def test_two_nodes_write_byte_identical_files_at_different_times(tmp_path: Path) -> None:
     server = SuggestServer()
-    a = node(server, rules_file(tmp_path / "a"), [SMALL, LARGE, GATHER]).jobs()[0]
+    a = node(server, tmp_path / "a", [SMALL, LARGE, GATHER]).jobs()[0]
     for round_ in range(3):
         a.publish_round(round_)
     # Node b sees the workload in another order, asks later, and misses round 1 the first time.
-    b = node(server, rules_file(tmp_path / "b"), [GATHER, LARGE, SMALL]).jobs()[0]
+    b = node(server, tmp_path / "b", [GATHER, LARGE, SMALL]).jobs()[0]
     b.publish_round(0)
     server.down = True
     assert b.publish_round(1) is Outcome.server_unavailable
     server.down = False
     b.publish_round(1)
     b.publish_round(2)
-    text = (tmp_path / "a" / "job.rules").read_bytes()
-    assert text == (tmp_path / "b" / "job.rules").read_bytes()
+    text = a.job.rules_file.read_bytes()
+    assert text == b.job.rules_file.read_bytes()
     assert len(parse_schedule(text.decode())) == 4
 
 
@@ -194,8 +189,8 @@ def test_the_plugin_makes_the_same_choice_per_call_on_every_node(
         tmp_path: Path, library: Path, plugin_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     server = SuggestServer()
     contexts = [SMALL, LARGE]
-    paths = [rules_file(tmp_path / name) for name in ("a", "b")]
-    publishers = [node(server, path, contexts, round_calls=10).jobs()[0] for path in paths]
+    publishers = [node(server, tmp_path / name, contexts, round_calls=10).jobs()[0] for name in ("a", "b")]
+    paths = [publisher.job.rules_file for publisher in publishers]
     tuner = TunerLibrary(library, version=5)
     decisions: list[list[tuple]] = []
     for path, publisher in zip(paths, publishers):
@@ -223,8 +218,8 @@ def test_the_plugin_makes_the_same_choice_per_call_on_every_node(
 def test_measurements_carry_the_config_the_plugin_reported(
         tmp_path: Path, library: Path, plugin_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     server = SuggestServer()
-    path = rules_file(tmp_path)
-    publisher = node(server, path, [LARGE], round_calls=40).jobs()[0]
+    publisher = node(server, tmp_path, [LARGE], round_calls=40).jobs()[0]
+    path = publisher.job.rules_file
     publisher.publish_round(0)  # in force from call 40
     suggested = parse_schedule(path.read_text())[1]
     monkeypatch.setenv("NCCL_TUNER_CONFIG_FILE", str(path))
@@ -278,38 +273,43 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
     return condition()
 
 
-def test_the_agent_tunes_a_registered_job_until_it_is_unregistered(tmp_path: Path, fake_server) -> None:
+def test_the_agent_keeps_a_registered_jobs_rules_in_its_own_file_and_tunes_it_until_unregistered(
+        tmp_path: Path, fake_server) -> None:
     server = SuggestServer()
     fabric = Fabric(gpu="cpu", gpus_per_node=1, intra_node="pcie", inter_node="none", nics_per_node=0)
     config = AgentConfig(server="http://fake", fabric_id="cpu-test", fabric=fabric, spool_dir=tmp_path / "spool",
-                         window_s=0.1, max_backoff_s=0.1, online_interval_s=0.02)
+                         window_s=0.1, max_backoff_s=0.1, online_interval_s=0.02, rules_dir=tmp_path / "rules")
     agent = Agent(config, transport=Routes(server, fake_server).transport)
-    path = rules_file(tmp_path / "job")
     with TestClient(create_app(agent)) as client:
         measurement = Measurement(context=LARGE, config=NcclConfig(), latency_us=50.0, count=3, source="torch")
         body = {"job_id": "job-7", "measurements": [measurement.model_dump(mode="json", exclude_none=True)]}
         assert client.post("/local/v1/measurements", json=body).status_code == 202
         refused = client.post("/local/v1/plugin/register",
-                              json={"job_id": "job-7", "rules_file": str(tmp_path / "x.txt"), "round_calls": 10})
-        assert refused.status_code == 422
-        answer = client.post("/local/v1/plugin/register",
-                             json={"job_id": "job-7", "rules_file": str(path), "round_calls": 10})
+                              json={"job_id": "job-7", "rules": "not a rule\n", "round_calls": 10})
+        assert refused.status_code == 422 and "not a rules file" in refused.text
+        assert list((tmp_path / "rules").iterdir()) == [], "nothing is left of a refused registration"
+        old_style = client.post("/local/v1/plugin/register",
+                                json={"job_id": "job-7", "rules_file": "/etc/passwd.rules", "round_calls": 10})
+        assert old_style.status_code == 422, "no caller names the file the agent writes"
+        answer = client.post("/local/v1/plugin/register", json={"job_id": "job-7", "rules": BASE, "round_calls": 10})
         assert answer.status_code == 201 and answer.json()["next_round"] == 0
+        path = Path(answer.json()["rules_file"])
+        assert path.parent == tmp_path / "rules" and path.read_text() == BASE
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o1777, "jobs write their plugin's reports beside it"
         write_report(path, calls=5)
         assert wait_for(lambda: len(parse_schedule(path.read_text())) == 2)
         assert server.requests[0]["contexts"] == [LARGE.model_dump(mode="json")]
         assert client.post("/local/v1/plugin/unregister", json={"rules_file": str(path)}).status_code == 200
-        write_report(path, calls=25)
-        time.sleep(0.2)
-        assert len(parse_schedule(path.read_text())) == 2  # stopped: no round 1, 2
+        assert not path.exists(), "the agent removes its file when the job ends"
         assert client.post("/local/v1/plugin/unregister", json={"rules_file": str(path)}).status_code == 404
         assert b'dynamiccl_agent_plugin_rounds_total{outcome="published"} 1.0' in client.get("/metrics").content
 
 
 def test_a_fresh_publisher_resumes_after_the_last_published_round(tmp_path: Path) -> None:
     server = SuggestServer()
-    path = rules_file(tmp_path)
-    node(server, path, [SMALL]).jobs()[0].publish_round(0)
+    publisher = node(server, tmp_path, [SMALL]).jobs()[0]
+    publisher.publish_round(0)
+    path = publisher.job.rules_file
     again = RoundPublisher(PluginJob("job-7", path, 100), lambda *a: [], lambda: [SMALL])
     assert again.next_round == 1  # an agent restarted mid-job never republishes or skips a round
     assert os.path.getsize(path) > len(BASE)

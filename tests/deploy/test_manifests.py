@@ -190,6 +190,7 @@ def test_agent_daemonset_runs_on_gpu_nodes_with_node_name_spool_and_metrics():
     assert mounts["inspector"]["mountPath"] == option(agent["args"], "--inspector-dir")
     assert option(agent["args"], "--listen") == f"unix:{mounts['socket']['mountPath']}/agent.sock" == AGENT_SOCKET
     assert option(agent["args"], "--metrics-listen") == f"0.0.0.0:{AGENT_METRICS_PORT}"
+    assert option(agent["args"], "--rules-dir").startswith(mounts["socket"]["mountPath"] + "/"), "shared with jobs"
     assert option(agent["args"], "--server") == f"http://dynamiccl-server:{SERVER_PORT}"
     assert all("hostPort" not in p for p in agent["ports"]), "nothing of the agent's on the node's network"
     ports = {p["name"]: p["containerPort"] for p in agent["ports"]}

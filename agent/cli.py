@@ -70,6 +70,18 @@ def local_api_address(text: str) -> Address:
     return address
 
 
+def read_token(path: Path) -> str:
+    """The agent's own bearer token, from a file (a Kubernetes Secret key mounted per node)."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise ValueError(f"--token-file {path}: {error.strerror}; issue this node a token with "
+                         "`dynamiccl tokens issue`") from None
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"--token-file {path} does not hold one token")
+    return token
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -99,6 +111,7 @@ def run_agent(
     spool: Path | None = None,
     fabric_id: str | None = None,
     token: str | None = None,
+    token_file: Path | None = None,
     window_s: float = 10.0,
     inspector_dir: Path | None = None,
     overrides: FabricOverrides = FabricOverrides(),
@@ -108,6 +121,8 @@ def run_agent(
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     address = local_api_address(listen)
+    if token_file is not None:
+        token = read_token(token_file)
     metrics_address = parse_address(metrics_listen, "--metrics-listen") if metrics_listen else None
     if metrics_address is not None and metrics_address.socket is not None:
         raise ValueError("--metrics-listen is for Prometheus: host:port")

@@ -9,8 +9,9 @@ scopes gets `agent` and `read`, which is what every token could do before scopes
 from __future__ import annotations
 
 import os
+import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -88,6 +89,28 @@ def load_tokens(path: Path | None = None, env: Mapping[str, str] = os.environ) -
         scopes = parse_scopes(fields[2], where) if len(fields) == 3 else DEFAULT_SCOPES
         tokens[name] = Token(secret, scopes)
     return tokens
+
+
+#: A token name an issued token may have: a node's name (Kubernetes node names fit).
+TOKEN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def issue_tokens(path: Path, names: Sequence[str], scopes: frozenset[Scope] = frozenset({Scope.agent})) -> dict[str, str]:
+    """A new random token for each name, appended to the tokens file at `path` (created readable by
+    its owner only): name -> token. One identity per agent: a name the file already holds, or one
+    given twice, is refused (TokenFileError) and nothing is written."""
+    bad = [name for name in names if not TOKEN_NAME_RE.match(name)]
+    if bad:
+        raise TokenFileError(f"not a token name (letters, digits, '.', '_', '-'): {', '.join(map(repr, bad))}")
+    held = set(load_tokens(path, env={})) if path.exists() else set()
+    taken = sorted(held.intersection(names) | {name for name in names if names.count(name) > 1})
+    if taken:
+        raise TokenFileError(f"{', '.join(taken)}: already in {path} or named twice; one token per agent")
+    issued = {name: secrets.token_urlsafe(32) for name in names}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as tokens_file:
+        tokens_file.writelines(f"{name}:{token}:{'+'.join(sorted(scopes))}\n" for name, token in issued.items())
+    return issued
 
 
 class TokenAuth:

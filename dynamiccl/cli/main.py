@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dynamiccl.cli import bench, importer, plugin
+from dynamiccl.cli import bench, importer, plugin, tokens
 from dynamiccl.sim.feeder import sim_job
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app.command("fabrics")(bench.fabrics)
 app.command("bench")(bench.bench)
 app.add_typer(plugin.app)
 app.add_typer(importer.app)
+app.add_typer(tokens.app)
 app.command("sim-job")(sim_job)
 
 
@@ -98,6 +99,8 @@ def agent(
     ),
     fabric_id: str | None = typer.Option(None, help="fabric id (default: derived from the hardware)"),
     token: str | None = typer.Option(None, envvar="DYNAMICCL_TOKEN", help="bearer token for the server"),
+    token_file: Path | None = typer.Option(None, envvar="DYNAMICCL_TOKEN_FILE",
+                                           help="read the bearer token from this file (`dynamiccl tokens issue`)"),
     window: float = typer.Option(10.0, min=0.05, help="aggregation window in seconds"),
     inspector_dir: Path | None = typer.Option(
         None, envvar="NCCL_INSPECTOR_DUMP_DIR", help="follow NCCL Inspector dumps in this directory"
@@ -122,7 +125,7 @@ def agent(
         nics_per_node=nics_per_node, nccl_version=nccl_version, sharp=sharp,
     )
     try:
-        run_agent(server=server, listen=listen, spool=spool, fabric_id=fabric_id, token=token,
+        run_agent(server=server, listen=listen, spool=spool, fabric_id=fabric_id, token=token, token_file=token_file,
                   window_s=window, inspector_dir=inspector_dir, overrides=overrides, max_backoff_s=max_backoff,
                   metrics_listen=metrics_listen, rules_dir=rules_dir)
     except ValueError as error:  # a bad address or fabric id: said plainly, before anything starts

@@ -1,5 +1,6 @@
 """Who can reach the node agent: its local API only from its node (a Unix socket shared with the
-node's jobs, or loopback), Prometheus only its metrics."""
+node's jobs, or loopback), Prometheus only its metrics; and who the agent is to its server: the
+token of its own node."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dynamiccl.agent.cli import local_api_address, parse_address
+from dynamiccl.agent.cli import local_api_address, parse_address, read_token
 from dynamiccl.agent.hook_poster import Poster
 from dynamiccl.agent_api import AgentUrl
 from dynamiccl.agent_client import AgentClient
@@ -97,3 +98,20 @@ def test_agent_urls_name_a_socket_or_a_loopback_port(url, base, socket_path):
 def test_a_malformed_agent_url_is_refused_with_what_it_should_be(url):
     with pytest.raises(ValueError, match="unix:/path/agent.sock"):
         AgentUrl.parse(url)
+
+
+def test_an_agent_reads_its_nodes_token_from_a_file(tmp_path):
+    (tmp_path / "gpu-node-1").write_text("s3cret-token\n")
+    assert read_token(tmp_path / "gpu-node-1") == "s3cret-token"
+    with pytest.raises(ValueError, match="dynamiccl tokens issue"):
+        read_token(tmp_path / "gpu-node-2")  # a node the Secret has no key for
+    (tmp_path / "two").write_text("a b\n")
+    with pytest.raises(ValueError, match="does not hold one token"):
+        read_token(tmp_path / "two")
+
+
+def test_an_agent_without_a_token_for_its_node_stops_at_start_up_and_says_why(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dynamiccl.cli.main", "agent", "--server", "http://127.0.0.1:9",
+                             "--token-file", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "dynamiccl tokens issue" in result.stderr and "Traceback" not in result.stderr

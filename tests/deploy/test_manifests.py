@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from dynamiccl.schemas import Fabric
+from dynamiccl.server.auth import load_tokens
 from dynamiccl.sim import get_preset
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -83,6 +84,20 @@ def test_prometheus_and_the_proxy_reach_every_replica_and_the_agent():
     assert option(agent, "--listen") == AGENT_SOCKET, "the local API is for the node's jobs only"
     assert option(agent, "--metrics-listen") == f"0.0.0.0:{AGENT_METRICS_PORT}"
     assert option(agent, "--server") == option(services["sim-job"]["command"], "--server") == f"http://proxy:{SERVER_PORT}"
+
+
+def test_the_agent_has_a_token_of_its_own():
+    services = compose()["services"]
+    tokens = load_tokens(env={"DYNAMICCL_TOKENS": expand(services["server-1"]["environment"]["DYNAMICCL_TOKENS"])})
+    agent_token = expand(services["agent"]["environment"]["DYNAMICCL_TOKEN"])
+    job_token = expand(services["sim-job"]["environment"]["DYNAMICCL_TOKEN"])
+    names = {name for name, token in tokens.items() if token.secret == agent_token}
+    assert len(names) == 1 and agent_token != job_token, "the agent is a source of its own"
+
+
+def expand(value: str) -> str:
+    """A compose value with each ${VAR:-default} at its default."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
 
 
 def test_the_simulated_job_and_the_agent_agree_on_the_fabric():
@@ -192,6 +207,13 @@ def test_agent_daemonset_runs_on_gpu_nodes_with_node_name_spool_and_metrics():
     assert option(agent["args"], "--metrics-listen") == f"0.0.0.0:{AGENT_METRICS_PORT}"
     assert option(agent["args"], "--rules-dir").startswith(mounts["socket"]["mountPath"] + "/"), "shared with jobs"
     assert option(agent["args"], "--server") == f"http://dynamiccl-server:{SERVER_PORT}"
+    tokens = next(v for v in pod["spec"]["volumes"] if v["name"] == "agent-tokens")["secret"]["secretName"]
+    assert (option(agent["args"], "--token-file")
+            == f"{mounts['agent-tokens']['mountPath']}/$(NODE_NAME)"), "each node presents its own token"
+    assert ("Secret", tokens) in objects and "DYNAMICCL_TOKEN" not in env, "no token shared by the fleet"
+    node_tokens = objects[("Secret", tokens)]["stringData"]
+    server_tokens = objects[("Secret", "dynamiccl")]["stringData"]["tokens"]
+    assert all(f"{node}:{token}:agent" in server_tokens for node, token in node_tokens.items())
     assert all("hostPort" not in p for p in agent["ports"]), "nothing of the agent's on the node's network"
     ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
     assert ports["metrics"] == AGENT_METRICS_PORT

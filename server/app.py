@@ -19,15 +19,25 @@ from dynamiccl.server.limits import RateLimit, RateLimiter
 from dynamiccl.server.learner import Tuner, make_tuner
 from dynamiccl.server.metrics import RequestMetrics, ServerMetrics
 from dynamiccl.server.routes import router
-from dynamiccl.server.storage import Store, open_store
+from dynamiccl.server.storage import Store, env_number, open_store
 
 log = logging.getLogger("dynamiccl.server")
 DEFAULT_DATABASE_URL = "sqlite:///dynamiccl.db"
 DATABASE_ENV = "DYNAMICCL_DATABASE_URL"
+RETENTION_ENV = "DYNAMICCL_RETENTION_DAYS"
+DEFAULT_RETENTION_DAYS = 30.0
 
 
 def database_url_from_env() -> str:
     return os.environ.get(DATABASE_ENV, DEFAULT_DATABASE_URL)
+
+
+def retention_from_env() -> float | None:
+    """How long (s) measurements are kept whole: $DYNAMICCL_RETENTION_DAYS (default 30), `forever`
+    to keep them all. Older ones the learner holds no sample of are compacted into counts."""
+    if os.environ.get(RETENTION_ENV, "").strip().lower() == "forever":
+        return None
+    return env_number(RETENTION_ENV, DEFAULT_RETENTION_DAYS) * 86400.0
 
 
 def masked(url: str) -> str:
@@ -45,7 +55,7 @@ def create_app(
     rate_limit: RateLimit | None = None,
 ) -> FastAPI:
     """Build the server. Without arguments it reads DYNAMICCL_DATABASE_URL, DYNAMICCL_TOKENS_FILE,
-    DYNAMICCL_TOKENS, DYNAMICCL_RATE_LIMIT and DYNAMICCL_RATE_BURST, and opens `dynamiccl.db` in
+    DYNAMICCL_TOKENS, DYNAMICCL_RATE_LIMIT, DYNAMICCL_RATE_BURST and DYNAMICCL_RETENTION_DAYS, and opens `dynamiccl.db` in
     the working directory by default. `tokens` maps names to tokens (a plain string gets the
     default scopes, agent and read); `rate_limit` None reads the environment (no limit unless
     DYNAMICCL_RATE_LIMIT is set)."""
@@ -56,7 +66,8 @@ def create_app(
         tokens = load_tokens(Path(tokens_file) if tokens_file else None)
     metrics = ServerMetrics()
     if tuner is None:
-        tuner = make_tuner(store, on_refit=metrics.observe_refit)
+        tuner = make_tuner(store, on_refit=metrics.observe_refit, retention_s=retention_from_env(),
+                           on_compact=metrics.observe_compaction)
     auth = TokenAuth(tokens)
     rate_limit = rate_limit or RateLimit.from_env()
     limiter = RateLimiter(rate_limit) if rate_limit else None

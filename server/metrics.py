@@ -59,6 +59,10 @@ class ServerMetrics:
             "dynamiccl_refit_duration_seconds", "Duration of one learner refit.",
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.compacted = Counter(
+            "dynamiccl_measurements_compacted", "Measurements older than retention compacted into counts, per fabric.",
+            ["fabric"], registry=r,
+        )
         self.observe_errors = Counter(
             "dynamiccl_observe_errors", "Errors while handing stored batches to the learner.", registry=r
         )
@@ -108,6 +112,9 @@ class ServerMetrics:
 
     def observe_refit(self, seconds: float) -> None:
         self.refit_duration.observe(seconds)
+
+    def observe_compaction(self, fabric_id: str, rows: int) -> None:
+        self.compacted.labels(fabric_id).inc(rows)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

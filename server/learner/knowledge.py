@@ -107,6 +107,9 @@ REFIT_SPACING = 3.0
 MIN_REFIT_INTERVAL_S = 0.2
 #: Contexts whose decisions a snapshot remembers (bounds memory under many distinct contexts).
 MEMO_LIMIT = 20_000
+#: How often a fabric's old measurements are compacted, when the server keeps them for a bounded
+#: time (`KnowledgeBase(retention_s=...)`).
+COMPACT_EVERY_S = 3600.0
 #: Recently requested contexts each new snapshot is computed for before it is swapped in.
 RECENT_LIMIT = 4_000
 #: A claim is corroborated by at least a third of the sources that report on its context (and
@@ -271,6 +274,7 @@ class FabricKnowledge:
         self._noise = DEFAULT_NOISE
         self._last_id = 0
         self._seen = 0
+        self._loaded = False  # the store's compacted counts are folded in on the first read
         self._lock = threading.Lock()
         self._recent: dict[tuple, Context] = {}  # by context key, oldest first
         self._recent_lock = threading.Lock()
@@ -361,17 +365,33 @@ class FabricKnowledge:
         self._remember(contexts)
         return self.snapshot.plans(contexts)
 
+    def live_rows(self) -> tuple[set[int], int]:
+        """(the ids of every stored measurement a cell still holds a sample of, the last id taken
+        in): retention may delete the other rows up to that id and no replica's cells change, since
+        a cell keeps only each source's newest samples and those rows stay."""
+        with self._lock:
+            return {row_id for cell in self._cells.values() for row_id in cell.live_ids()}, self._last_id
+
+    def _cell(self, key: CellKey) -> Cell:
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = Cell()
+            self._context_cells[key[0]].append(key)
+        return cell
+
     def _read_new(self, store: Store, touched: set[ContextKey] | None = None) -> int:
         count = 0
+        if not self._loaded:
+            self._loaded = True
+            for compacted in store.compacted(self.fabric_id):
+                self._cell(cell_key(compacted.context, compacted.config)).add_compacted(
+                    compacted.context.nbytes, compacted.rows)
+                count += compacted.rows
         while True:
             rows = store.measurements(self.fabric_id, after_id=self._last_id, limit=READ_PAGE)
             for row in rows:
                 key = cell_key(row.context, row.config)
-                cell = self._cells.get(key)
-                if cell is None:
-                    cell = self._cells[key] = Cell()
-                    self._context_cells[key[0]].append(key)
-                cell.add(row.context.nbytes, row.latency_us, row.client or row.job_id)
+                self._cell(key).add(row.context.nbytes, row.latency_us, row.client or row.job_id, row.id)
                 if touched is not None:
                     touched.add(key[0])
                 self._last_id = row.id
@@ -409,10 +429,11 @@ class FabricKnowledge:
         self, cells: dict[CellKey, CellSummary], donor_cells: dict[CellKey, CellSummary]
     ) -> list[Example]:
         """Training rows of the surrogate: trusted cells only, so a source's unconfirmed claims
-        cannot move what the model predicts for anything else."""
+        cannot move what the model predicts for anything else. In key order: the fit depends on
+        the evidence, not on the order it arrived in (or on what retention compacted)."""
         examples = []
         for source, scale in ((cells, 1.0), (donor_cells, TRANSFER_WEIGHT)):
-            for key, summary in source.items():
+            for key, summary in sorted(source.items()):
                 if not summary.trusted or (source is donor_cells and key in cells):
                     continue
                 context, config = _representative(key, summary.mean_nbytes)
@@ -435,11 +456,17 @@ def _example_weight(samples: int) -> float:
 
 
 class KnowledgeBase:
-    """All fabrics' knowledge, with one worker thread that refreshes what `observe` marks."""
+    """All fabrics' knowledge, with one worker thread that refreshes what `observe` marks and,
+    with `retention_s`, compacts each fabric's measurements older than that (`compact`) every
+    COMPACT_EVERY_S."""
 
-    def __init__(self, store: Store, on_refit: Callable[[float], None] | None = None) -> None:
+    def __init__(self, store: Store, on_refit: Callable[[float], None] | None = None,
+                 retention_s: float | None = None, on_compact: Callable[[str, int], None] | None = None) -> None:
         self._store = store
         self._on_refit = on_refit
+        self._retention_s = retention_s
+        self._on_compact = on_compact
+        self._next_compaction: dict[str, float] = {}
         self._fabrics: dict[str, FabricKnowledge] = {}
         self._fabrics_lock = threading.RLock()  # creation only; lookups are plain dict reads
         self._pending: set[str] = set()
@@ -476,6 +503,20 @@ class KnowledgeBase:
         caught_up = knowledge.catch_up(self._store, target, timeout_s)
         self.mark(fabric_id)
         return caught_up
+
+    def compact(self, fabric_id: str, received_before: float) -> int:
+        """Delete the fabric's measurements received before `received_before` that no cell holds
+        a sample of any more (their counts are kept): what the learner knows, on this replica and
+        on one that starts afresh, does not change. How many rows were deleted."""
+        knowledge = self._fabrics[fabric_id]
+        knowledge.refresh(self._store, self._donors(knowledge), fit=False)  # take in all there is first
+        keep, through_id = knowledge.live_rows()
+        deleted = self._store.compact(fabric_id, through_id, received_before, keep)
+        if deleted:
+            log.info("fabric %s: %d measurements older than retention compacted", fabric_id, deleted)
+            if self._on_compact is not None:
+                self._on_compact(fabric_id, deleted)
+        return deleted
 
     def mark(self, fabric_id: str) -> None:
         with self._wake:
@@ -530,4 +571,10 @@ class KnowledgeBase:
             self._next_refit[fabric_id] = time.monotonic() + max(MIN_REFIT_INTERVAL_S, REFIT_SPACING * elapsed)
             if refit and self._on_refit is not None:
                 self._on_refit(elapsed)
+            if self._retention_s is not None and time.monotonic() >= self._next_compaction.get(fabric_id, 0.0):
+                self._next_compaction[fabric_id] = time.monotonic() + COMPACT_EVERY_S
+                try:
+                    self.compact(fabric_id, time.time() - self._retention_s)
+                except Exception:  # the next period retries; nothing is lost by waiting
+                    log.exception("compaction of fabric %s failed", fabric_id)
 

@@ -91,21 +91,31 @@ class Cell:
     by_source: dict[str, deque[float]] = field(default_factory=dict)
     log_nbytes_sum: float = 0.0
     samples_seen: int = 0
+    #: The stored ids of the samples in `by_source`, alike per source: retention keeps these rows.
+    ids: dict[str, deque[int]] = field(default_factory=dict, repr=False, compare=False)
     _located: dict[str, float] | None = field(default=None, repr=False, compare=False)
     _location: float | None = field(default=None, repr=False, compare=False)
 
-    def add(self, nbytes: int, latency_us: float, source: str | None) -> None:
+    def add(self, nbytes: int, latency_us: float, source: str | None, row_id: int = 0) -> None:
         self._located = self._location = None
         key = source or ""
         samples = self.by_source.pop(key, None)  # re-inserted: the dict runs least recent first
         if samples is None:
             samples = deque(maxlen=MAX_SAMPLES_PER_SOURCE)
+            self.ids[key] = deque(maxlen=MAX_SAMPLES_PER_SOURCE)
             if len(self.by_source) >= MAX_SOURCES_PER_CELL:
-                del self.by_source[next(iter(self.by_source))]
+                evicted = next(iter(self.by_source))
+                del self.by_source[evicted], self.ids[evicted]
         samples.append(math.log(latency_us))
+        self.ids[key].append(row_id)
         self.by_source[key] = samples
-        self.log_nbytes_sum += math.log2(nbytes + 1)
-        self.samples_seen += 1
+        self.add_compacted(nbytes, 1)
+
+    def add_compacted(self, nbytes: int, rows: int) -> None:
+        """Count rows whose samples are gone (retention compacted them): they still weigh in the
+        cell's mean message size."""
+        self.log_nbytes_sum += rows * math.log2(nbytes + 1)
+        self.samples_seen += rows
 
     @property
     def n(self) -> int:
@@ -119,8 +129,14 @@ class Cell:
     def mean_nbytes(self) -> int:
         return max(0, round(2 ** (self.log_nbytes_sum / self.samples_seen) - 1))
 
+    def live_ids(self) -> Iterable[int]:
+        """The stored ids of the samples the cell holds (every other row of it is spent)."""
+        return (row_id for ids in self.ids.values() for row_id in ids)
+
     def without(self, distrusted: frozenset[str]) -> Cell | None:
         """This cell as if the `distrusted` sources had never reported (None if nothing is left)."""
+        if not self.by_source:  # only compacted rows (retention): nothing to judge
+            return None
         if distrusted.isdisjoint(self.by_source):
             return self
         kept = {source: samples for source, samples in self.by_source.items() if source not in distrusted}

@@ -16,8 +16,9 @@ from dynamiccl.server.storage.base import Store
 
 
 class DynamicclTuner(Tuner):
-    def __init__(self, store: Store, on_refit: Callable[[float], None] | None = None) -> None:
-        self.knowledge = KnowledgeBase(store, on_refit=on_refit)
+    def __init__(self, store: Store, on_refit: Callable[[float], None] | None = None,
+                 retention_s: float | None = None, on_compact: Callable[[str, int], None] | None = None) -> None:
+        self.knowledge = KnowledgeBase(store, on_refit=on_refit, retention_s=retention_s, on_compact=on_compact)
 
     def close(self) -> None:
         self.knowledge.close()

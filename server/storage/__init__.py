@@ -3,18 +3,20 @@
 import math
 import os
 
-from dynamiccl.server.storage.base import Store, StoredMeasurement
+from dynamiccl.server.storage.base import CompactedCount, Store, StoredMeasurement
 from dynamiccl.server.storage.sql import DEFAULT_MAX_PINS, DEFAULT_PIN_TTL_S, SqlStore
 
 
 def open_store(url: str) -> Store:
     """A store for a database URL: `sqlite:///path.db` or `postgresql+psycopg://...`; pins expire
     after $DYNAMICCL_PIN_TTL_S seconds (default 7 days), at most $DYNAMICCL_MAX_PINS are kept."""
-    return SqlStore(url, pin_ttl_s=_env_number("DYNAMICCL_PIN_TTL_S", DEFAULT_PIN_TTL_S),
-                    max_pins=int(_env_number("DYNAMICCL_MAX_PINS", DEFAULT_MAX_PINS)))
+    return SqlStore(url, pin_ttl_s=env_number("DYNAMICCL_PIN_TTL_S", DEFAULT_PIN_TTL_S),
+                    max_pins=int(env_number("DYNAMICCL_MAX_PINS", DEFAULT_MAX_PINS)))
 
 
-def _env_number(name: str, default: float) -> float:
+def env_number(name: str, default: float) -> float:
+    """A positive number from the environment variable `name`, `default` when unset; a clear error
+    naming the variable otherwise."""
     text = os.environ.get(name, "").strip()
     if not text:
         return default
@@ -27,4 +29,4 @@ def _env_number(name: str, default: float) -> float:
     return value
 
 
-__all__ = ["SqlStore", "Store", "StoredMeasurement", "open_store"]
+__all__ = ["CompactedCount", "SqlStore", "Store", "StoredMeasurement", "env_number", "open_store"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 
 from dynamiccl.schemas import Context, Fabric, Measurement, NcclConfig
@@ -25,6 +25,15 @@ class StoredMeasurement:
     ts: float | None
 
 
+@dataclass(frozen=True)
+class CompactedCount:
+    """How many measurements of one call and config retention compacted away."""
+
+    context: Context
+    config: NcclConfig
+    rows: int
+
+
 class Store(ABC):
     """Fabrics, measurements and pins (answers that must be identical on every replica)."""
 
@@ -40,7 +49,7 @@ class Store(ABC):
 
     @abstractmethod
     def fabric_counts(self, fabric_id: str) -> tuple[int, int]:
-        """(measurements stored, distinct contexts seen) for a fabric."""
+        """(measurements received, distinct contexts seen) for a fabric, compacted ones included."""
 
     @abstractmethod
     def add_batch(
@@ -57,6 +66,17 @@ class Store(ABC):
     @abstractmethod
     def measurements(self, fabric_id: str, after_id: int = 0, limit: int | None = None) -> list[StoredMeasurement]:
         """Measurements of a fabric with id > after_id, in id order."""
+
+    @abstractmethod
+    def compact(self, fabric_id: str, through_id: int, received_before: float, keep: Set[int]) -> int:
+        """Retention, in one transaction: delete the fabric's measurements with id <= `through_id`
+        received before `received_before` (a Unix time), except the ids in `keep`, adding what was
+        deleted to `compacted` per call and config; how many were deleted. Safe to run on several
+        replicas at once: a row deleted by one is counted by that one only."""
+
+    @abstractmethod
+    def compacted(self, fabric_id: str) -> list[CompactedCount]:
+        """What `compact` took away from the fabric, per call and config."""
 
     @abstractmethod
     def last_measurement_id(self, fabric_id: str) -> int:

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, text
+from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, text, union
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from dynamiccl.schemas import Context, Fabric, Measurement, NcclConfig
-from dynamiccl.server.storage.base import Store, StoredMeasurement
-from dynamiccl.server.storage.tables import batches, fabrics, measurements, pins
+from dynamiccl.server.storage.base import CompactedCount, Store, StoredMeasurement
+from dynamiccl.server.storage.tables import batches, compacted_measurements, fabrics, measurements, pins
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 #: A pin older than this is gone: the next request pins a fresh answer (a job's launches within
@@ -57,6 +58,8 @@ def make_engine(url: str) -> Engine:
 
 
 #: Key of the PostgreSQL advisory lock that serialises migrations across replicas.
+#: Measurements deleted per statement when compacting (bounds the statement's parameter list).
+COMPACT_CHUNK = 500
 MIGRATION_LOCK = 0x64796E_6363_6C  # "dynccl"
 
 
@@ -132,17 +135,19 @@ class SqlStore(Store):
         return {fabric_id: Fabric.model_validate_json(body) for fabric_id, body in rows}
 
     def fabric_counts(self, fabric_id: str) -> tuple[int, int]:
-        where = measurements.c.fabric_id == fabric_id
-        contexts = (
-            select(measurements.c.collective, measurements.c.nbytes, measurements.c.nranks, measurements.c.nnodes)
-            .where(where)
-            .distinct()
-            .subquery()
-        )
+        call = ("collective", "nbytes", "nranks", "nnodes")
+        stored = measurements.c.fabric_id == fabric_id
+        compacted = compacted_measurements.c.fabric_id == fabric_id
+        contexts = union(
+            select(*(measurements.c[name] for name in call)).where(stored),
+            select(*(compacted_measurements.c[name] for name in call)).where(compacted),
+        ).subquery()  # UNION: each call once, wherever its rows are
         with self.engine.connect() as conn:
-            total = conn.execute(select(func.count()).select_from(measurements).where(where)).scalar_one()
+            total = conn.execute(select(func.count()).select_from(measurements).where(stored)).scalar_one()
+            total += conn.execute(select(func.coalesce(func.sum(compacted_measurements.c.rows), 0))
+                                  .where(compacted)).scalar_one()
             distinct = conn.execute(select(func.count()).select_from(contexts)).scalar_one()
-        return total, distinct
+        return int(total), distinct
 
     def add_batch(
         self, fabric_id: str, batch_id: str, items: Sequence[Measurement], client: str | None = None
@@ -205,6 +210,47 @@ class SqlStore(Store):
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [_stored(row) for row in rows]
+
+    def compact(self, fabric_id: str, through_id: int, received_before: float, keep: Set[int]) -> int:
+        call = (measurements.c.collective, measurements.c.nbytes, measurements.c.nranks, measurements.c.nnodes,
+                measurements.c.algo, measurements.c.proto, measurements.c.nchannels)
+        old = (
+            select(measurements.c.id, *call)
+            .join(batches, batches.c.id == measurements.c.batch_pk)
+            .where(measurements.c.fabric_id == fabric_id, measurements.c.id <= through_id,
+                   batches.c.received_at < received_before)
+        )
+        deleted = 0
+        with self._transaction() as conn:
+            groups: dict[tuple, list[int]] = {}
+            for row_id, *key in conn.execute(old):
+                if row_id not in keep:
+                    groups.setdefault(tuple(key), []).append(row_id)
+            counts: Counter[tuple] = Counter()
+            for key, ids in groups.items():
+                for start in range(0, len(ids), COMPACT_CHUNK):
+                    # rowcount, not len(ids): a replica compacting at the same time deleted some
+                    counts[key] += conn.execute(
+                        delete(measurements).where(measurements.c.id.in_(ids[start:start + COMPACT_CHUNK]))
+                    ).rowcount
+            rows = [{"fabric_id": fabric_id, "collective": c, "nbytes": n, "nranks": r, "nnodes": nn,
+                     "algo": a or "", "proto": p or "", "nchannels": ch or 0, "rows": k}
+                    for (c, n, r, nn, a, p, ch), k in sorted(counts.items(), key=lambda item: str(item[0])) if k]
+            if rows:
+                statement = self._insert(compacted_measurements)
+                conn.execute(statement.on_conflict_do_update(
+                    index_elements=[c.name for c in compacted_measurements.primary_key],
+                    set_={"rows": compacted_measurements.c.rows + statement.excluded.rows}), rows)
+            deleted = sum(counts.values())
+        return deleted
+
+    def compacted(self, fabric_id: str) -> list[CompactedCount]:
+        table = compacted_measurements
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(table).where(table.c.fabric_id == fabric_id)).mappings().all()
+        return [CompactedCount(_context(r["collective"], r["nbytes"], r["nranks"], r["nnodes"]),
+                               _config(r["algo"] or None, r["proto"] or None, r["nchannels"] or None), r["rows"])
+                for r in rows]
 
     def last_measurement_id(self, fabric_id: str) -> int:
         query = select(func.max(measurements.c.id)).where(measurements.c.fabric_id == fabric_id)

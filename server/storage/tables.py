@@ -64,6 +64,23 @@ measurements = Table(
     Index("ix_measurements_fabric_context", "fabric_id", "collective", "nranks", "nnodes"),
 )
 
+#: What retention compacted away: per fabric, call and config, how many measurements there were,
+#: so that counts and each cell's mean message size survive them. Their latencies are not kept:
+#: the learner keeps only each source's newest samples of a cell, and those rows stay.
+compacted_measurements = Table(
+    "compacted_measurements",
+    metadata,
+    Column("fabric_id", String(128), primary_key=True),
+    Column("collective", String(16), primary_key=True),
+    Column("nbytes", BigInteger, primary_key=True),
+    Column("nranks", Integer, primary_key=True),
+    Column("nnodes", Integer, primary_key=True),
+    Column("algo", String(16), primary_key=True),  # "" where NCCL decides
+    Column("proto", String(8), primary_key=True),
+    Column("nchannels", Integer, primary_key=True),  # 0 where NCCL decides
+    Column("rows", BigInteger, nullable=False),
+)
+
 pins = Table(
     "pins",
     metadata,

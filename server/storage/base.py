@@ -71,8 +71,9 @@ class Store(ABC):
     def compact(self, fabric_id: str, through_id: int, received_before: float, keep: Set[int]) -> int:
         """Retention, in one transaction: delete the fabric's measurements with id <= `through_id`
         received before `received_before` (a Unix time), except the ids in `keep`, adding what was
-        deleted to `compacted` per call and config; how many were deleted. Safe to run on several
-        replicas at once: a row deleted by one is counted by that one only."""
+        deleted to `compacted` per call and config, and the batches left empty; how many
+        measurements were deleted. Safe to run on several replicas at once: a row deleted by one is
+        counted by that one only."""
 
     @abstractmethod
     def compacted(self, fabric_id: str) -> list[CompactedCount]:

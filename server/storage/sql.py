@@ -242,6 +242,11 @@ class SqlStore(Store):
                     index_elements=[c.name for c in compacted_measurements.primary_key],
                     set_={"rows": compacted_measurements.c.rows + statement.excluded.rows}), rows)
             deleted = sum(counts.values())
+            # A batch with nothing left is forgotten too: its id then no longer marks a re-send
+            # (an agent re-sends within minutes to days, retention is weeks).
+            emptied = ~select(measurements.c.id).where(measurements.c.batch_pk == batches.c.id).exists()
+            conn.execute(delete(batches).where(batches.c.fabric_id == fabric_id,
+                                               batches.c.received_at < received_before, emptied))
         return deleted
 
     def compacted(self, fabric_id: str) -> list[CompactedCount]:

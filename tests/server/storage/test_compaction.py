@@ -32,6 +32,17 @@ def test_old_rows_go_except_those_kept_and_their_counts_stay(store):
     assert store.fabric_counts("f") == before == (10, 2)
     counts = {(c.context, c.config): c.rows for c in store.compacted("f")}
     assert counts == {(SMALL, NcclConfig()): 5, (LARGE, RING): 3}
+    assert not store.add_batch("f", "b1", []), "a batch with rows left still marks a re-send"
+
+
+def test_a_batch_left_empty_is_forgotten(store):
+    store.put_fabric("f", FABRIC)
+    post(store, "b1", SMALL, NcclConfig(), 2)
+    post(store, "b2", SMALL, NcclConfig(), 2)
+    stored = ids(store)
+    assert store.compact("f", stored[-1], time.time() + 1, keep=set(stored[2:])) == 2
+    assert store.add_batch("f", "b1", []), "b1 has nothing left: its id is free again"
+    assert not store.add_batch("f", "b2", [])
 
 
 def test_recent_rows_and_rows_past_the_last_one_read_are_untouched(store):

@@ -6,6 +6,12 @@ a re-send count nothing twice. The agent id and the next sequence number live
 in the spool itself: a restart continues the sequence, a fresh spool (new agent
 id) can never collide with ids an old one used.
 
+Durability: a batch is spooled when `put` returns: one transaction, in WAL mode with
+synchronous=FULL, so it survives the agent's SIGKILL and a power cut, and a put interrupted
+midway leaves nothing of its batch (tests/agent/test_agent_spool.py kills a writer repeatedly).
+Measurements still in the aggregator's window are not spooled yet: an unclean stop loses at
+most one window (a clean stop spools it).
+
 The spool is bounded (bytes and batches). Past a bound, or when the disk is
 full, the OLDEST batches are dropped and counted: recent data is worth more to
 the learner, and the agent must keep accepting data whatever the disk does.

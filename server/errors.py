@@ -43,9 +43,10 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
     lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     reason = lines[0][:200] if lines else type(exc).__name__
     log.warning("database unavailable on %s %s: %s", request.method, request.url.path, reason)
+    full = any(sign in reason.lower() for sign in ("full", "no space left"))  # SQLite's, PostgreSQL's words
     return JSONResponse(
         status_code=503,
-        content={"detail": "the database is unavailable; nothing was changed, retry later"},
+        content={"detail": f"the database is {'full' if full else 'unavailable'}; nothing was changed, retry later"},
         headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
     )
 

@@ -1,6 +1,12 @@
-"""The spool: durable across reopen, ids continue after restart, bounded (oldest dropped, counted)."""
+"""The spool: durable across reopen and SIGKILL, ids continue after restart, bounded (oldest
+dropped, counted)."""
 
 from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
 
 from dynamiccl.agent.spool import Spool
 
@@ -73,3 +79,46 @@ def test_a_broken_spool_drops_and_counts_instead_of_raising(tmp_path, make_measu
     spool._conn.execute("DROP TABLE batches")
     assert spool.put("fab", [make_measurement()]) is None
     assert spool.dropped == 1
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from dynamiccl.agent.spool import Spool
+from dynamiccl.schemas import Measurement
+
+spool = Spool(Path(sys.argv[1]))
+batch = [Measurement(context={"collective": "allreduce", "nbytes": 1 << 20, "nranks": 8, "nnodes": 1},
+                     config={}, latency_us=10.0 + i, count=3, source="torch") for i in range(BATCH)]
+while True:
+    print(spool.put("fab", batch), flush=True)  # printed once put has returned: spooled
+"""
+BATCH = 50
+
+
+def test_an_agent_killed_while_spooling_keeps_every_batch_it_spooled_whole(tmp_path):
+    """The durability policy: a batch is spooled when `put` returns (one transaction, WAL,
+    synchronous=FULL); an agent killed with SIGKILL at any point leaves every such batch whole
+    and nothing of the one it was writing, and the next run continues the ids."""
+    path = tmp_path / "spool.db"
+    script = WRITER.replace("BATCH", str(BATCH))
+    spooled: list[str] = []
+    for delay in (0.3, 0.5, 0.7):
+        writer = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline or not spooled:
+            spooled.append(writer.stdout.readline().strip())
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=10)
+        spooled += [line.strip() for line in writer.stdout if line.strip()]
+        spool = Spool(path)
+        try:
+            batches = spool.peek_oldest(1_000_000)
+        finally:
+            spool.close()
+        found = {b.batch_id: len(b.measurements) for b in batches}
+        assert set(spooled) <= set(found), "every batch spooled before the kill is there"
+        assert set(found.values()) == {BATCH}, "each whole: nothing half-written"
+        assert len(found) <= len(spooled) + 1, "at most the batch committed as the kill came"
+    sequence = [int(batch_id.rsplit("-", 1)[1]) for batch_id in spooled]
+    assert sequence == sorted(set(sequence)), "ids continue across kills, never reused"

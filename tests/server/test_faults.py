@@ -1,7 +1,8 @@
 """Faults: the server killed with SIGKILL mid-ingest keeps everything it acknowledged (SQLite and
 PostgreSQL); an unreachable database is a 503 with Retry-After, and the node agent's sender
-spools through it and delivers everything once the database is back; a launch with neither
-server nor agent still starts the job, on NCCL's defaults."""
+spools through it and delivers everything once the database is back; a full database is a 503
+that leaves nothing half-written; a launch with neither server nor agent still starts the job,
+on NCCL's defaults."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import sqlalchemy as sa
+from fastapi.testclient import TestClient
 
 from dynamiccl.agent.sender import Sender
 from dynamiccl.agent.spool import Spool
 from dynamiccl.client import DynamicclClient
 from dynamiccl.schemas import Measurement
+from dynamiccl.server.app import create_app
 from dynamiccl.server.storage import SqlStore
 from dynamiccl.workloads.services import server_process
 
@@ -192,6 +195,41 @@ def test_database_down_is_503_and_the_agent_delivers_everything_when_it_is_back(
         client.close()
         spool.close()
         server.stop()
+
+
+def test_a_full_database_is_503_with_nothing_half_written_and_ingest_resumes_once_there_is_room(
+        tmp_path, examples):
+    store = SqlStore(f"sqlite:///{tmp_path / 'full.db'}")
+    limit = {"pages": 1_000_000}
+
+    @sa.event.listens_for(store.engine, "connect")
+    def disk_size(connection, _record) -> None:  # the pages SQLite may use: what a full disk is to it
+        connection.execute(f"PRAGMA max_page_count = {limit['pages']}")
+
+    app = create_app(store=store, tokens={})
+    with TestClient(app) as client:
+        assert client.put(f"/v1/fabrics/{examples.FABRIC_ID}", json=examples.FABRIC).status_code == 201
+        with store.engine.connect() as conn:
+            limit["pages"] = conn.exec_driver_sql("PRAGMA page_count").scalar_one() + 3
+        store.engine.dispose()  # every new connection now sees the small disk
+        acknowledged, refused = 0, None
+        for i in range(200):
+            batch = examples.batch(batch_id=f"b{i:03d}", n=30)
+            response = client.post("/v1/measurements", json=batch)
+            if response.status_code != 202:
+                refused = (batch, response)
+                break
+            acknowledged += 30
+        assert refused is not None and acknowledged > 0, "the disk filled after some batches"
+        batch, response = refused
+        assert response.status_code == 503 and response.json()["detail"].startswith("the database is full")
+        assert int(response.headers["Retry-After"]) >= 1
+        limit["pages"] = 1_000_000
+        store.engine.dispose()
+        assert client.get(f"/v1/fabrics/{examples.FABRIC_ID}").json()["measurements"] == acknowledged, \
+            "the refused batch left nothing behind"
+        assert client.post("/v1/measurements", json=batch).status_code == 202, "its retry is taken once there is room"
+        assert client.get(f"/v1/fabrics/{examples.FABRIC_ID}").json()["measurements"] == acknowledged + 30
 
 
 def test_launch_with_neither_server_nor_agent_starts_the_job_on_defaults(tmp_path):

@@ -1,19 +1,23 @@
 """Faults: the server killed with SIGKILL mid-ingest keeps everything it acknowledged (SQLite and
 PostgreSQL); an unreachable database is a 503 with Retry-After, and the node agent's sender
-spools through it and delivers everything once the database is back; a full database is a 503
-that leaves nothing half-written; a launch with neither server nor agent still starts the job,
+spools through it and delivers everything once the database is back; PostgreSQL crash-restarted
+under load costs nothing acknowledged and counts nothing twice; a full database is a 503 that
+leaves nothing half-written; a launch with neither server nor agent still starts the job,
 on NCCL's defaults."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,7 +30,7 @@ from dynamiccl.client import DynamicclClient
 from dynamiccl.schemas import Measurement
 from dynamiccl.server.app import create_app
 from dynamiccl.server.storage import SqlStore
-from dynamiccl.workloads.services import server_process
+from dynamiccl.workloads.services import free_port, server_process
 
 
 def _post_until_killed(url: str, examples, acknowledged: dict[str, int], stop: threading.Event, worker: int) -> None:
@@ -195,6 +199,100 @@ def test_database_down_is_503_and_the_agent_delivers_everything_when_it_is_back(
         client.close()
         spool.close()
         server.stop()
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (initdb, pg_ctl as the postgres user), so that it can
+    be restarted without touching the one the other tests share."""
+
+    def __init__(self) -> None:
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if os.geteuid() != 0 or not bins or shutil.which("runuser") is None:
+            pytest.skip("a private PostgreSQL needs root, runuser and Debian's postgresql binaries")
+        self.bin = bins[-1].parent
+        self.directory = Path(tempfile.mkdtemp(prefix="dynamiccl-pg-", dir="/tmp"))
+        shutil.chown(self.directory, "postgres")
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self._as_postgres("initdb", "-D", str(self.directory / "data"), "-A", "trust", "-U", "postgres")
+        self.start()
+
+    def _as_postgres(self, tool: str, *arguments: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / tool), *arguments], check=True,
+                       capture_output=True, timeout=120)
+
+    def _ctl(self, action: str, *options: str) -> None:
+        settings = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.directory}"
+        self._as_postgres("pg_ctl", "-D", str(self.directory / "data"), "-o", settings, "-w", *options, action)
+
+    def start(self) -> None:
+        self._ctl("start", "-l", str(self.directory / "log"))
+
+    def crash_restart(self) -> None:
+        """Stopped as a crash would (`immediate`: in-flight transactions die, recovery on start)."""
+        self._ctl("stop", "-m", "immediate")
+        self.start()
+
+    def close(self) -> None:
+        try:
+            self._ctl("stop", "-m", "fast")
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _post_until_stored(url: str, examples, acknowledged: dict[str, int], stop: threading.Event, worker: int,
+                       refusals: list[int]) -> None:
+    """As an agent does: each batch re-sent with its id until the server acknowledges it."""
+    sequence = 0
+    while not stop.is_set():
+        batch = examples.batch(batch_id=f"w{worker}-{sequence:05d}", n=30)
+        while True:
+            try:
+                response = httpx.post(f"{url}/v1/measurements", json=batch, timeout=30)
+            except httpx.TransportError:
+                refusals.append(0)
+                time.sleep(0.1)
+                continue
+            if response.status_code == 202:
+                acknowledged[batch["batch_id"]] = response.json()["accepted"]
+                break
+            assert response.status_code == 503, response.text  # never a 500, never a half answer
+            refusals.append(503)
+            time.sleep(0.1)
+        sequence += 1
+
+
+@pytest.mark.slow
+def test_postgres_restarted_under_load_loses_nothing_acknowledged_and_counts_nothing_twice(examples, tmp_path):
+    postgres = PrivatePostgres()
+    server = server_process(postgres.url, tmp_path)
+    try:
+        server.start()
+        assert httpx.put(f"{server.url}/v1/fabrics/{examples.FABRIC_ID}", json=examples.FABRIC).status_code == 201
+        acknowledged: dict[str, int] = {}
+        refusals: list[int] = []
+        stop = threading.Event()
+        workers = [threading.Thread(target=_post_until_stored,
+                                    args=(server.url, examples, acknowledged, stop, i, refusals)) for i in range(4)]
+        for worker in workers:
+            worker.start()
+        deadline = time.monotonic() + 60
+        while len(acknowledged) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        postgres.crash_restart()  # under load: the workers are posting
+        before = len(acknowledged)
+        while len(acknowledged) < before + 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=60)
+        assert len(acknowledged) >= before + 20, "the server reconnected and ingests again"
+        assert refusals, "the restart was felt"
+        status = httpx.get(f"{server.url}/v1/fabrics/{examples.FABRIC_ID}", timeout=30).json()
+        assert status["measurements"] == 30 * len(acknowledged), "nothing acknowledged lost, nothing twice"
+    finally:
+        server.stop()
+        postgres.close()
 
 
 def test_a_full_database_is_503_with_nothing_half_written_and_ingest_resumes_once_there_is_room(

@@ -18,7 +18,7 @@ from pathlib import Path
 import uvicorn
 from prometheus_client import start_http_server
 
-from dynamiccl.agent_api import UNIX_SCHEME
+from dynamiccl.agent_api import UNIX_SCHEME, unix_socket_path
 from dynamiccl.schemas import FABRIC_ID_RE
 
 from dynamiccl.agent.app import create_app
@@ -48,11 +48,9 @@ class Address:
 
 def parse_address(text: str, option: str = "--listen") -> Address:
     """'host:port' (IPv6 as '[::1]:7461') or 'unix:/path/agent.sock'."""
-    if text.startswith(UNIX_SCHEME):
-        path = Path("/" + text[len(UNIX_SCHEME):].lstrip("/"))
-        if path == Path("/"):
-            raise ValueError(f"{option} unix: needs a socket path, e.g. unix:/run/dynamiccl/agent.sock")
-        return Address(socket=path)
+    socket_path = unix_socket_path(text)
+    if socket_path is not None:
+        return Address(socket=Path(socket_path))
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{option} must be host:port or unix:/path/agent.sock, got {text!r}")

@@ -31,6 +31,16 @@ UNREGISTER_PATH = "/local/v1/plugin/unregister"
 JOBS_PATH = "/local/v1/jobs"  # /{job_id}/ended: what the agent received from a job
 
 
+def unix_socket_path(address: str) -> str | None:
+    """The socket of a `unix:/path` (or `unix:///path`) address; None for any other address."""
+    if not address.startswith(UNIX_SCHEME):
+        return None
+    path = "/" + address[len(UNIX_SCHEME):].lstrip("/")
+    if path == "/":
+        raise ValueError(f"{address!r} names no socket (unix:/path/agent.sock)")
+    return path
+
+
 @dataclass(frozen=True)
 class AgentUrl:
     """An agent address: `unix:/path/agent.sock` (also `unix:///path`) or `http(s)://host:port`."""
@@ -40,11 +50,9 @@ class AgentUrl:
 
     @classmethod
     def parse(cls, url: str) -> AgentUrl:
-        if url.startswith(UNIX_SCHEME):
-            path = "/" + url[len(UNIX_SCHEME):].lstrip("/")
-            if path == "/":
-                raise ValueError(f"agent URL {url!r} names no socket (unix:/path/agent.sock)")
-            return cls("http://dynamiccl-agent", path)
+        socket = unix_socket_path(url)
+        if socket is not None:
+            return cls("http://dynamiccl-agent", socket)
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"agent URL {url!r} is neither unix:/path/agent.sock nor http://host:port")
         return cls(url.rstrip("/"))

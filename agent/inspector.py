@@ -9,10 +9,12 @@ memory per call). For point-to-point operations the Send side is used, from
 every rank: each transfer has exactly one sender, so it too is counted once.
 
 The job a record belongs to: the job id the agent is configured with
-(`AgentConfig.inspector_job_id`) when given, else
-the folder under the dump dir the file is in (`dynamiccl launch` points each
-job's NCCL_INSPECTOR_DUMP_DIR at `<dump dir>/<job id>` when it knows the dump
-dir, from $DYNAMICCL_INSPECTOR_DIR).
+(`AgentConfig.inspector_job_id`) when given, else that of the folder under the
+dump dir the file is in (`dynamiccl launch` points each job's
+NCCL_INSPECTOR_DUMP_DIR at `<dump dir>/<path-safe job id>` when it knows the
+dump dir, from $DYNAMICCL_INSPECTOR_DIR, and writes the job id itself there:
+`JOB_ID_FILE`), so Inspector's records and the hook's measurements of a job
+carry one job id.
 
 Records are read as NCCL's writer produces them (compact, one a line) and as
 its README shows them (pretty-printed over several lines). Sizes follow API.md:
@@ -43,6 +45,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dynamiccl.agent_api import JOB_ID_FILE
 from dynamiccl.schemas import DEFAULT_CONFIG, Context, Measurement, NcclConfig
 
 log = logging.getLogger("dynamiccl.agent.inspector")
@@ -157,6 +160,7 @@ class InspectorReader:
         self.state_file = state_file
         self.config = config
         self.job_id = job_id
+        self._folder_jobs: dict[str, str] = {}  # dump folder name -> its job id
         self.skipped = 0  # malformed or invalid records
         self.cpu_timed = 0  # records timed on the CPU: counted, not used as latencies
         # Keyed by file identity (device:inode), not path: a file rotated by renaming keeps its
@@ -239,10 +243,20 @@ class InspectorReader:
         return True
 
     def _job_of(self, path: Path) -> str | None:
-        """A job's own dump folder, `<dump_dir>/<job id>/...` (what `dynamiccl launch` sets up), names
-        its job; a file directly in the dump dir belongs to no known job."""
+        """A job's own dump folder, `<dump_dir>/<job>/...` (what `dynamiccl launch` sets up), names
+        its job: the id the launch wrote into it (JOB_ID_FILE), else the folder's name; a file
+        directly in the dump dir belongs to no known job."""
         parts = path.relative_to(self.dump_dir).parts
-        return parts[0][:128] if len(parts) > 1 else None
+        if len(parts) < 2:
+            return None
+        job = self._folder_jobs.get(parts[0])
+        if job is None:
+            try:
+                job = (self.dump_dir / parts[0] / JOB_ID_FILE).read_text(encoding="utf-8").strip()[:128]
+            except (OSError, UnicodeDecodeError):
+                job = ""
+            job = self._folder_jobs[parts[0]] = job or parts[0][:128]
+        return job
 
     def _parse(self, record: Any, out: list[Measurement], job_id: str | None) -> None:
         try:

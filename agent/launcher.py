@@ -52,7 +52,7 @@ from dynamiccl.agent.plugin_rules import HEADER_TAG, is_own_plugin
 from dynamiccl.agent.tuner_plugin.build import PluginBuildError
 from dynamiccl.agent.tuner_plugin.build import build as build_plugin
 from dynamiccl.agent.tuner_plugin.report import remove_reports
-from dynamiccl.agent_api import AGENT_URL_ENV, DEFAULT_AGENT_URL, DEFAULT_ANSWER, Answer, path_safe
+from dynamiccl.agent_api import AGENT_URL_ENV, DEFAULT_AGENT_URL, DEFAULT_ANSWER, JOB_ID_FILE, Answer, path_safe
 from dynamiccl.agent_client import AgentClient, AgentError
 from dynamiccl.client import DynamicclClient
 from dynamiccl.schemas import RecommendResponse
@@ -291,7 +291,22 @@ def _enable_profiler(plan: Plan, environ: Mapping[str, str], job: str, agent_url
     plan.notes.append(f"profiler on: collectives reported to {agent_url} as job {job}")
     inspector_dir = environ.get("DYNAMICCL_INSPECTOR_DIR")
     if inspector_dir:  # the agent's Inspector dump dir: this job's records in a folder named after it
-        _set(plan, environ, "NCCL_INSPECTOR_DUMP_DIR", str(Path(inspector_dir) / path_safe(job)), "for the agent")
+        folder = Path(inspector_dir) / path_safe(job)
+        _set(plan, environ, "NCCL_INSPECTOR_DUMP_DIR", str(folder), "for the agent")
+        if plan.env.get("NCCL_INSPECTOR_DUMP_DIR") == str(folder):
+            _name_dump_folder(plan, folder, job)
+
+
+def _name_dump_folder(plan: Plan, folder: Path, job: str) -> None:
+    """Write the job id into its Inspector dump folder, whose name had to be made path-safe: the
+    agent then attributes the records to the same job id as the hook's measurements."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".job-", delete=False, encoding="utf-8") as handle:
+            handle.write(job)
+        os.replace(handle.name, folder / JOB_ID_FILE)
+    except OSError as error:
+        plan.notes.append(f"NCCL Inspector records will be the job {folder.name!r} ({folder}: {error.strerror})")
 
 
 def run(command: Sequence[str], env: Mapping[str, str]) -> int:

@@ -119,6 +119,11 @@ class JobReport(BaseModel):
     contexts: int
 
 
+#: In a job's Inspector dump folder (`<dump dir>/<path_safe(job id)>`, set up by `dynamiccl launch`):
+#: the job id itself, which the folder's name may have had to change.
+JOB_ID_FILE = ".dynamiccl-job-id"
+
+
 def path_safe(job_id: str) -> str:
     """A job id as a file-name part (rules files, Inspector dump folders): what is not a letter,
     digit or `._-` becomes `_`."""

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from dynamiccl.agent_api import JOB_ID_FILE
 from dynamiccl.agent.inspector import InspectorReader
 from dynamiccl.schemas import NcclConfig
 
@@ -184,3 +185,13 @@ def test_a_jobs_own_dump_folder_names_its_job(tmp_path):
     assert got == ["", "llama-0412"]
     configured = InspectorReader(dumps, tmp_path / "other-state.json", job_id="given")
     assert [m.job_id for m in configured.poll()] == ["given", "given"]  # a configured job id wins
+
+
+def test_a_job_id_the_folder_name_could_not_hold_is_read_from_the_folder(tmp_path):
+    """`dynamiccl launch --job team/llm:7` dumps into `team_llm_7` and writes the id beside the
+    records, so Inspector's records and the hook's measurements name the same job."""
+    dumps = tmp_path / "dumps"
+    (dumps / "team_llm_7").mkdir(parents=True)
+    (dumps / "team_llm_7" / JOB_ID_FILE).write_text("team/llm:7")
+    (dumps / "team_llm_7" / "r0.log").write_text(compact(coll(0, 1)))
+    assert [m.job_id for m in reader(tmp_path).poll()] == ["team/llm:7"]

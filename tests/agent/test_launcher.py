@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dynamiccl.agent.launcher import SITECUSTOMIZE_DIR
+from dynamiccl.agent_api import JOB_ID_FILE
 
 ANSWER = {
     "recommendations": [],
@@ -102,6 +103,7 @@ def test_inspector_dumps_go_to_a_folder_named_after_the_job(fake, tmp_path: Path
     rc, seen, err = launch(["--job", "llm/7", "--agent", fake.url, *probe()],
                            base_env(DYNAMICCL_INSPECTOR_DIR=str(tmp_path)))
     assert rc == 0 and seen["env"]["NCCL_INSPECTOR_DUMP_DIR"] == str(tmp_path / "llm_7")
+    assert (tmp_path / "llm_7" / JOB_ID_FILE).read_text() == "llm/7", "the id the folder name could not hold"
 
 
 def test_user_set_nccl_variables_win(fake) -> None:

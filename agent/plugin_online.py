@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -257,7 +258,11 @@ class OnlineTuner:
 
     def register(self, job_id: str, rules: str, round_calls: int) -> RoundPublisher:
         """Write the job's launch rules into a new file of the rules directory and tune it."""
-        path = self._new_rules_file(job_id, rules)
+        try:
+            path = self._new_rules_file(job_id, rules)
+        except OSError as error:
+            raise RegistrationError(f"the agent cannot write into its rules directory {self.rules_dir}: "
+                                    f"{error.strerror}") from None
         job = PluginJob(job_id=job_id, rules_file=path, round_calls=round_calls)
         try:
             publisher = RoundPublisher(job, self.suggest, lambda: self._contexts(job.job_id),
@@ -274,7 +279,8 @@ class OnlineTuner:
 
     def _new_rules_file(self, job_id: str, rules: str) -> Path:
         self.rules_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.rules_dir, 0o1777)
+        if stat.S_IMODE(self.rules_dir.stat().st_mode) != 0o1777:
+            os.chmod(self.rules_dir, 0o1777)
         fd, name = tempfile.mkstemp(prefix=f"dynamiccl-{path_safe(job_id)}-", suffix=".rules", dir=self.rules_dir)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             os.fchmod(handle.fileno(), 0o644)  # the job's NCCL reads it, whoever runs it

@@ -19,6 +19,7 @@ from dynamiccl.agent.plugin_online import (
     OnlineTuner,
     Outcome,
     PluginJob,
+    RegistrationError,
     RoundPublisher,
     canonical_contexts,
 )
@@ -303,6 +304,14 @@ def test_the_agent_keeps_a_registered_jobs_rules_in_its_own_file_and_tunes_it_un
         assert not path.exists(), "the agent removes its file when the job ends"
         assert client.post("/local/v1/plugin/unregister", json={"rules_file": str(path)}).status_code == 404
         assert b'dynamiccl_agent_plugin_rounds_total{outcome="published"} 1.0' in client.get("/metrics").content
+
+
+def test_a_rules_directory_the_agent_cannot_write_refuses_the_registration(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    tuner = OnlineTuner(SuggestServer().client(), "fab", lambda job: [], CollectorRegistry(), rules_dir=blocked)
+    with pytest.raises(RegistrationError, match="cannot write into its rules directory"):
+        tuner.register("job-7", BASE, 100)
 
 
 def test_a_fresh_publisher_resumes_after_the_last_published_round(tmp_path: Path) -> None:

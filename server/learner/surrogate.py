@@ -10,6 +10,7 @@ evidence is its uncertainty, so a region nobody measured stays uncertain.
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 UNSEEN_RESIDUAL_STD = 0.15
 #: The tree ensemble needs this many cells before it says more than the prior.
 MIN_ROWS_TO_FIT = 24
+#: Predictions a model remembers (a fabric's contexts times their candidates): a model never
+#: changes, so a request that re-judges contexts after new measurements predicts nothing again.
+PREDICTION_CACHE_LIMIT = 200_000
 
 _COLLECTIVES = list(Collective)
 _ALGOS = list(Algo)
@@ -66,6 +70,8 @@ class ResidualModel:
         self._support: Counter[tuple] = Counter()
         self._family_support: Counter[tuple] = Counter()  # the same without channels
         self._forest: ExtraTreesRegressor | None = None
+        self._predicted: dict[tuple, tuple[float, float, bool]] = {}
+        self._predicted_lock = threading.Lock()  # snapshots sharing this model may predict at once
         if not examples:
             return
         features, targets, weights = [], [], []
@@ -114,10 +120,26 @@ class ResidualModel:
         return sum(self._support[(*head, size + ds, channels)] for ds in (-1, 0, 1))
 
     def predict(self, pairs: list[tuple[Context, NcclConfig]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean, std, novel) of log latency for each (context, config), in one batch; each pair
-        and each context's default is resolved under NCCL's model once. Novel: nothing of the
+        """(mean, std, novel) of log latency for each (context, config). Novel: nothing of the
         config's (algorithm, protocol) was measured at this call's size, on any channel count
-        (NCCL's model, and trends that trees cannot extrapolate, speak for it)."""
+        (NCCL's model, and trends that trees cannot extrapolate, speak for it). Pairs predicted
+        before are looked up; the others are predicted in one batch."""
+        keys = [(context.key(), config.key()) for context, config in pairs]
+        with self._predicted_lock:
+            missing = [i for i, key in enumerate(keys) if key not in self._predicted]
+            if missing:
+                if len(self._predicted) + len(missing) > PREDICTION_CACHE_LIMIT:
+                    self._predicted.clear()
+                means, stds, novel = self._predict_batch([pairs[i] for i in missing])
+                for i, mean, std, new in zip(missing, means.tolist(), stds.tolist(), novel.tolist()):
+                    self._predicted[keys[i]] = (mean, std, new)
+            predicted = [self._predicted[key] for key in keys]
+        return (np.array([p[0] for p in predicted], dtype=float), np.array([p[1] for p in predicted], dtype=float),
+                np.array([p[2] for p in predicted], dtype=bool))
+
+    def _predict_batch(self, pairs: list[tuple[Context, NcclConfig]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`predict` for pairs not predicted yet: each pair and each context's default resolved
+        under NCCL's model once, every tree asked once for all of them."""
         prior, support, novel, features = [], [], [], []
         defaults: dict[tuple, tuple[NcclConfig, float]] = {}
         for context, config in pairs:

@@ -1,5 +1,5 @@
 """What a fabric's knowledge costs a request: decisions are made once per snapshot and then looked
-up; the surrogate is refit when the evidence changes, not on a timer."""
+up, predictions once per model; the surrogate is refit when the evidence changes, not on a timer."""
 
 from dynamiccl.nccl import candidate_configs
 from dynamiccl.schemas import Context, Measurement
@@ -50,3 +50,23 @@ def test_rows_folded_in_by_a_catch_up_are_still_refit_on(sqlite_store):
     measured(sqlite_store, "b2", rounds=1)
     assert knowledge.catch_up(sqlite_store, sqlite_store.last_measurement_id("f"), timeout_s=10)
     assert knowledge.refresh(sqlite_store, []) is True, "the catch-up kept the old surrogate: refit it"
+
+
+def test_a_model_predicts_each_pair_once_and_alike(sqlite_store, monkeypatch):
+    """A model never changes, so a request that re-judges contexts after new measurements (same
+    model, new samples) looks its predictions up instead of asking every tree again."""
+    sqlite_store.put_fabric("f", PRESET.fabric)
+    measured(sqlite_store, "b1")
+    knowledge = FabricKnowledge("f", PRESET.fabric)
+    knowledge.refresh(sqlite_store, [])
+    model = knowledge.snapshot.model
+    pairs = [(c, k) for c in CONTEXTS for k in candidate_configs(PRESET.fabric, c)]
+    first = model.predict(pairs)
+
+    def refuse(asked):
+        raise AssertionError(f"the trees were asked again about {len(asked)} pairs")
+
+    monkeypatch.setattr(model, "_predict_batch", refuse)
+    again = model.predict(list(reversed(pairs)))
+    for before, after in zip(first, again):
+        assert list(before) == list(reversed(after))

@@ -20,7 +20,13 @@ and a node holds `gpus_per_node` consecutive ranks. Per step, on one rank:
   under sequence parallelism), on the two-rank group of the pair.
 * DP: the stage's gradients (its shard of the parameters; norms are
   replicated across TP) all-reduced once a step from one flat buffer, in
-  `bucket_bytes` buckets.
+  `bucket_bytes` buckets. With `fsdp` (FSDP2: `fully_shard` of each block,
+  then of the stage, whose own parameters make the root unit): a block's
+  parameters all-gathered before its forward and again before its backward
+  (resharded after forward) in every micro-batch, the root's once a
+  micro-batch (kept for its backward), and each unit's gradients
+  reduce-scattered once a step, after the last micro-batch (up to FSDP2's
+  padding of each parameter's first dimension to a multiple of DP).
 
 Sizes are counted as NCCL counts them (`Context.nbytes`): the all-reduced
 buffer, the gathered output, the reduce-scatter input.
@@ -70,6 +76,7 @@ class Layout:
     grad_bytes: int = 2  # gradients all-reduced in bf16
     sequence_parallel: bool = False
     bucket_bytes: int = 25 * 1024 * 1024  # DDP's default bucket cap
+    fsdp: bool = False  # data parallelism by FSDP2 instead of DDP's all-reduce
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp", "gpus_per_node", "micro_batches", "micro_batch_size", "seq_len"):
@@ -139,7 +146,18 @@ def step_trace(model: ModelShape, layout: Layout, stage: int = 0) -> list[TraceE
                 context = Context(collective=Collective.sendrecv, nbytes=sent, nranks=2, nnodes=layout.nodes_of(pair))
                 entries[(context, "pp")] += 2 * micro  # activations one way, gradients the other
 
-    if layout.dp > 1:
+    if layout.dp > 1 and layout.fsdp:
+        dp_group = [layout.rank(0, d, stage) for d in range(layout.dp)]
+        shape = dict(nranks=layout.dp, nnodes=layout.nodes_of(dp_group))
+        block = block_parameters(model, layout)
+        root = stage_parameters(model, layout, stage) - layers * block
+        for unit, gathers, reductions in ((block, 2 * micro * layers, layers), (root, micro, 1)):
+            if unit:
+                gathered = Context(collective=Collective.allgather, nbytes=unit * layout.dtype_bytes, **shape)
+                reduced = Context(collective=Collective.reducescatter, nbytes=unit * layout.grad_bytes, **shape)
+                entries[(gathered, "dp")] += gathers
+                entries[(reduced, "dp")] += reductions
+    elif layout.dp > 1:
         grad_bytes = stage_parameters(model, layout, stage) * layout.grad_bytes
         dp_group = [layout.rank(0, d, stage) for d in range(layout.dp)]
         shape = dict(nranks=layout.dp, nnodes=layout.nodes_of(dp_group))
@@ -156,6 +174,12 @@ def stage_norm_parameters(model: ModelShape, layout: Layout, stage: int) -> int:
     """The norms' parameters on one rank of `stage` (replicated across tensor-parallel ranks)."""
     norms = 2 * model.hidden * (model.layers // layout.pp)
     return norms + (model.hidden if stage == layout.pp - 1 else 0)  # the final norm on the last stage
+
+
+def block_parameters(model: ModelShape, layout: Layout) -> int:
+    """Parameters of one transformer block on one rank: its shard of the split weights, and its two
+    norms (replicated across tensor-parallel ranks)."""
+    return math.ceil((model.layer_params - 2 * model.hidden) / layout.tp) + 2 * model.hidden
 
 
 def stage_parameters(model: ModelShape, layout: Layout, stage: int) -> int:

@@ -3,7 +3,10 @@
     torchrun --nproc-per-node 8 -m dynamiccl.workloads.train --tp 2 --pp 2 --dp 2 --steps 20
 
 gloo on CPU, NCCL when CUDA is there. Data parallelism is PyTorch's
-DistributedDataParallel when there is one pipeline stage; with several, each
+DistributedDataParallel when there is one pipeline stage, or with `--fsdp`
+FSDP2 (`fully_shard` of each transformer block and of the stage over the
+data-parallel group: parameters all-gathered per block, gradients
+reduce-scattered); with several stages, each
 stage's gradients are all-reduced after the pipeline flush from one flat
 buffer cut into `--bucket-mb` buckets (as Megatron does: DDP cannot follow
 gradients that several micro-batches' backward passes accumulate out of
@@ -28,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import typer
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from dynamiccl.workloads.model import GPTConfig, RMSNorm, Stage
@@ -87,7 +92,12 @@ class Trainer:
         self.schedule = schedule
         self.stage = Stage(config, groups.where.pp, layout.pp, groups.tp).to(device)
         self.model: torch.nn.Module = self.stage
-        if layout.pp == 1 and groups.dp is not None:
+        if layout.fsdp and groups.dp is not None:
+            mesh = DeviceMesh.from_group(groups.dp, device.type)
+            for block in self.stage.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.stage, mesh=mesh)
+        elif layout.pp == 1 and groups.dp is not None:
             self.model = DistributedDataParallel(self.stage, process_group=groups.dp,
                                                  bucket_cap_mb=layout.bucket_bytes / 2**20)
         self.pipeline = None
@@ -122,6 +132,8 @@ class Trainer:
         losses = []
         for m, (x, y) in enumerate(zip(inputs, targets)):
             last = m == len(inputs) - 1
+            if isinstance(self.model, FSDPModule):  # gradients reduce-scattered after the last micro-batch
+                self.model.set_requires_gradient_sync(last)
             sync = self.model.no_sync() if isinstance(self.model, DistributedDataParallel) and not last \
                 else nullcontext()
             with sync:
@@ -179,6 +191,8 @@ def main(
     bucket_mb: float = typer.Option(25.0, min=0.001, help="gradient all-reduce bucket size (MiB)"),
     sequence_parallel: bool = typer.Option(False, help="split activations along the sequence between "
                                                        "tensor-parallel layers (all-gather / reduce-scatter)"),
+    fsdp: bool = typer.Option(False, help="data parallelism by FSDP2 (fully_shard) instead of DDP; one "
+                                          "pipeline stage, no sequence parallelism"),
     seed: int = typer.Option(0),
     profile: bool = typer.Option(False, help="record the collectives issued (written with --out)"),
     out: Path | None = typer.Option(None, help="directory for one JSON result file per rank"),
@@ -189,9 +203,12 @@ def main(
     config.check_split(tp, pp)
     if sequence_parallel and seq_len % tp:
         raise typer.BadParameter(f"a sequence of {seq_len} does not split over tp={tp}", param_hint="--seq-len")
+    if fsdp and (pp > 1 or sequence_parallel):
+        raise typer.BadParameter("FSDP2 here shards one pipeline stage without sequence parallelism: "
+                                 "use --pp 1 and no --sequence-parallel", param_hint="--fsdp")
     layout = Layout(tp=tp, pp=pp, dp=dp, micro_batches=micro_batches, micro_batch_size=micro_batch_size,
                     seq_len=seq_len, dtype_bytes=4, grad_bytes=4, bucket_bytes=int(bucket_mb * 2**20),
-                    sequence_parallel=sequence_parallel,
+                    sequence_parallel=sequence_parallel, fsdp=fsdp,
                     gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", tp * pp * dp)))
     cuda = torch.cuda.is_available()
     if cuda:

@@ -3,7 +3,15 @@
 import pytest
 
 from dynamiccl.schemas import Collective
-from dynamiccl.workloads.trace import LLAMA3_8B, Layout, ModelShape, step_trace, weighted_contexts
+from dynamiccl.workloads.trace import (
+    LLAMA3_8B,
+    Layout,
+    ModelShape,
+    block_parameters,
+    stage_parameters,
+    step_trace,
+    weighted_contexts,
+)
 
 TINY = ModelShape(layers=4, hidden=64, ffn_hidden=256, heads=4, kv_heads=4, vocab=1000)
 
@@ -57,6 +65,21 @@ def test_data_parallel_all_reduces_the_stage_gradients_in_buckets():
     assert total == (-(-split // 8) + norms) * 2, "split weights sharded over TP, norms replicated"
     assert {e.context.nbytes for e in dp} == {1 << 20, total % (1 << 20)}
     assert all(e.context.nranks == 16 and e.context.nnodes == 16 for e in dp)
+
+
+def test_fsdp2_gathers_each_block_twice_a_micro_batch_and_reduce_scatters_each_unit_once_a_step():
+    layout = Layout(dp=8, tp=8, pp=2, gpus_per_node=8, micro_batches=4, fsdp=True)
+    ddp = Layout(dp=8, tp=8, pp=2, gpus_per_node=8, micro_batches=4, bucket_bytes=1 << 40)
+    block = block_parameters(LLAMA3_8B, layout) * 2  # bf16 bytes of one block's shard over TP
+    for stage in (0, 1):
+        root = stage_parameters(LLAMA3_8B, layout, stage) * 2 - 16 * block  # embedding or output, norm
+        dp = {(e.context.collective, e.context.nbytes): e.calls
+              for e in step_trace(LLAMA3_8B, layout, stage) if e.parallelism == "dp"}
+        assert dp == {(Collective.allgather, block): 16 * 2 * 4,  # 16 blocks, forward and backward, 4 micro
+                      (Collective.allgather, root): 4,  # the root unit, kept from forward to backward
+                      (Collective.reducescatter, block): 16, (Collective.reducescatter, root): 1}
+        [all_reduce] = [e for e in step_trace(LLAMA3_8B, ddp, stage) if e.parallelism == "dp"]
+        assert 16 * block + root == all_reduce.context.nbytes, "each gradient reduced once, as DDP does"
 
 
 def test_weighted_contexts_sum_the_calls_of_each_context():

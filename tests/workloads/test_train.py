@@ -60,23 +60,19 @@ def test_the_single_process_model_learns(tmp_path: Path) -> None:
     dict(tp=2, micro=2 * MICRO, extra=("--sequence-parallel",)),
     dict(pp=2, micro=2 * MICRO, extra=("--schedule=gpipe",)),
     dict(pp=2, micro=2 * MICRO, extra=("--schedule=1f1b",)),
-], ids=["dp2-ddp", "tp2", "tp2-sp", "pp2-gpipe", "pp2-1f1b"])
+    dict(dp=2, extra=("--fsdp",)),
+    dict(tp=2, dp=2, extra=("--fsdp",)),
+], ids=["dp2-ddp", "tp2", "tp2-sp", "pp2-gpipe", "pp2-1f1b", "dp2-fsdp2", "tp2-dp2-fsdp2"])
 def test_each_parallelism_computes_the_single_process_loss(tmp_path: Path, reference: list[float],
                                                            layout: dict) -> None:
     losses = mean_losses(train(tmp_path, "run", **layout))
     assert losses == pytest.approx(reference, rel=1e-4, abs=1e-5)
 
 
-@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["plain", "sequence-parallel"])
-def test_hybrid_layout_matches_the_single_process_loss_and_issues_the_traced_collectives(
-        tmp_path: Path, reference: list[float], sequence_parallel: bool) -> None:
-    extra = ("--profile", "--sequence-parallel") if sequence_parallel else ("--profile",)
-    results = train(tmp_path, "hybrid", tp=2, pp=2, dp=2, extra=extra)
-    assert mean_losses(results) == pytest.approx(reference, rel=1e-4, abs=1e-5)
-
+def assert_traced(results: list[dict], layout: Layout) -> None:
+    """Every rank recorded, call for call, what the trace predicts for the groups it is the lowest
+    rank of (the hook reports a group's call once, from its lowest rank)."""
     shape = ModelShape(**{name: value for name, value in MODEL.items() if name != "seq_len"})
-    layout = Layout(tp=2, pp=2, dp=2, gpus_per_node=8, micro_batches=MICRO, micro_batch_size=MICRO_SIZE,
-                    seq_len=MODEL["seq_len"], dtype_bytes=4, grad_bytes=4, sequence_parallel=sequence_parallel)
     for result in results:
         recorded = Counter({(c["collective"], c["nbytes"], c["nranks"], c["nnodes"]): c["calls"]
                             for c in result["calls"]})
@@ -87,3 +83,22 @@ def test_hybrid_layout_matches_the_single_process_loss_and_issues_the_traced_col
             c = entry.context
             traced[(c.collective.value, c.nbytes, c.nranks, c.nnodes)] += entry.calls * STEPS
         assert recorded == traced, f"rank {result['rank']} (stage {result['pp']})"
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["plain", "sequence-parallel"])
+def test_hybrid_layout_matches_the_single_process_loss_and_issues_the_traced_collectives(
+        tmp_path: Path, reference: list[float], sequence_parallel: bool) -> None:
+    extra = ("--profile", "--sequence-parallel") if sequence_parallel else ("--profile",)
+    results = train(tmp_path, "hybrid", tp=2, pp=2, dp=2, extra=extra)
+    assert mean_losses(results) == pytest.approx(reference, rel=1e-4, abs=1e-5)
+    assert_traced(results, Layout(tp=2, pp=2, dp=2, gpus_per_node=8, micro_batches=MICRO, micro_batch_size=MICRO_SIZE,
+                                  seq_len=MODEL["seq_len"], dtype_bytes=4, grad_bytes=4,
+                                  sequence_parallel=sequence_parallel))
+
+
+def test_fsdp2_with_tensor_parallelism_issues_the_traced_all_gathers_and_reduce_scatters(
+        tmp_path: Path, reference: list[float]) -> None:
+    results = train(tmp_path, "fsdp", tp=2, dp=2, extra=("--fsdp", "--profile"))
+    assert mean_losses(results) == pytest.approx(reference, rel=1e-4, abs=1e-5)
+    assert_traced(results, Layout(tp=2, dp=2, gpus_per_node=4, micro_batches=MICRO, micro_batch_size=MICRO_SIZE,
+                                  seq_len=MODEL["seq_len"], dtype_bytes=4, grad_bytes=4, fsdp=True))

@@ -46,6 +46,7 @@ import logging
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -158,10 +159,13 @@ class Profiler:
     calls: int = 0  # calls seen (timed or not)
     untimed: int = 0  # calls reported by this rank that nothing could time (see the module docstring)
     errors: int = 0  # failures inside the hook itself, swallowed
-    _groups: dict[tuple[Any, str], GroupInfo] = field(default_factory=dict)
+    #: (id of the group, device type) -> (a weak reference to the group, its GroupInfo): the hook
+    #: must not keep a destroyed group alive (gloo's threads would then be torn down at interpreter
+    #: exit, after the runtime they need: an abort), and an id reused by a new group is told apart.
+    _groups: dict[tuple[int, str], tuple[weakref.ref, GroupInfo]] = field(default_factory=dict)
 
     def stats(self) -> dict[str, int]:
-        ledgers = [g.ledger for g in self._groups.values() if g.ledger is not None]
+        ledgers = [g.ledger for _, g in self._groups.values() if g.ledger is not None]
         return {
             "calls": self.calls,
             "untimed": self.untimed,
@@ -188,13 +192,14 @@ class Profiler:
 
     def group_info(self, pg: Any, tensor: Any) -> GroupInfo:
         device = tensor.device.type if tensor is not None else "cpu"
-        cache_key = (pg, device)
-        info = self._groups.get(cache_key)
-        if info is None:
-            info = self._describe(pg, device)
-            if len(self._groups) >= _MAX_GROUPS:
-                self._groups.clear()
-            self._groups[cache_key] = info
+        cache_key = (id(pg), device)
+        cached = self._groups.get(cache_key)
+        if cached is not None and cached[0]() is pg:
+            return cached[1]
+        info = self._describe(pg, device)
+        if len(self._groups) >= _MAX_GROUPS:
+            self._groups.clear()
+        self._groups[cache_key] = (weakref.ref(pg), info)
         return info
 
     def _describe(self, pg: Any, device: str) -> GroupInfo:

@@ -5,9 +5,11 @@ argv: rank world_size master_port agent_url dead_agent_url. Prints one JSON line
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -49,6 +51,13 @@ def main() -> None:
     found["p2p_value"] = float(received[0])
     solo = [dist.new_group([r]) for r in range(world)][rank]
     dist.all_reduce(torch.ones(256), group=solo)  # 1024 bytes on a 1-rank group
+    spare = dist.new_group(list(range(world)))
+    dist.all_reduce(torch.ones(4), group=spare)  # the hook describes the group, then it is destroyed
+    spare_ref = weakref.ref(spare)
+    dist.destroy_process_group(spare)
+    del spare
+    gc.collect()
+    found["destroyed_group_released"] = spare_ref() is None
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(64, 64))  # one 16640-byte bucket
     for _ in range(3):
         model(torch.randn(8, 64)).sum().backward()

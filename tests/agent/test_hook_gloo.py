@@ -73,6 +73,7 @@ def test_every_collective_is_recorded_once_per_communicator_with_nccl_sizes(run:
         ("alltoall", 4096, 2, 2): 1,
         ("sendrecv", 4096, 2, 2): 4,  # send, recv, and the batched isend + irecv
         ("allreduce", 1024, 1, 1): WORLD,  # a 1-rank subgroup per rank: each rank is its lowest
+        ("allreduce", 16, 2, 2): 1,  # on a group the job then destroys
         ("allreduce", bucket, 2, 2): 3,  # DDP's gradient bucket, one per step, from the C++ reducer
         # DDP's start-up: parameter shapes checked across ranks, then the module state broadcast
         ("allgather", 16, 2, 2): 1,
@@ -93,6 +94,13 @@ def test_p2p_identity_is_preserved_and_pipelining_works(run: tuple[object, list[
         assert found["isend_identity"] is True
         assert found["p2p_value"] == float((rank - 1) % WORLD + 1)  # batch_isend_irecv delivered
         assert found["restored"] is True
+
+
+def test_the_hook_keeps_no_destroyed_group_alive(run: tuple[object, list[dict]]) -> None:
+    """A group the hook described is released once the job destroys it: kept alive until the
+    interpreter exits, gloo's threads would be torn down after what they need (an abort at exit)."""
+    _, results = run
+    assert all(found["destroyed_group_released"] for found in results)
 
 
 def test_ddp_trains_correctly_under_the_hook(run: tuple[object, list[dict]]) -> None:

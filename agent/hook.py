@@ -45,6 +45,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -159,6 +160,10 @@ class Profiler:
     calls: int = 0  # calls seen (timed or not)
     untimed: int = 0  # calls reported by this rank that nothing could time (see the module docstring)
     errors: int = 0  # failures inside the hook itself, swallowed
+    #: gloo calls issued and timed by their future's callback, not completed yet: the last calls of
+    #: a job can still be in flight when the process exits, and the last flush waits for them
+    _in_flight: int = 0
+    _in_flight_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: (id of the group, device type) -> (a weak reference to the group, its GroupInfo): the hook
     #: must not keep a destroyed group alive (gloo's threads would then be torn down at interpreter
     #: exit, after the runtime they need: an abort), and an id reused by a new group is told apart.
@@ -220,6 +225,11 @@ class Profiler:
         info.nccl, info.ledger = True, ledger
         return info
 
+    def awaiting(self) -> None:
+        """A gloo call whose future's callback will time it (`completed`) was issued."""
+        with self._in_flight_lock:
+            self._in_flight += 1
+
     def completed(self, info: GroupInfo, key: CallKey, issued: float, _future: Any) -> None:
         """A gloo Work's future is done (on gloo's thread): its time since it could start."""
         try:
@@ -229,6 +239,21 @@ class Profiler:
             self.record(key, end - began)
         except Exception:  # noqa: BLE001
             self.errors += 1
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the gloo calls in flight to complete (and be recorded)."""
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self._in_flight <= 0
+
+    def close(self, timeout_s: float = 1.5) -> None:
+        """The last flush, within `timeout_s`: the calls still in flight get a third of it."""
+        self.drain(timeout_s / 3)
+        self.poster.close(timeout_s * 2 / 3)
 
 
 _profiler: Profiler | None = None
@@ -350,6 +375,7 @@ def _noted(profiler: Profiler, op: C10dOp, args: tuple[Any, ...], out: Any, issu
         profiler.untimed += 1
         return
     future.add_done_callback(functools.partial(profiler.completed, info, key, issued))
+    profiler.awaiting()  # after: a callback run at once, or one that failed to register, leaves 0
 
 
 def _kernel(op: C10dOp, overload: Any, profiler: Profiler) -> Callable[..., Any]:
@@ -443,7 +469,7 @@ def install(
 
 def _close_at_exit() -> None:
     if _profiler is not None:
-        _profiler.poster.close()
+        _profiler.close()
 
 
 def uninstall(flush: bool = True) -> None:
@@ -454,7 +480,7 @@ def uninstall(flush: bool = True) -> None:
     atexit.unregister(_close_at_exit)
     if profiler is not None:
         if flush:
-            profiler.poster.close()
+            profiler.close()
         else:
             profiler.poster.stop()
 

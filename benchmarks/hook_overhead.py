@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dynamiccl.agent import hook
+from dynamiccl.workloads.topology import destroy_groups
 
 WORLD = 2
 NO_AGENT = "http://127.0.0.1:9"  # discard port: nothing listens
@@ -99,7 +100,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
             _toggle(False)
     if rank == 0:
         Path(out).write_text(json.dumps({k: {str(on): v for on, v in d.items()} for k, d in results.items()}))
-    dist.destroy_process_group()
+    destroy_groups()
 
 
 def _free_port() -> int:

@@ -24,6 +24,7 @@ from rich.table import Table
 from dynamiccl.nccl.cost_model import bus_bandwidth_gbs
 from dynamiccl.schemas import Collective, Context
 from dynamiccl.sweep import message_sizes
+from dynamiccl.workloads.topology import destroy_groups
 
 #: The collectives this sweep can issue, as the hook sizes them (`Context.nbytes`).
 SUPPORTED = (Collective.allreduce, Collective.allgather, Collective.reducescatter, Collective.broadcast,
@@ -97,7 +98,7 @@ def main(
             table.add_row(f"{moved:,}", f"{time_us:.1f}", f"{moved / time_us / 1e3:.3f}",
                           f"{bus_bandwidth_gbs(context, time_us):.3f}")
     finally:
-        dist.destroy_process_group()
+        destroy_groups()
     if rank == 0:
         Console().print(table)
 

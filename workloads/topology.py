@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,3 +70,16 @@ def build_groups(layout: Layout) -> Groups:
                 elif rank == high:
                     previous = (low, group)
     return Groups(rank=rank, where=where, tp=tp, dp=dp, previous=previous, next=following)
+
+
+#: Seconds for gloo's worker threads to go idle before the groups are destroyed.
+DRAIN_S = 0.5
+
+
+def destroy_groups() -> None:
+    """Destroy every process group once gloo's worker threads are idle. They dispose of finished
+    collectives after their callers moved on, which needs the GIL: a group destroyed meanwhile
+    can hang the process at exit, or abort it ("terminate called without an active exception",
+    2 of 12 runs of a 3-step DDP script on torch 2.13, none with the pause)."""
+    time.sleep(DRAIN_S)
+    dist.destroy_process_group()

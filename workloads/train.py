@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -38,11 +37,10 @@ from torch.nn.parallel import DistributedDataParallel
 from dynamiccl.workloads.model import GPTConfig, RMSNorm, Stage
 from dynamiccl.workloads.parallel import TensorParallel
 from dynamiccl.workloads.pipeline import PipelineStage, Schedule
-from dynamiccl.workloads.topology import Groups, build_groups
+from dynamiccl.workloads.topology import Groups, build_groups, destroy_groups
 from dynamiccl.workloads.trace import Layout
 
 _NEVER = 1e6  # seconds: a profiling-only hook window that never elapses during a run
-_DRAIN_S = 0.5  # seconds for collective worker threads to go idle before the groups are destroyed
 _MULTIPLIER, _INCREMENT = 5, 3  # next token = (5 * token + 3) mod vocab: a bijection for even vocabularies
 
 
@@ -224,13 +222,7 @@ def main(
     finally:
         if profile:
             hook.uninstall(flush=False)
-        # The trainer (and DDP's reducer) is gone by now, while the groups still exist. gloo's worker
-        # threads dispose of finished collectives after their callers moved on, which needs the GIL:
-        # a group destroyed meanwhile waits for its worker while holding the GIL, and the process
-        # hangs at exit. Let them go idle first.
-        time.sleep(_DRAIN_S)
-        dist.destroy_process_group()
-
+        destroy_groups()  # the trainer (and DDP's reducer) is gone by now, the groups still exist
 
 if __name__ == "__main__":
     typer.run(main)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from dynamiccl.agent import hook
+from dynamiccl.workloads.topology import destroy_groups
 
 
 def main() -> None:
@@ -75,7 +76,7 @@ def main() -> None:
     found["down_stats"] = down.stats()
     found["down_backlog"] = [m["count"] for m in down.poster._backlog]
     hook.uninstall(flush=False)
-    dist.destroy_process_group()
+    destroy_groups()
     print(json.dumps(found), flush=True)
 
 

@@ -116,3 +116,25 @@ def test_agent_down_never_raises_and_keeps_a_backlog(run: tuple[object, list[dic
     assert results[0]["down_stats"]["failures"] >= 1
     # 10 calls, every 2nd timed, reported by rank 0 only (in one or more windows)
     assert [sum(found["down_backlog"]) for found in results] == [5, 0]
+
+
+def test_the_last_flush_waits_for_calls_still_in_flight() -> None:
+    """A job's last gloo calls may complete (on gloo's thread) while the process is exiting: the
+    final flush waits, bounded, for their callbacks, so they are counted."""
+    import threading
+    import time
+
+    from dynamiccl.agent.hook import GroupInfo, Profiler
+    from dynamiccl.agent.hook_table import CallKey
+    from dynamiccl.schemas import Collective
+
+    profiler = Profiler(job_id="j", sample_every=1)
+    key = CallKey(Collective.allreduce, 16640, 2, 1, False)
+    profiler.awaiting()
+    info = GroupInfo(member=True, reports=True)
+    threading.Timer(0.2, profiler.completed, (info, key, time.perf_counter(), None)).start()
+    assert profiler.drain(timeout_s=5.0)
+    assert profiler.table.take()[key][0] == 1
+    profiler.awaiting()  # one that never completes: the wait is bounded
+    started = time.monotonic()
+    assert not profiler.drain(timeout_s=0.1) and time.monotonic() - started < 1.0

@@ -1,5 +1,7 @@
 """An ordinary FSDP2 script (nothing DynamICCL in it): two fully_shard units, 3 steps on gloo."""
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
@@ -15,4 +17,7 @@ for _ in range(3):
     optimizer.zero_grad()
     model(torch.randn(4, 32)).sum().backward()
     optimizer.step()
+# gloo (torch 2.13) may abort at exit ("terminate called without an active exception") when a
+# group is destroyed while its threads still finish the last collective: a pause avoids it
+time.sleep(0.5)
 dist.destroy_process_group()

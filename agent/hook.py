@@ -163,7 +163,7 @@ class Profiler:
     #: gloo calls issued and timed by their future's callback, not completed yet: the last calls of
     #: a job can still be in flight when the process exits, and the last flush waits for them
     _in_flight: int = 0
-    _in_flight_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _in_flight_changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
     #: (id of the group, device type) -> (a weak reference to the group, its GroupInfo): the hook
     #: must not keep a destroyed group alive (gloo's threads would then be torn down at interpreter
     #: exit, after the runtime they need: an abort), and an id reused by a new group is told apart.
@@ -227,7 +227,7 @@ class Profiler:
 
     def awaiting(self) -> None:
         """A gloo call whose future's callback will time it (`completed`) was issued."""
-        with self._in_flight_lock:
+        with self._in_flight_changed:
             self._in_flight += 1
 
     def completed(self, info: GroupInfo, key: CallKey, issued: float, _future: Any) -> None:
@@ -240,15 +240,14 @@ class Profiler:
         except Exception:  # noqa: BLE001
             self.errors += 1
         finally:
-            with self._in_flight_lock:
+            with self._in_flight_changed:
                 self._in_flight -= 1
+                self._in_flight_changed.notify_all()
 
     def drain(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for the gloo calls in flight to complete (and be recorded)."""
-        deadline = time.monotonic() + timeout_s
-        while self._in_flight > 0 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return self._in_flight <= 0
+        with self._in_flight_changed:
+            return self._in_flight_changed.wait_for(lambda: self._in_flight <= 0, timeout_s)
 
     def close(self, timeout_s: float = 1.5) -> None:
         """The last flush, within `timeout_s`: the calls still in flight get a third of it."""

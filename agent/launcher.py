@@ -55,7 +55,6 @@ from dynamiccl.agent.tuner_plugin.report import remove_reports
 from dynamiccl.agent_api import AGENT_URL_ENV, DEFAULT_AGENT_URL, DEFAULT_ANSWER, JOB_ID_FILE, Answer, path_safe
 from dynamiccl.agent_client import AgentClient, AgentError
 from dynamiccl.client import DynamicclClient
-from dynamiccl.schemas import RecommendResponse
 
 RECOMMEND_TIMEOUT_S = 3.0
 REGISTER_TIMEOUT_S = 3.0
@@ -100,8 +99,7 @@ def ask_agent(agent_url: str, job: str, transport: httpx.BaseTransport | None = 
     except (httpx.HTTPError, ValueError) as error:
         return Answer(DEFAULT_ANSWER, "default",
                       f"the agent at {agent_url} is unreachable ({error.__class__.__name__}); NCCL default")
-    response = RecommendResponse.model_validate(answer.model_dump(exclude={"source", "reason"}))
-    return Answer(response, answer.source, answer.reason)
+    return Answer(answer, answer.source, answer.reason)
 
 
 def ask_server(server_url: str, fabric_id: str | None, job: str, token: str | None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+
 import httpx
 
 from dynamiccl.agent_api import DEFAULT_ANSWER, Answer
@@ -20,6 +21,7 @@ from dynamiccl.agent.reco_cache import RecommendationCache
 from dynamiccl.agent.workload import WorkloadRecorder
 
 log = logging.getLogger("dynamiccl.agent.recommend")
+
 
 class Recommender:
     def __init__(

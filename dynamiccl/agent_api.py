@@ -16,8 +16,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dynamiccl.schemas import MAX_BATCH_MEASUREMENTS, MAX_CONTEXTS, Measurement, OptionalId, RecommendResponse, \
-    WeightedContext
+from dynamiccl.schemas import (
+    MAX_BATCH_MEASUREMENTS,
+    MAX_CONTEXTS,
+    Measurement,
+    OptionalId,
+    RecommendResponse,
+    WeightedContext,
+)
 
 #: Where jobs find their node's agent unless $DYNAMICCL_AGENT_URL says otherwise.
 DEFAULT_AGENT_URL = "http://127.0.0.1:7461"

@@ -220,7 +220,6 @@ class SqlStore(Store):
             .where(measurements.c.fabric_id == fabric_id, measurements.c.id <= through_id,
                    batches.c.received_at < received_before)
         )
-        deleted = 0
         with self._transaction() as conn:
             groups: dict[tuple, list[int]] = {}
             for row_id, *key in conn.execute(old):

@@ -1,4 +1,7 @@
-"""FastAPI dependencies of the v1 routes: what `create_app` put on the app, per request."""
+"""FastAPI dependencies of the v1 routes: what `create_app` put on the app, per request.
+
+They are `async`: FastAPI runs a plain `def` dependency on its thread pool, a thread hop per
+dependency per request for what is an attribute read."""
 
 from __future__ import annotations
 
@@ -11,15 +14,15 @@ from dynamiccl.server.metrics import ServerMetrics
 from dynamiccl.server.storage import Store
 
 
-def store_of(request: Request) -> Store:
+async def store_of(request: Request) -> Store:
     return request.app.state.store
 
 
-def tuner_of(request: Request) -> Tuner:
+async def tuner_of(request: Request) -> Tuner:
     return request.app.state.tuner
 
 
-def metrics_of(request: Request) -> ServerMetrics:
+async def metrics_of(request: Request) -> ServerMetrics:
     return request.app.state.metrics
 
 

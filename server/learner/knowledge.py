@@ -178,6 +178,11 @@ class Snapshot:
         context's plain key: a snapshot never changes, so neither do its answers, and a request
         for decisions already made is dictionary reads."""
         keys = [context.key() for context in contexts]
+        memo = self._memo
+        try:  # decided already (the common case): plain reads, no lock
+            return [memo[key] for key in keys]
+        except KeyError:
+            pass
         with self._memo_lock:  # one thread computes, concurrent requests for the same wait
             missing = {key: context for key, context in zip(keys, contexts) if key not in self._memo}
             if len(self._memo) + len(missing) > MEMO_LIMIT:
@@ -193,6 +198,11 @@ class Snapshot:
         """Each context's decision and what to try next there (`policy.plan`), made once per
         snapshot like the decision: a suggestion is then one draw among equally valuable trials."""
         decisions = self.decisions(contexts)
+        plans = self._plans
+        try:
+            return [(decision, plans[decision.context.key()]) for decision in decisions]
+        except KeyError:
+            pass
         with self._memo_lock:
             for decision in decisions:
                 key = decision.context.key()

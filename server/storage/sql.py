@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from dynamiccl.schemas import Context, Fabric, Measurement, NcclConfig
 from dynamiccl.server.storage.base import CompactedCount, Store, StoredMeasurement
+from dynamiccl.server.storage.coalesce import CoalescedRead
 from dynamiccl.server.storage.tables import batches, compacted_measurements, fabrics, measurements, pins
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -91,6 +92,7 @@ class SqlStore(Store):
         self._pins_since_prune = 0
         self._fabrics: dict[str, tuple[Fabric, float]] = {}  # fabric id -> (fabric, when read)
         self._write_lock = threading.Lock() if self._dialect == "sqlite" else nullcontext()
+        self._last_ids = CoalescedRead(self._read_last_measurement_id)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -257,6 +259,10 @@ class SqlStore(Store):
                 for r in rows]
 
     def last_measurement_id(self, fabric_id: str) -> int:
+        """Concurrent callers share one query that started after each of them called (`coalesce`)."""
+        return self._last_ids.read(fabric_id)
+
+    def _read_last_measurement_id(self, fabric_id: str) -> int:
         query = select(func.max(measurements.c.id)).where(measurements.c.fabric_id == fabric_id)
         with self.engine.connect() as conn:
             return conn.execute(query).scalar_one() or 0

@@ -130,7 +130,8 @@ class Agent:
                 job_id=config.inspector_job_id,
             )
             self.inspector = InspectorFollower(reader, self.ingest, interval_s=config.inspector_interval_s)
-            self.metrics.track_inspector(lambda: reader.skipped, lambda: reader.cpu_timed)
+            self.metrics.track_inspector(lambda: reader.skipped, lambda: reader.cpu_timed,
+                                         lambda: reader.other_config)
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="dynamiccl-window", daemon=True)
 

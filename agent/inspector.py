@@ -1,4 +1,6 @@
-"""Follows NCCL Inspector's JSON-lines dumps (NCCL_INSPECTOR_DUMP_DIR) and yields Measurements.
+"""Follows NCCL Inspector's dumps (NCCL_INSPECTOR_DUMP_DIR) and yields Measurements: its JSON
+lines, and its Prometheus textfiles (`*.prom`, `NCCL_INSPECTOR_PROM_DUMP=1`; inspector_prom.py
+says how those are read).
 
 Which records count: every rank of a communicator writes its own record of
 the same collective call. Only the records of rank 0 are used: each
@@ -28,23 +30,29 @@ Offsets belong to a file's identity (device and inode), not its name: a path
 that now names a new file (rotation: inode changed) is read from the start,
 the renamed old file keeps its offset (no record read twice), and a file that
 shrank below its offset (truncated in place) is read again from the start.
+A textfile is rewritten every interval: what was read of it is remembered
+by length, digest and modification time, and only what is new is read (the
+lines appended within an interval, or the whole file once it is rewritten).
 The offsets live in a JSON state file replaced atomically, so an agent
 restart resumes where it was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import tempfile
 import threading
 from collections.abc import Callable
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from dynamiccl.agent.inspector_prom import is_textfile, parse_textfile
 from dynamiccl.agent_api import JOB_ID_FILE
 from dynamiccl.schemas import DEFAULT_CONFIG, Context, Measurement, NcclConfig
 
@@ -123,6 +131,10 @@ def record_to_measurement(record: dict[str, Any], config: NcclConfig, job_id: st
 _DECODER = json.JSONDecoder()
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def records(text: str) -> tuple[list[Any], int, int]:
     """The JSON values in `text`, written one a line (NCCL's writer) or pretty-printed over several
     (the README's examples): (values, characters consumed, malformed stretches skipped). An
@@ -163,6 +175,7 @@ class InspectorReader:
         self._folder_jobs: dict[str, str] = {}  # dump folder name -> its job id
         self.skipped = 0  # malformed or invalid records
         self.cpu_timed = 0  # records timed on the CPU: counted, not used as latencies
+        self.other_config = 0  # textfile buckets NCCL ran with another pair than the job forced
         # Keyed by file identity (device:inode), not path: a file rotated by renaming keeps its
         # offset, so its records are not read twice; a path that now names a new file starts at 0.
         self._offsets: dict[str, dict[str, int | str]] = self._load_state()
@@ -170,7 +183,9 @@ class InspectorReader:
     def _load_state(self) -> dict[str, dict[str, int | str]]:
         try:
             state = json.loads(self.state_file.read_text())
-            return {str(k): {"path": str(v["path"]), "offset": int(v["offset"])} for k, v in state.items()}
+            return {str(k): {"path": str(v["path"]), "offset": int(v["offset"]),
+                             **({"digest": str(v["digest"]), "mtime": int(v["mtime"])} if "digest" in v else {})}
+                    for k, v in state.items()}
         except FileNotFoundError:
             return {}
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -202,13 +217,19 @@ class InspectorReader:
     def poll(self) -> list[Measurement]:
         """New measurements since the last poll; the offsets are saved before returning."""
         out: list[Measurement] = []
+        textfiles: dict[str | None, list[tuple[str, float]]] = defaultdict(list)  # per job: (new text, mtime)
         seen: set[str] = set()
         changed = False
         for path in self._files():
             try:
-                changed |= self._read(path, seen, out)
+                if is_textfile(path.name):
+                    changed |= self._read_textfile(path, seen, textfiles)
+                else:
+                    changed |= self._read(path, seen, out)
             except OSError as error:  # vanished or unreadable meanwhile: try again next poll
                 log.debug("skipping %s: %s", path, error)
+        for job_id, texts in textfiles.items():  # a job's GPUs together: one sample per communicator
+            self._parse_textfiles(texts, job_id, out)
         for gone in set(self._offsets) - seen:  # deleted files
             del self._offsets[gone]
             changed = True
@@ -241,6 +262,40 @@ class InspectorReader:
             self._parse(value, out, job_id)
         self._offsets[key] = {"path": str(path), "offset": offset + end}
         return True
+
+    def _read_textfile(self, path: Path, seen: set[str], textfiles: dict[str | None, list[tuple[str, float]]]) -> bool:
+        """What is new in a Prometheus textfile (see the module docstring), queued for parsing."""
+        with path.open("rb") as f:
+            stat = os.fstat(f.fileno())
+            key = f"{stat.st_dev}:{stat.st_ino}"
+            seen.add(key)
+            complete = f.read(MAX_READ_BYTES)
+        complete = complete[:complete.rfind(b"\n") + 1]  # a line being written is read next time
+        saved = self._offsets.get(key)
+        state = {"path": str(path), "offset": len(complete), "digest": _digest(complete), "mtime": stat.st_mtime_ns}
+        if saved == state:
+            return False
+        offset = int(saved["offset"]) if saved else 0
+        appended = (saved is not None and offset <= len(complete)
+                    and saved.get("digest") == _digest(complete[:offset])
+                    and (offset < len(complete) or saved.get("mtime") == stat.st_mtime_ns))
+        new = complete[offset:] if appended else complete
+        if new:
+            textfiles[self.job_id or self._job_of(path)].append((new.decode("utf-8", errors="replace"), stat.st_mtime))
+        self._offsets[key] = state
+        return True
+
+    def _parse_textfiles(self, texts: list[tuple[str, float]], job_id: str | None, out: list[Measurement]) -> None:
+        try:
+            read = parse_textfile("".join(text for text, _ in texts), self.config, job_id,
+                                  max(mtime for _, mtime in texts))
+        except ValueError as error:  # not Prometheus text at all
+            self.skipped += 1
+            log.debug("skipping an inspector textfile: %s", error)
+            return
+        self.skipped += read.malformed
+        self.other_config += read.other_config
+        out.extend(read.measurements)
 
     def _job_of(self, path: Path) -> str | None:
         """A job's own dump folder, `<dump_dir>/<job>/...` (what `dynamiccl launch` sets up), names

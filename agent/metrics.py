@@ -62,10 +62,11 @@ class AgentMetrics:
         )
         self.inspector_unused = Gauge(
             "dynamiccl_agent_inspector_records_unused",
-            "NCCL Inspector records read but not used as measurements: malformed, or timed on the CPU",
+            "NCCL Inspector records read but not used as measurements: malformed, timed on the CPU, or (a "
+            "textfile's) run by NCCL with another algorithm and protocol than the job forced",
             ["reason"], registry=r,
         )
-        for reason in ("malformed", "cpu_timed"):
+        for reason in ("malformed", "cpu_timed", "other_config"):
             self.inspector_unused.labels(reason)  # 0 until an Inspector reader is attached
         self.recommend = Counter(
             "dynamiccl_agent_recommend_answers", "Recommendations answered, by where they came from",
@@ -80,9 +81,11 @@ class AgentMetrics:
             self.calls.labels(collective).inc(m.count)
             self.bytes.labels(collective).inc(m.context.nbytes * m.count)
 
-    def track_inspector(self, skipped: Callable[[], int], cpu_timed: Callable[[], int]) -> None:
+    def track_inspector(self, skipped: Callable[[], int], cpu_timed: Callable[[], int],
+                        other_config: Callable[[], int]) -> None:
         self.inspector_unused.labels("malformed").set_function(skipped)
         self.inspector_unused.labels("cpu_timed").set_function(cpu_timed)
+        self.inspector_unused.labels("other_config").set_function(other_config)
 
     def track_spool(self, depth: Callable[[], int], size: Callable[[], int]) -> None:
         self.spool_depth.set_function(depth)

@@ -133,27 +133,32 @@ def reduce_from(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     return _ReduceFrom.apply(x, tp) if tp.size > 1 else x
 
 
-class ColumnParallelLinear(nn.Module):
+class _ShardedLinear(nn.Linear):
+    """A bias-free `nn.Linear` holding this rank's shard of `full_weight` along `dim` (with one
+    rank, the whole layer: then DTensor's `parallelize_module` can split it instead)."""
+
+    def __init__(self, full_weight: torch.Tensor, tp: TensorParallel, dim: int) -> None:
+        shard = tp.shard(full_weight, dim=dim)
+        super().__init__(shard.shape[1], shard.shape[0], bias=False, device="meta")
+        self.weight = nn.Parameter(shard)
+
+
+class ColumnParallelLinear(_ShardedLinear):
     """y_local = x @ W[cols of this rank]^T (no bias): the output stays split across ranks."""
 
     def __init__(self, full_weight: torch.Tensor, tp: TensorParallel) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(tp.shard(full_weight, dim=0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.t()
+        super().__init__(full_weight, tp, dim=0)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardedLinear):
     """Takes an input split by columns; the partial products are summed by `reduce_from`."""
 
     def __init__(self, full_weight: torch.Tensor, tp: TensorParallel) -> None:
-        super().__init__()
+        super().__init__(full_weight, tp, dim=1)
         self.tp = tp
-        self.weight = nn.Parameter(tp.shard(full_weight, dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from(x @ self.weight.t(), self.tp)
+        return reduce_from(super().forward(x), self.tp)
 
 
 class VocabParallelEmbedding(nn.Module):

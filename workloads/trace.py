@@ -15,6 +15,10 @@ and a node holds `gpus_per_node` consecutive ranks. Per step, on one rank:
   Under sequence parallelism those two activation all-reduces are each an
   all-gather plus a reduce-scatter, and the norms' gradients (computed on
   sequence shards) are summed over the group in one all-reduce a step.
+  With `dtensor` (DTensor's `parallelize_module` of the blocks only,
+  workloads/dtensor.py): per layer and micro-batch, 2 all-reduces forward
+  and 5 backward (each column-split projection reduces its input gradient),
+  and none for the replicated embedding, output layer and loss.
 * PP: a point-to-point call per micro-batch and direction across each of the
   stage's boundaries (activations forward, gradients back; divided by TP
   under sequence parallelism), on the two-rank group of the pair.
@@ -41,6 +45,8 @@ from dataclasses import dataclass
 from dynamiccl.schemas import Collective, Context, WeightedContext
 
 _FP32 = 4
+#: Per block and micro-batch, the all-reduces of DTensor's tensor parallelism (workloads/dtensor.py).
+DTENSOR_FORWARD_ALL_REDUCES, DTENSOR_BACKWARD_ALL_REDUCES = 2, 5
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class Layout:
     sequence_parallel: bool = False
     bucket_bytes: int = 25 * 1024 * 1024  # DDP's default bucket cap
     fsdp: bool = False  # data parallelism by FSDP2 instead of DDP's all-reduce
+    dtensor: bool = False  # tensor parallelism by DTensor's parallelize_module (blocks only)
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp", "gpus_per_node", "micro_batches", "micro_batch_size", "seq_len"):
@@ -114,7 +121,12 @@ def step_trace(model: ModelShape, layout: Layout, stage: int = 0) -> list[TraceE
     micro = layout.micro_batches
     activation = layout.micro_batch_size * layout.seq_len * model.hidden * layout.dtype_bytes
 
-    if layout.tp > 1:
+    if layout.tp > 1 and layout.dtensor:
+        tp_group = [layout.rank(t, 0, stage) for t in range(layout.tp)]
+        shape = dict(nranks=layout.tp, nnodes=layout.nodes_of(tp_group))
+        entries[(Context(collective=Collective.allreduce, nbytes=activation, **shape), "tp")] += \
+            (DTENSOR_FORWARD_ALL_REDUCES + DTENSOR_BACKWARD_ALL_REDUCES) * layers * micro
+    elif layout.tp > 1:
         tp_group = [layout.rank(t, 0, stage) for t in range(layout.tp)]
         shape = dict(nranks=layout.tp, nnodes=layout.nodes_of(tp_group))
         per_step = 4 * layers * micro  # 2 forward + 2 backward per layer and micro-batch

@@ -10,8 +10,10 @@ reduce-scattered); with several stages, each
 stage's gradients are all-reduced after the pipeline flush from one flat
 buffer cut into `--bucket-mb` buckets (as Megatron does: DDP cannot follow
 gradients that several micro-batches' backward passes accumulate out of
-order). The task is synthetic: each token follows from the one before, so a
-model that learns shows a loss falling from ln(vocab) towards zero.
+order). Tensor parallelism is Megatron-style layers on plain collectives, or
+with `--dtensor` PyTorch's DTensor (`parallelize_module`, workloads/dtensor.py).
+The task is synthetic: each token follows from the one before, so a model that
+learns shows a loss falling from ln(vocab) towards zero.
 
 `--out DIR` writes one JSON file a rank: its coordinates, the step losses
 (last stage), and with `--profile` the collectives it issued, as the
@@ -34,6 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from dynamiccl.workloads.dtensor import parallelize_blocks
 from dynamiccl.workloads.model import GPTConfig, RMSNorm, Stage
 from dynamiccl.workloads.parallel import TensorParallel
 from dynamiccl.workloads.pipeline import PipelineStage, Schedule
@@ -88,7 +91,12 @@ class Trainer:
                  schedule: Schedule = Schedule.one_f_one_b, lr: float = 3e-3) -> None:
         self.config, self.layout, self.groups, self.device = config, layout, groups, device
         self.schedule = schedule
-        self.stage = Stage(config, groups.where.pp, layout.pp, groups.tp).to(device)
+        if layout.dtensor:  # built whole, then split by DTensor over the tensor-parallel group
+            self.stage = Stage(config, groups.where.pp, layout.pp).to(device)
+            if groups.tp.group is not None:
+                parallelize_blocks(self.stage, DeviceMesh.from_group(groups.tp.group, device.type))
+        else:
+            self.stage = Stage(config, groups.where.pp, layout.pp, groups.tp).to(device)
         self.model: torch.nn.Module = self.stage
         if layout.fsdp and groups.dp is not None:
             mesh = DeviceMesh.from_group(groups.dp, device.type)
@@ -191,6 +199,9 @@ def main(
                                                        "tensor-parallel layers (all-gather / reduce-scatter)"),
     fsdp: bool = typer.Option(False, help="data parallelism by FSDP2 (fully_shard) instead of DDP; one "
                                           "pipeline stage, no sequence parallelism"),
+    dtensor: bool = typer.Option(False, help="tensor parallelism by DTensor (parallelize_module with "
+                                             "ColwiseParallel / RowwiseParallel) instead of the Megatron-style "
+                                             "layers; one pipeline stage and data-parallel replica"),
     seed: int = typer.Option(0),
     profile: bool = typer.Option(False, help="record the collectives issued (written with --out)"),
     out: Path | None = typer.Option(None, help="directory for one JSON result file per rank"),
@@ -204,9 +215,12 @@ def main(
     if fsdp and (pp > 1 or sequence_parallel):
         raise typer.BadParameter("FSDP2 here shards one pipeline stage without sequence parallelism: "
                                  "use --pp 1 and no --sequence-parallel", param_hint="--fsdp")
+    if dtensor and (pp > 1 or dp > 1 or sequence_parallel):
+        raise typer.BadParameter("DTensor tensor parallelism here runs alone: use --pp 1 --dp 1 and no "
+                                 "--sequence-parallel", param_hint="--dtensor")
     layout = Layout(tp=tp, pp=pp, dp=dp, micro_batches=micro_batches, micro_batch_size=micro_batch_size,
                     seq_len=seq_len, dtype_bytes=4, grad_bytes=4, bucket_bytes=int(bucket_mb * 2**20),
-                    sequence_parallel=sequence_parallel, fsdp=fsdp,
+                    sequence_parallel=sequence_parallel, fsdp=fsdp, dtensor=dtensor,
                     gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", tp * pp * dp)))
     cuda = torch.cuda.is_available()
     if cuda:

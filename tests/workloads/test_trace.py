@@ -28,6 +28,13 @@ def test_tensor_parallel_all_reduces_activations_four_times_per_layer_and_micro_
     assert (entry.context.nranks, entry.context.nnodes) == (8, 1)
 
 
+def test_dtensor_tensor_parallelism_all_reduces_seven_times_per_layer_and_micro_batch_and_nothing_else():
+    layout = Layout(tp=8, micro_batches=2, micro_batch_size=1, seq_len=8192, dtensor=True)
+    trace = step_trace(LLAMA3_8B, layout)
+    assert [(e.context.collective, e.context.nbytes, e.calls) for e in trace] == [
+        (Collective.allreduce, 8192 * 4096 * 2, (2 + 5) * 32 * 2)]  # replicated embedding, output and loss
+
+
 def test_vocab_parallel_cross_entropy_all_reduces_three_fp32_values_a_token_on_the_last_stage():
     layout = Layout(tp=2, pp=2, micro_batches=3, micro_batch_size=2, seq_len=16)
     last = by_kind(step_trace(TINY, layout, stage=1))

@@ -96,6 +96,14 @@ def test_hybrid_layout_matches_the_single_process_loss_and_issues_the_traced_col
                                   sequence_parallel=sequence_parallel))
 
 
+def test_dtensor_tensor_parallelism_matches_the_single_process_loss_and_issues_the_traced_all_reduces(
+        tmp_path: Path, reference: list[float]) -> None:
+    results = train(tmp_path, "dtensor", tp=2, micro=2 * MICRO, extra=("--dtensor", "--profile"))
+    assert mean_losses(results) == pytest.approx(reference, rel=1e-4, abs=1e-5)
+    assert_traced(results, Layout(tp=2, gpus_per_node=2, micro_batches=2 * MICRO, micro_batch_size=MICRO_SIZE,
+                                  seq_len=MODEL["seq_len"], dtype_bytes=4, grad_bytes=4, dtensor=True))
+
+
 def test_fsdp2_with_tensor_parallelism_issues_the_traced_all_gathers_and_reduce_scatters(
         tmp_path: Path, reference: list[float]) -> None:
     results = train(tmp_path, "fsdp", tp=2, dp=2, extra=("--fsdp", "--profile"))

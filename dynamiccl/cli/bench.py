@@ -101,7 +101,7 @@ def _config_env(text: str, collective: Collective) -> dict[str, str]:
 
 def _launch(command: list[str], env: dict[str, str], backend: Backend, job: str | None,
             agent_url: str | None) -> int:
-    from dynamiccl.agent.launcher import Mode, launch
+    from dynamiccl.agent.launch.launcher import Mode, launch
 
     environ = {**os.environ, **env}
     if backend is Backend.gloo:

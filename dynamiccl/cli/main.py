@@ -53,7 +53,7 @@ def doctor(
     from rich.console import Console
     from rich.markup import escape
 
-    from dynamiccl.agent.doctor import Node, Status, diagnose
+    from dynamiccl.agent.launch.doctor import Node, Status, diagnose
     from dynamiccl.agent_api import DEFAULT_AGENT_URL
 
     node = Node(environ=dict(os.environ), agent_url=agent_url or DEFAULT_AGENT_URL, server_url=server_url)
@@ -117,8 +117,8 @@ def agent(
                                                      "the node's jobs (default SPOOL/rules)"),
 ) -> None:
     """Run the node agent: collects measurements, spools and sends them, serves recommendations."""
-    from dynamiccl.agent.cli import run_agent
-    from dynamiccl.agent.fabric_detect import FabricOverrides
+    from dynamiccl.agent.daemon.cli import run_agent
+    from dynamiccl.agent.daemon.fabric_detect import FabricOverrides
 
     overrides = FabricOverrides(
         gpu=gpu, gpus_per_node=gpus_per_node, intra_node=intra_node, inter_node=inter_node,
@@ -149,8 +149,8 @@ def launch(
                                                  "built automatically; another one means env mode)"),
 ) -> None:
     """Run COMMAND (after --) with the job's learned NCCL configuration and the profiler on."""
-    from dynamiccl.agent.launcher import Mode
-    from dynamiccl.agent.launcher import launch as run_launch
+    from dynamiccl.agent.launch.launcher import Mode
+    from dynamiccl.agent.launch.launcher import launch as run_launch
 
     try:
         chosen = Mode(mode.lower())

@@ -21,8 +21,8 @@ def plugin() -> None:
 @app.command()
 def build(force: bool = typer.Option(False, "--force", help="compile even if this source was built already")) -> None:
     """Compile the plugin into ~/.cache/dynamiccl/plugin (once per source version) and print its path."""
-    from dynamiccl.agent.tuner_plugin.build import PluginBuildError
-    from dynamiccl.agent.tuner_plugin.build import build as build_plugin
+    from dynamiccl.agent.plugin.build import PluginBuildError
+    from dynamiccl.agent.plugin.build import build as build_plugin
 
     console = Console(stderr=True, soft_wrap=True)
     try:
@@ -51,9 +51,9 @@ def check(rules_file: Annotated[Path, typer.Argument(help="a rules file in the f
                                                            "plugin (or DynamICCL's sectioned one)")]) -> None:
     """Read RULES_FILE through the plugin itself and print each rule as it understood it, or each line it
     refuses and why. Exits 1 if any line is refused or the file cannot be used."""
-    from dynamiccl.agent.tuner_plugin.build import PluginBuildError
-    from dynamiccl.agent.tuner_plugin.build import build as build_plugin
-    from dynamiccl.agent.tuner_plugin.check import check_rules_file
+    from dynamiccl.agent.plugin.build import PluginBuildError
+    from dynamiccl.agent.plugin.build import build as build_plugin
+    from dynamiccl.agent.plugin.check import check_rules_file
 
     errors = Console(stderr=True, soft_wrap=True)
     try:
@@ -78,7 +78,7 @@ def check(rules_file: Annotated[Path, typer.Argument(help="a rules file in the f
 @app.command()
 def show(rules_file: Annotated[Path, typer.Argument(help="the rules file NCCL_TUNER_CONFIG_FILE names")]) -> None:
     """Print what the plugin chose per communicator and size class, from its reports next to RULES_FILE."""
-    from dynamiccl.agent.tuner_plugin.report import read_reports
+    from dynamiccl.agent.plugin.report import read_reports
 
     console = Console(soft_wrap=True)
     reports = read_reports(rules_file)

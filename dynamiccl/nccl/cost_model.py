@@ -415,7 +415,7 @@ class NcclCostModel:
     def resolve_rules(self, context: Context, rules_text: str, example_plugin: bool = False) -> NcclConfig:
         """What NCCL runs with a tuner plugin loaded with these rules (numPipeOps 1, regBuff 0).
 
-        Both DynamICCL's plugin (agent/tuner_plugin/dynamiccl_tuner.c) and NCCL's example
+        Both DynamICCL's plugin (agent/plugin/dynamiccl_tuner.c) and NCCL's example
         plugin apply `applied_rule` (the first match whose pair NCCL offers): its pair gets cost
         0, so NCCL runs it. DynamICCL's plugin runs it on the rule's channel count or, with -1,
         on NCCL's own count for the pair, and leaves a call without an applied rule to NCCL,

@@ -169,7 +169,7 @@ def applied_rule(
     (algorithm, protocol) pair NCCL offers (`usable`); a covering rule whose pair NCCL marks
     unavailable gives way to the next. None means NCCL's own choice for the whole call.
 
-    This is the one Python reference of how DynamICCL's plugin (agent/tuner_plugin/
+    This is the one Python reference of how DynamICCL's plugin (agent/plugin/
     dynamiccl_tuner.c, tested against it call for call) and NCCL's example plugin pick a rule;
     they differ only in the channels of what no rule sets (NCCL's count, or one channel)."""
     return next(

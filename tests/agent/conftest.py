@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dynamiccl.agent.tuner_plugin.build import NoCompiler, build
+from dynamiccl.agent.plugin.build import NoCompiler, build
 from dynamiccl.schemas import Context, Measurement, NcclConfig
 
 

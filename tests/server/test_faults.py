@@ -24,8 +24,8 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from dynamiccl.agent.sender import Sender
-from dynamiccl.agent.spool import Spool
+from dynamiccl.agent.daemon.sender import Sender
+from dynamiccl.agent.daemon.spool import Spool
 from dynamiccl.client import DynamicclClient
 from dynamiccl.schemas import Measurement
 from dynamiccl.server.app import create_app

@@ -52,6 +52,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dynamiccl.agent.daemon.inspector_names import COLLECTIVES, PER_RANK_SIZES, nccl_name
 from dynamiccl.agent.daemon.inspector_prom import is_textfile, parse_textfile
 from dynamiccl.agent_api import JOB_ID_FILE
 from dynamiccl.schemas import DEFAULT_CONFIG, Context, Measurement, NcclConfig
@@ -59,20 +60,6 @@ from dynamiccl.schemas import DEFAULT_CONFIG, Context, Measurement, NcclConfig
 log = logging.getLogger("dynamiccl.agent.daemon.inspector")
 
 MAX_READ_BYTES = 16 << 20  # per file and poll: bounds memory for a huge backlog
-#: NCCL's function names (ncclFuncToString), lowercased without punctuation.
-_COLLECTIVES = {
-    "allreduce": "allreduce",
-    "allgather": "allgather",
-    "reducescatter": "reducescatter",
-    "broadcast": "broadcast",
-    "reduce": "reduce",
-    "alltoall": "alltoall",
-    "all2all": "alltoall",
-}
-#: Inspector's `coll_msg_size_bytes` is typeSize x count of the call: per rank for these (the
-#: send count of an allgather, the receive count of a reducescatter, the per-peer count of an
-#: alltoall), so the total that NCCL's tuner and nccl-tests count is that times n_ranks.
-_PER_RANK_SIZES = frozenset({"allgather", "reducescatter", "alltoall"})
 #: The only timing that measures the collective itself; CPU-side fallbacks are another quantity.
 GPU_TIMING = "kernel_gpu"
 
@@ -81,26 +68,22 @@ class NotGpuTimed(ValueError):
     """A record timed on the CPU (`coll_timing_source` other than kernel_gpu)."""
 
 
-def _name(value: Any) -> str:
-    return "".join(c for c in str(value).lower() if c.isalnum())
-
-
 def record_to_measurement(record: dict[str, Any], config: NcclConfig, job_id: str | None) -> Measurement | None:
     """One Inspector record as a Measurement, or None when it is not counted (see module docstring);
     NotGpuTimed for a record timed on the CPU."""
     header = record.get("header") or {}
     if "coll_perf" in record:
         perf = record["coll_perf"]
-        collective = _COLLECTIVES.get(_name(perf.get("coll", "")))
+        collective = COLLECTIVES.get(nccl_name(perf.get("coll", "")))
         if collective is None or header.get("rank") != 0:
             return None
         nbytes, exec_us = perf.get("coll_msg_size_bytes"), perf.get("coll_exec_time_us")
         timing = perf.get("coll_timing_source", GPU_TIMING)
-        if collective in _PER_RANK_SIZES and isinstance(nbytes, int):
+        if collective in PER_RANK_SIZES and isinstance(nbytes, int):
             nbytes *= header.get("n_ranks") if isinstance(header.get("n_ranks"), int) else 1
     elif "p2p_perf" in record:
         perf = record["p2p_perf"]
-        if _name(perf.get("p2p", "")) != "send":
+        if nccl_name(perf.get("p2p", "")) != "send":
             return None
         collective = "sendrecv"
         nbytes, exec_us = perf.get("p2p_msg_size_bytes"), perf.get("p2p_exec_time_us")

@@ -15,7 +15,7 @@ and `nccl_p2p_bus_bandwidth_gbs` / `nccl_p2p_exec_time_microseconds` with a
 * The time is the bucket's mean; no call count is written, so each bucket of
   each interval is one measurement (`count` 1).
 * `message_size` is a range of Inspector's per-rank size (`[4, 5) MiB`; per
-  rank for allgather, reducescatter and alltoall, as in its JSON). The size of
+  rank for allgather, reducescatter and alltoall, as in its JSON: `PER_RANK_SIZES`). The size of
   the calls is recovered from the bandwidth: Inspector's bus bandwidth is
   API.md's `nbytes` / time x the collective's bus factor, so `nbytes` is
   bandwidth x time / factor (exact when the bucket's calls are alike),
@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from dynamiccl.agent.daemon.inspector_names import COLLECTIVES, PER_RANK_SIZES, nccl_name
 from dynamiccl.schemas import Context, Measurement, NcclConfig
 
 COLLECTIVE_TIME = "nccl_collective_exec_time_microseconds"
@@ -46,20 +47,6 @@ P2P_TIME = "nccl_p2p_exec_time_microseconds"
 P2P_BANDWIDTH = "nccl_p2p_bus_bandwidth_gbs"
 _SIZE_RANGE = re.compile(r"^(\d+)-(\d+)(B|KB|MB|GB|TB)$")
 _UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
-
-
-def _name(value: str) -> str:
-    return "".join(c for c in value.lower() if c.isalnum())
-
-
-#: NCCL's function names (ncclFuncToString), lowercased without punctuation.
-COLLECTIVES = {
-    "allreduce": "allreduce", "allgather": "allgather", "allgatherv": "allgather",
-    "reducescatter": "reducescatter", "broadcast": "broadcast", "reduce": "reduce",
-    "alltoall": "alltoall", "all2all": "alltoall",
-}
-#: Collectives whose Inspector size is per rank (see inspector.py).
-PER_RANK_SIZES = frozenset({"allgather", "reducescatter", "alltoall"})
 
 
 class PromBucketError(ValueError):
@@ -125,13 +112,13 @@ def _pair(algo_proto: str) -> tuple[str, str] | None:
     algo, _, proto = algo_proto.partition("_")
     if not proto or "unknown" in (algo.lower(), proto.lower()):
         return None
-    return _name(algo), _name(proto)
+    return nccl_name(algo), nccl_name(proto)
 
 
 def _told_pair(config: NcclConfig) -> tuple[str, str] | None:
     if config.algo is None or config.proto is None:
         return None
-    return _name(str(config.algo)), _name(str(config.proto))
+    return nccl_name(str(config.algo)), nccl_name(str(config.proto))
 
 
 def parse_textfile(text: str, config: NcclConfig, job_id: str | None, ts: float | None) -> TextfileRead:
@@ -175,11 +162,11 @@ def _measurement(labels: dict[str, str], exec_us: float, busbw: float | None, co
     """A bucket's measurement; OTHER_CONFIG; or None for what is not counted (as in inspector.py:
     the receiving side of a transfer, a name that is not a collective, no timing)."""
     if "p2p_operation" in labels:
-        if _name(labels["p2p_operation"]) != "send":
+        if nccl_name(labels["p2p_operation"]) != "send":
             return None  # each transfer is counted on its sending side
         collective = "sendrecv"
     else:
-        collective = COLLECTIVES.get(_name(labels.get("collective", "")))
+        collective = COLLECTIVES.get(nccl_name(labels.get("collective", "")))
         if collective is None:
             return None
         told, ran = _told_pair(config), _pair(labels.get("algo_proto", ""))

@@ -1,7 +1,7 @@
 """The node agent: wires spool, aggregator, sender, registrar, recommender and the Inspector follower.
 
 Plugin-mode jobs registered by the launcher are tuned online by
-`OnlineTuner` (see plugin_online): a rules section per tuning round.
+`OnlineJobs` (plugin/online.py): a rules section per tuning round.
 
 Data path: local API or Inspector -> `Agent.ingest` -> aggregator (memory, one
 window) -> spool (disk) -> sender -> server. Whatever reached the spool
@@ -26,7 +26,7 @@ from dynamiccl.schemas import DEFAULT_CONFIG, Fabric, Measurement, NcclConfig, W
 from dynamiccl.agent.daemon.aggregator import DEFAULT_WINDOW_S, Aggregator
 from dynamiccl.agent.daemon.inspector import InspectorFollower, InspectorReader
 from dynamiccl.agent.daemon.metrics import AgentMetrics
-from dynamiccl.agent.plugin.online import OnlineTuner
+from dynamiccl.agent.plugin.online import OnlineJobs
 from dynamiccl.agent.daemon.reco_cache import RecommendationCache
 from dynamiccl.agent.daemon.recommender import Recommender
 from dynamiccl.agent_api import Answer
@@ -112,7 +112,7 @@ class Agent:
             self.workload,
             on_unknown_fabric=self.registrar.request,
         )
-        self.online = OnlineTuner(
+        self.online = OnlineJobs(
             query_client,
             config.fabric_id,
             lambda job_id: self.workload.contexts(job_id),

@@ -2,7 +2,7 @@
 
 A job launched with `dynamiccl launch --mode plugin` hands its launch rules
 (version 0: the job's pinned recommendation) to the agent, which writes them
-into a file of its own in its rules directory (`OnlineTuner.rules_dir`, shared
+into a file of its own in its rules directory (`OnlineJobs.rules_dir`, shared
 with the node's jobs) and loads DynamICCL's tuner plugin on that file. The
 agent rewrites no other file: no caller names a path. For round r = 0, 1, 2, ... the
 agent asks the server `/v1/suggest` for the job's contexts with the job id and
@@ -222,7 +222,7 @@ class RegistrationError(ValueError):
     """A registration the agent refuses (the launcher runs the job with its launch rules)."""
 
 
-class OnlineTuner:
+class OnlineJobs:
     """The agent's plugin-mode jobs, each with its publisher, ticked by one thread.
 
     Jobs are keyed by rules file: two launchers of one job on a node have

@@ -16,7 +16,7 @@ from dynamiccl.agent.daemon.app import create_app
 from dynamiccl.agent.daemon.agent import Agent, AgentConfig
 from dynamiccl.agent.hook.table import CallKey, ConfigResolver, to_measurements
 from dynamiccl.agent.plugin.online import (
-    OnlineTuner,
+    OnlineJobs,
     Outcome,
     PluginJob,
     RegistrationError,
@@ -80,12 +80,12 @@ class SuggestServer:
         return DynamicclClient("http://fake", attempts=1, transport=self.transport)
 
 
-def node(server: SuggestServer, rules_dir: Path, contexts: list[Context], round_calls: int = 100) -> OnlineTuner:
-    """One node's agent side: a tuner with its own client, its own record of the job's contexts and
+def node(server: SuggestServer, rules_dir: Path, contexts: list[Context], round_calls: int = 100) -> OnlineJobs:
+    """One node's agent side: its online jobs with its own client, its own record of the job's contexts and
     its own rules directory, with job-7 registered on the launch rules BASE."""
-    tuner = OnlineTuner(server.client(), "fab", lambda job: contexts, CollectorRegistry(), rules_dir=rules_dir)
-    tuner.register("job-7", BASE, round_calls)
-    return tuner
+    online = OnlineJobs(server.client(), "fab", lambda job: contexts, CollectorRegistry(), rules_dir=rules_dir)
+    online.register("job-7", BASE, round_calls)
+    return online
 
 
 def write_report(path: Path, calls: int, late: int = 0, pid: int = 4242, version: int | None = 0) -> None:
@@ -130,8 +130,8 @@ def test_rounds_0_to_2_become_sections_at_round_switch_points(tmp_path: Path) ->
 
 def test_a_round_is_published_when_due_and_a_late_one_is_flagged(tmp_path: Path) -> None:
     server = SuggestServer()
-    tuner = node(server, tmp_path, [SMALL, LARGE])
-    publisher = tuner.jobs()[0]
+    online = node(server, tmp_path, [SMALL, LARGE])
+    publisher = online.jobs()[0]
     path = publisher.job.rules_file
     write_report(path, calls=49)
     assert publisher.tick() == [] and len(parse_schedule(path.read_text())) == 1  # due at 100 - 50
@@ -140,7 +140,7 @@ def test_a_round_is_published_when_due_and_a_late_one_is_flagged(tmp_path: Path)
     write_report(path, calls=300, late=2)  # this node fell behind: rounds 1 and 2 are past their switch
     assert publisher.tick() == [Outcome.late, Outcome.late]
     assert [s.from_call for s in parse_schedule(path.read_text())] == [0, 100, 200, 300]
-    metrics = tuner.metrics
+    metrics = online.metrics
     assert metrics.rounds.labels("published")._value.get() == 1
     assert metrics.rounds.labels("late")._value.get() == 2
     assert metrics.late_switches._value.get() == 2  # what the plugin itself reported
@@ -309,9 +309,9 @@ def test_the_agent_keeps_a_registered_jobs_rules_in_its_own_file_and_tunes_it_un
 def test_a_rules_directory_the_agent_cannot_write_refuses_the_registration(tmp_path: Path) -> None:
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("")
-    tuner = OnlineTuner(SuggestServer().client(), "fab", lambda job: [], CollectorRegistry(), rules_dir=blocked)
+    online = OnlineJobs(SuggestServer().client(), "fab", lambda job: [], CollectorRegistry(), rules_dir=blocked)
     with pytest.raises(RegistrationError, match="cannot write into its rules directory"):
-        tuner.register("job-7", BASE, 100)
+        online.register("job-7", BASE, 100)
 
 
 def test_a_fresh_publisher_resumes_after_the_last_published_round(tmp_path: Path) -> None:

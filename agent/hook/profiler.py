@@ -6,7 +6,7 @@
 `dynamiccl launch` does this for an unmodified script (sitecustomize).
 
 Where calls are seen: a Python kernel for each c10d dispatcher operator
-(`hook_ops.C10D_OPS`: `c10d::allreduce_`, `c10d::_allgather_base_`, ...),
+(`ops.C10D_OPS`: `c10d::allreduce_`, `c10d::_allgather_base_`, ...),
 registered at the ADInplaceOrView dispatch key, which runs before the
 operator's CPU/CUDA kernel for every caller: DDP's C++ reducer, FSDP2,
 functional collectives (DTensor, `torch.compile`), coalesced calls. It notes
@@ -18,7 +18,7 @@ call themselves and run it with the kernels excluded, so nothing is counted
 twice. `isend`/`irecv` stay the objects `P2POp` compares against.
 
 How calls are timed:
-- NCCL: ProcessGroupNCCL's own CUDA-event timing (see hook_nccl); the hook
+- NCCL: ProcessGroupNCCL's own CUDA-event timing (see `nccl`); the hook
   only records the op's size under its sequence number.
 - gloo (and any non-NCCL backend): wall time. Through a Python entry point:
   blocking calls around the call, async ones until the Work's `wait()`
@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from dynamiccl.agent.hook import nccl as hook_nccl
+from dynamiccl.agent.hook import nccl as nccl_timing
 from dynamiccl.agent.hook.ops import C10D_OPS, P2P_METHODS, PYTHON_FUNCTIONS, C10dOp, PythonOp, total_bytes
 from dynamiccl.agent.hook.poster import Poster
 from dynamiccl.agent.hook.table import CallKey, CallTable, ConfigResolver, to_measurements
@@ -81,7 +81,7 @@ class GroupInfo:
     nranks: int = 1
     nnodes: int = 1
     nccl: bool = False
-    ledger: hook_nccl.SizeLedger | None = None
+    ledger: nccl_timing.SizeLedger | None = None
     last_end: float = 0.0
 
 
@@ -217,8 +217,8 @@ class Profiler:
         nccl_class = getattr(dist, "ProcessGroupNCCL", None)
         if not reports or nccl_class is None or not isinstance(backend, nccl_class):
             return info
-        ledger = hook_nccl.SizeLedger(self.record)
-        why_not = hook_nccl.register(pg, backend, ledger)
+        ledger = nccl_timing.SizeLedger(self.record)
+        why_not = nccl_timing.register(pg, backend, ledger)
         if why_not is not None:
             print(f"dynamiccl hook: NCCL calls on this group are not timed: {why_not}", file=sys.stderr)
             return GroupInfo(member=False)

@@ -45,8 +45,8 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 

@@ -12,7 +12,8 @@ Per database and worker count, a real `dynamiccl server` on 127.0.0.1 is driven 
   distinct contexts drawn at random from the 132 (random weights), to `/v1/recommend`, to
   `/v1/suggest` unpinned and pinned (a job and round, as an online tuning round asks), and
   to `/healthz`, the floor: the same server, the same HTTP stack and concurrency, no work.
-  Each latency is printed beside the floor's, as a ratio. A warm-up of one request per
+  Each latency is printed beside the floor's, as a ratio, and with the server's CPU time a
+  request (its processes' user and system time over the phase). A warm-up of one request per
   client precedes each phase (a fresh worker decides each context once per snapshot);
 * small batches: the same 20 clients post batches of 10 measurements, as node agents do each
   window: batches answered a second;
@@ -96,20 +97,42 @@ def fresh_postgres() -> str:
     return POSTGRES_URL
 
 
-def rss_mib(pid: int) -> float:
-    """Resident memory of a process and its children (uvicorn's workers), MiB."""
-    total = 0
-    pids = [pid]
+def _process_tree(pid: int) -> list[int]:
+    """A process and its descendants (uvicorn's workers)."""
+    found, pids = [], [pid]
     while pids:
         current = pids.pop()
         try:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        found.append(current)
+        pids += [int(child) for child in children]
+    return found
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process and its children, MiB."""
+    total = 0
+    for current in _process_tree(pid):
+        try:
             status = Path(f"/proc/{current}/status").read_text()
             total += int(re.search(r"^VmRSS:\s+(\d+)", status, re.MULTILINE).group(1))
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
         except (OSError, AttributeError):
             continue
-        pids += [int(child) for child in children]
     return total / 1024
+
+
+def cpu_s(pid: int) -> float:
+    """CPU time (user and system) a process and its children have used, seconds."""
+    total = 0
+    for current in _process_tree(pid):
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def refits(url: str) -> float:
@@ -122,13 +145,15 @@ class Latencies:
     p50_ms: float
     p99_ms: float
     per_second: float  # timed requests answered a second, all clients together
+    cpu_ms: float  # the server's CPU time a request (all its processes, warm-ups and background work included)
 
 
 #: One request: method, path and JSON body (None: no body).
 Request = tuple[str, str, dict | None]
 
 
-def under_load(url: str, request: Callable[[np.random.Generator], Request], requests: int) -> Latencies:
+def under_load(url: str, server_pid: int, request: Callable[[np.random.Generator], Request],
+               requests: int) -> Latencies:
     """CONCURRENCY clients on keep-alive connections, each sending one warm-up and then
     `requests` timed requests. Bodies are encoded before the clock starts and clients use the
     standard library's HTTP client, so that on a machine shared with the server the clients
@@ -160,10 +185,12 @@ def under_load(url: str, request: Callable[[np.random.Generator], Request], requ
         return latencies[1:]  # the first is the warm-up
 
     spans: list[float] = []
+    cpu_before = cpu_s(server_pid)
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         latencies = np.concatenate(list(pool.map(client, range(CONCURRENCY)))) * 1000
+    cpu_ms = (cpu_s(server_pid) - cpu_before) * 1000 / (CONCURRENCY * (requests + 1))
     return Latencies(float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
-                     len(latencies) / (max(spans) - min(spans)))
+                     len(latencies) / (max(spans) - min(spans)), cpu_ms)
 
 
 def drawn(contexts: list[Context], rng: np.random.Generator, weighted: bool = True) -> list[dict]:
@@ -252,7 +279,7 @@ def _drive(server: ServiceProcess, bodies: list[dict], contexts: list[Context], 
         return "POST", "/v1/measurements", {"fabric_id": FABRIC_ID, "batch_id": f"small-{rng.integers(1 << 62)}",
                                             "measurements": [sample[i] for i in chosen]}
 
-    phases = {name: under_load(url, call, requests) for name, call in (
+    phases = {name: under_load(url, server.process.pid, call, requests) for name, call in (
         ("healthz", healthz), ("recommend", recommend), ("suggest", suggest), ("suggest pinned", suggest_pinned),
         ("small batches", small_batch))}  # last: its measurements set off refits
     return {"ingest": ingest, "lag_s": lag_s, "took_in": took_in, "refit_s": refit_s, "phases": phases,
@@ -277,7 +304,7 @@ def main(
                 results.append((name, count, measure(url, count, bodies, contexts, clients, requests)))
 
     latency = Table(title=f"Latency under {CONCURRENCY} concurrent clients, {PER_REQUEST} distinct contexts a "
-                          f"request (p50 / p99 ms, and p99 over the /healthz floor)")
+                          f"request (p50 / p99 ms, p99 over the /healthz floor, server CPU a request)")
     for column in ("database", "workers", "/healthz (floor)", "recommend", "suggest", "suggest (job, round)"):
         latency.add_column(column, justify="right")
     for name, count, r in results:
@@ -286,7 +313,7 @@ def main(
 
         def cell(phase: str) -> str:
             p = phases[phase]
-            return f"{p.p50_ms:.1f} / {p.p99_ms:.1f} ({p.p99_ms / floor:.1f}x)"
+            return f"{p.p50_ms:.1f} / {p.p99_ms:.1f} ({p.p99_ms / floor:.1f}x, {p.cpu_ms:.1f} ms CPU)"
 
         latency.add_row(name, str(count), f"{phases['healthz'].p50_ms:.1f} / {floor:.1f}", cell("recommend"),
                         cell("suggest"), cell("suggest pinned"))

@@ -98,8 +98,9 @@ class Store(ABC):
         """The value pinned under `key`, if any and not expired."""
 
     @abstractmethod
-    def prune_pins(self) -> int:
-        """Delete expired pins and the oldest beyond the store's bound; how many went."""
+    def prune_pins(self, slack: int = 0) -> int:
+        """Delete expired pins and, once more than `slack` beyond the store's bound are kept, the
+        oldest beyond the bound; how many went."""
 
     @abstractmethod
     def close(self) -> None: ...

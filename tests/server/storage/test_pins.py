@@ -70,6 +70,17 @@ def test_pins_are_bounded_oldest_first(url):
     assert store.pinned("job-0") is None
 
 
+def test_pinning_trims_to_the_bound_once_a_tenth_over_it(url):
+    """Finding the oldest sorts every pin: the prunes that follow pinning leave a tenth of room."""
+    store = SqlStore(url, max_pins=640)
+    for batch in range(11):  # 704 pins: over the bound by its tenth, not more
+        store.pin_many({f"job-{batch}-{k}": "v" for k in range(64)})
+    assert count(store) == 704
+    store.pin_many({f"job-11-{k}": "v" for k in range(64)})
+    assert count(store) == 640  # the two oldest batches went
+    assert store.pinned("job-1-63") is None and store.pinned("job-2-0") == "v"
+
+
 def test_the_bounds_come_from_the_environment(sqlite_url, monkeypatch):
     monkeypatch.setenv("DYNAMICCL_PIN_TTL_S", "60")
     monkeypatch.setenv("DYNAMICCL_MAX_PINS", "10")

@@ -47,8 +47,11 @@ def suggestion_seed(fabric_id: str, job_id: str | None, round_index: int | None)
 
 
 def fresh_suggestions(contexts: Sequence[Context], picks: Sequence[Pick]) -> list[Suggestion]:
-    return [Suggestion(context=context, config=pick.config, kind=pick.kind, suggestion_id=f"s-{secrets.token_hex(8)}")
-            for context, pick in zip(contexts, picks)]
+    """Unpinned suggestions, each with a random id (read from the system in one call: a call per
+    id, under 20 concurrent requests, cost a fifth of a request's time)."""
+    ids = secrets.token_hex(8 * len(picks))
+    return [Suggestion(context=context, config=pick.config, kind=pick.kind, suggestion_id=f"s-{ids[16 * i:16 * i + 16]}")
+            for i, (context, pick) in enumerate(zip(contexts, picks))]
 
 
 def pinned_suggestions(store: Store, fabric_id: str, job_id: str, round_index: int,

@@ -54,8 +54,11 @@ class Plan:
     novel: tuple[int, float] | None
 
     def choose(self, rng: np.random.Generator) -> Choice:
-        """An exploring plan draws (a seeded `rng` makes replicas draw alike)."""
-        return Choice(int(rng.choice(self.indices)) if self.explore else self.indices[0], self.explore)
+        """An exploring plan draws (a seeded `rng` makes replicas draw alike). The draw is
+        `rng.choice(indices)`'s, without its conversion of the tuple to an array (12 us a call)."""
+        if not self.explore:
+            return Choice(self.indices[0], False)
+        return Choice(self.indices[int(rng.integers(len(self.indices)))], True)
 
 
 def expected_improvement(best: float, mean: np.ndarray, std: np.ndarray) -> np.ndarray:

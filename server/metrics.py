@@ -104,7 +104,7 @@ class ServerMetrics:
             sums = totals.setdefault((collective.value, size_class(nbytes), kind), [0.0, 0.0, 0.0])
             sums[0] += count
             sums[1] += seconds
-            sums[2] += nbytes * bus_factor(context) * count
+            sums[2] += nbytes * bus_factor(context.collective, context.nranks) * count
         for (collective, size, kind), (calls, seconds, bus_bytes) in totals.items():
             self.measured_calls.labels(fabric_id, collective, size, kind).inc(calls)
             self.measured_seconds.labels(fabric_id, collective, size, kind).inc(seconds)

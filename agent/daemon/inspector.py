@@ -48,7 +48,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
@@ -114,8 +114,20 @@ def record_to_measurement(record: dict[str, Any], config: NcclConfig, job_id: st
 _DECODER = json.JSONDecoder()
 
 
+#: Per job, what is new in its textfiles: (text, modification time), parsed together.
+Textfiles = dict[str | None, list[tuple[str, float]]]
+
+
 def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _identity(f: BinaryIO, seen: set[str]) -> tuple[str, os.stat_result]:
+    """An open file's key in the offsets (device and inode: the file, not its name), noted as seen."""
+    stat = os.fstat(f.fileno())
+    key = f"{stat.st_dev}:{stat.st_ino}"
+    seen.add(key)
+    return key, stat
 
 
 def records(text: str) -> tuple[list[Any], int, int]:
@@ -200,7 +212,7 @@ class InspectorReader:
     def poll(self) -> list[Measurement]:
         """New measurements since the last poll; the offsets are saved before returning."""
         out: list[Measurement] = []
-        textfiles: dict[str | None, list[tuple[str, float]]] = defaultdict(list)  # per job: (new text, mtime)
+        textfiles: Textfiles = defaultdict(list)
         seen: set[str] = set()
         changed = False
         for path in self._files():
@@ -222,9 +234,7 @@ class InspectorReader:
 
     def _read(self, path: Path, seen: set[str], out: list[Measurement]) -> bool:
         with path.open("rb") as f:
-            stat = os.fstat(f.fileno())
-            key = f"{stat.st_dev}:{stat.st_ino}"
-            seen.add(key)
+            key, stat = _identity(f, seen)
             saved = self._offsets.get(key)
             offset = int(saved["offset"]) if saved else 0
             if stat.st_size < offset:  # truncated in place
@@ -246,12 +256,10 @@ class InspectorReader:
         self._offsets[key] = {"path": str(path), "offset": offset + end}
         return True
 
-    def _read_textfile(self, path: Path, seen: set[str], textfiles: dict[str | None, list[tuple[str, float]]]) -> bool:
+    def _read_textfile(self, path: Path, seen: set[str], textfiles: Textfiles) -> bool:
         """What is new in a Prometheus textfile (see the module docstring), queued for parsing."""
         with path.open("rb") as f:
-            stat = os.fstat(f.fileno())
-            key = f"{stat.st_dev}:{stat.st_ino}"
-            seen.add(key)
+            key, stat = _identity(f, seen)
             complete = f.read(MAX_READ_BYTES)
         complete = complete[:complete.rfind(b"\n") + 1]  # a line being written is read next time
         saved = self._offsets.get(key)

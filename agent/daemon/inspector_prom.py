@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynamiccl.agent.daemon.inspector_names import COLLECTIVES, PER_RANK_SIZES, nccl_name
+from dynamiccl.nccl.cost_model import bus_factor
 from dynamiccl.schemas import Context, Measurement, NcclConfig
 
 COLLECTIVE_TIME = "nccl_collective_exec_time_microseconds"
@@ -77,27 +78,16 @@ def size_range(label: str) -> tuple[int, int]:
     return int(match.group(1)) * unit, int(match.group(2)) * unit
 
 
-def bus_factor(collective: str, nranks: int) -> float:
-    """Inspector's bus-bandwidth factor (inspectorComputeOpBw); 0 where it writes no bandwidth."""
-    if collective == "allreduce":
-        return 2 * (nranks - 1) / nranks
-    if collective in ("allgather", "reducescatter"):
-        return (nranks - 1) / nranks
-    if collective in ("broadcast", "reduce", "sendrecv"):
-        return 1.0
-    return 0.0
-
-
 def call_size(collective: str, nranks: int, size_label: str, exec_us: float, busbw_gbs: float | None) -> int:
     """API.md's `nbytes` of a bucket's calls (see the module docstring)."""
     low, high = size_range(size_label)
     if collective in PER_RANK_SIZES:
         low, high = low * nranks, high * nranks
-    factor = bus_factor(collective, nranks)
+    factor = bus_factor(collective, nranks)  # Inspector's factors; it writes no alltoall bandwidth (0)
     if busbw_gbs and busbw_gbs > 0 and factor > 0:
         estimate = busbw_gbs * 1e9 * exec_us * 1e-6 / factor
         return int(min(max(estimate, low), high - 1))
-    return int(math.sqrt(max(low, 1) * high)) if low else high // 2
+    return math.isqrt(low * high) if low else high // 2
 
 
 def _int_label(labels: dict[str, str], name: str) -> int:

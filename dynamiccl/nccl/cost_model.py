@@ -437,17 +437,17 @@ class NcclCostModel:
         return self.resolve(context, rule.config)
 
 
-def bus_factor(context: Context) -> float:
+def bus_factor(collective: Collective, nranks: int) -> float:
     """nccl-tests' bus bandwidth factor: 2(n-1)/n for allreduce, (n-1)/n for allgather,
     reducescatter and alltoall, 1 for broadcast, reduce and send/recv."""
-    n = context.nranks
-    if context.collective is Collective.allreduce:
+    n = nranks
+    if collective == Collective.allreduce:
         return 2 * (n - 1) / n
-    if context.collective in (Collective.allgather, Collective.reducescatter, Collective.alltoall):
+    if collective in (Collective.allgather, Collective.reducescatter, Collective.alltoall):
         return (n - 1) / n
     return 1.0
 
 
 def bus_bandwidth_gbs(context: Context, latency_us: float) -> float:
     """nccl-tests' busbw (GB/s): algbw = size / time, times the collective's bus factor."""
-    return context.nbytes / (latency_us * 1e3) * bus_factor(context)
+    return context.nbytes / (latency_us * 1e3) * bus_factor(context.collective, context.nranks)

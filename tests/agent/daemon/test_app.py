@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,15 +12,6 @@ from dynamiccl.agent.daemon.agent import Agent, AgentConfig
 from dynamiccl.schemas import Fabric
 
 FABRIC = Fabric(gpu="cpu", gpus_per_node=1, intra_node="pcie", inter_node="none", nics_per_node=0)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 @pytest.fixture
@@ -48,7 +37,7 @@ def body(make_measurement, n: int = 3, job_id: str | None = "job-1") -> dict:
         make_measurement(nbytes=1000 + i, job_id=None).model_dump(mode="json") for i in range(n)]}
 
 
-def test_measurements_reach_the_server(make_agent, fake_server, make_measurement):
+def test_measurements_reach_the_server(make_agent, fake_server, make_measurement, wait_for):
     agent, client = make_agent()
     response = client.post("/local/v1/measurements", json=body(make_measurement, 5))
     assert response.status_code == 202 and response.json() == {"accepted": 5}
@@ -73,7 +62,7 @@ def test_measurements_reach_the_server(make_agent, fake_server, make_measurement
     ({"measurements": "nope"}, "measurements"),
     ({"job_id": ""}, "job_id"),
 ])
-def test_bad_input_is_a_422_naming_the_field(make_agent, fake_server, make_measurement, payload, field):
+def test_bad_input_is_a_422_naming_the_field(make_agent, fake_server, make_measurement, payload, field, wait_for):
     agent, client = make_agent()
     response = client.post("/local/v1/measurements", json=payload)
     assert response.status_code == 422
@@ -84,7 +73,7 @@ def test_bad_input_is_a_422_naming_the_field(make_agent, fake_server, make_measu
     assert wait_for(lambda: fake_server.measurements == 3)
 
 
-def test_a_config_the_fabric_cannot_run_is_refused_alone(make_agent, fake_server, make_measurement):
+def test_a_config_the_fabric_cannot_run_is_refused_alone(make_agent, fake_server, make_measurement, wait_for):
     """NVLS on a PCIe node among ten measurements: a 422 naming it, and the nine others delivered."""
     agent, client = make_agent()
     payload = body(make_measurement, 10)
@@ -116,7 +105,7 @@ def test_too_many_measurements_are_refused(make_agent, make_measurement):
     assert response.status_code == 422 and "measurements" in response.json()["detail"][0]["loc"]
 
 
-def test_starts_without_the_server_and_delivers_later(make_agent, fake_server, make_measurement):
+def test_starts_without_the_server_and_delivers_later(make_agent, fake_server, make_measurement, wait_for):
     fake_server.down = True
     agent, client = make_agent()
     assert client.post("/local/v1/measurements", json=body(make_measurement, 4)).status_code == 202
@@ -127,7 +116,7 @@ def test_starts_without_the_server_and_delivers_later(make_agent, fake_server, m
     assert "cpu-test" in fake_server.fabrics
 
 
-def test_recommend_server_then_cache_then_default(make_agent, fake_server, tmp_path, make_measurement):
+def test_recommend_server_then_cache_then_default(make_agent, fake_server, tmp_path, make_measurement, wait_for):
     agent, client = make_agent()
     contexts = [{"collective": "allreduce", "nbytes": 1 << 20, "nranks": 8, "nnodes": 1, "weight": 3}]
     assert wait_for(lambda: "cpu-test" in fake_server.fabrics)
@@ -145,7 +134,7 @@ def test_recommend_server_then_cache_then_default(make_agent, fake_server, tmp_p
     assert again["source"] == "cache" and again["env"] == first["env"]
 
 
-def test_recommend_uses_the_recorded_workload(make_agent, fake_server, make_measurement):
+def test_recommend_uses_the_recorded_workload(make_agent, fake_server, make_measurement, wait_for):
     agent, client = make_agent()
     assert wait_for(lambda: "cpu-test" in fake_server.fabrics)
     nothing = client.post("/local/v1/recommend", json={"job_id": "job-1"}).json()
@@ -162,7 +151,7 @@ def test_recommend_bad_input(make_agent):
     assert response.status_code == 422 and "contexts" in response.json()["detail"][0]["loc"]
 
 
-def test_inspector_dumps_flow_to_the_server(make_agent, fake_server, tmp_path):
+def test_inspector_dumps_flow_to_the_server(make_agent, fake_server, tmp_path, wait_for):
     dumps = tmp_path / "inspector"
     dumps.mkdir()
     agent, client = make_agent(inspector_dir=dumps, inspector_interval_s=0.05, inspector_job_id="job-i")

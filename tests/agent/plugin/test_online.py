@@ -7,7 +7,6 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -265,17 +264,8 @@ class Routes:
         return self.rest.handle(request)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 def test_the_agent_keeps_a_registered_jobs_rules_in_its_own_file_and_tunes_it_until_unregistered(
-        tmp_path: Path, fake_server) -> None:
+        tmp_path: Path, fake_server, wait_for) -> None:
     server = SuggestServer()
     fabric = Fabric(gpu="cpu", gpus_per_node=1, intra_node="pcie", inter_node="none", nics_per_node=0)
     config = AgentConfig(server="http://fake", fabric_id="cpu-test", fabric=fabric, spool_dir=tmp_path / "spool",

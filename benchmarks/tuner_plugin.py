@@ -29,9 +29,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from dynamiccl.agent.plugin.rules import RulesFile
 from dynamiccl.agent.plugin.build import build, find_compiler
 from dynamiccl.agent.plugin.driver import TunerLibrary
+from dynamiccl.agent.plugin.rules import RulesFile
 from dynamiccl.nccl.tuner_rules import RULE_COLLECTIVES, TunerRule
 from dynamiccl.schemas import Algo, Collective, Proto
 

@@ -19,21 +19,20 @@ from pathlib import Path
 
 import httpx
 
-from dynamiccl.client import DynamicclClient
-from dynamiccl.nccl.space import InvalidConfig, check_config
-from dynamiccl.schemas import DEFAULT_CONFIG, Fabric, Measurement, NcclConfig, WeightedContext
-
 from dynamiccl.agent.daemon.aggregator import DEFAULT_WINDOW_S, Aggregator
 from dynamiccl.agent.daemon.inspector import InspectorFollower, InspectorReader
 from dynamiccl.agent.daemon.metrics import AgentMetrics
-from dynamiccl.agent.plugin.online import OnlineJobs
 from dynamiccl.agent.daemon.reco_cache import RecommendationCache
 from dynamiccl.agent.daemon.recommender import Recommender
-from dynamiccl.agent_api import Answer
 from dynamiccl.agent.daemon.registrar import Registrar
 from dynamiccl.agent.daemon.sender import Sender
 from dynamiccl.agent.daemon.spool import DEFAULT_MAX_BATCHES, DEFAULT_MAX_BYTES, Spool
 from dynamiccl.agent.daemon.workload import JobSummary, WorkloadRecorder
+from dynamiccl.agent.plugin.online import OnlineJobs
+from dynamiccl.agent_api import Answer
+from dynamiccl.client import DynamicclClient
+from dynamiccl.nccl.space import InvalidConfig, check_config
+from dynamiccl.schemas import DEFAULT_CONFIG, Fabric, Measurement, NcclConfig, WeightedContext
 
 log = logging.getLogger("dynamiccl.agent")
 

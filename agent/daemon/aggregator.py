@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from dynamiccl.schemas import MAX_BATCH_MEASUREMENTS, MAX_COUNT, Measurement
-
 from dynamiccl.agent.daemon.spool import Spool
+from dynamiccl.schemas import MAX_BATCH_MEASUREMENTS, MAX_COUNT, Measurement
 
 DEFAULT_WINDOW_S = 10.0
 DEFAULT_MAX_KEYS = MAX_BATCH_MEASUREMENTS

@@ -19,6 +19,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from dynamiccl import __version__
+from dynamiccl.agent.daemon.agent import Agent
+from dynamiccl.agent.plugin.online import RegistrationError
 from dynamiccl.agent_api import (
     JOBS_PATH,
     MEASUREMENTS_PATH,
@@ -34,9 +36,6 @@ from dynamiccl.agent_api import (
     PluginRegistration,
     PluginUnregistration,
 )
-
-from dynamiccl.agent.daemon.agent import Agent
-from dynamiccl.agent.plugin.online import RegistrationError
 
 
 def create_app(agent: Agent, manage_agent: bool = True) -> FastAPI:

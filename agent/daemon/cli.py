@@ -18,12 +18,11 @@ from pathlib import Path
 import uvicorn
 from prometheus_client import start_http_server
 
+from dynamiccl.agent.daemon.agent import Agent, AgentConfig
+from dynamiccl.agent.daemon.app import create_app
+from dynamiccl.agent.daemon.fabric_detect import FabricOverrides, default_fabric_id, detect_fabric
 from dynamiccl.agent_api import UNIX_SCHEME, unix_socket_path
 from dynamiccl.schemas import FABRIC_ID_RE
-
-from dynamiccl.agent.daemon.app import create_app
-from dynamiccl.agent.daemon.agent import Agent, AgentConfig
-from dynamiccl.agent.daemon.fabric_detect import FabricOverrides, default_fabric_id, detect_fabric
 
 DEFAULT_LISTEN = "127.0.0.1:7461"
 

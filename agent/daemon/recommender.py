@@ -13,12 +13,11 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
+from dynamiccl.agent.daemon.reco_cache import RecommendationCache
+from dynamiccl.agent.daemon.workload import WorkloadRecorder
 from dynamiccl.agent_api import DEFAULT_ANSWER, Answer
 from dynamiccl.client import ApiError, DynamicclClient
 from dynamiccl.schemas import WeightedContext
-
-from dynamiccl.agent.daemon.reco_cache import RecommendationCache
-from dynamiccl.agent.daemon.workload import WorkloadRecorder
 
 log = logging.getLogger("dynamiccl.agent.recommend")
 

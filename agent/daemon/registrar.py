@@ -13,10 +13,9 @@ import threading
 
 import httpx
 
+from dynamiccl.agent.daemon.sender import backoff_delay
 from dynamiccl.client import ApiError, DynamicclClient
 from dynamiccl.schemas import Fabric
-
-from dynamiccl.agent.daemon.sender import backoff_delay
 
 log = logging.getLogger("dynamiccl.agent.daemon.registrar")
 

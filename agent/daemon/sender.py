@@ -29,10 +29,9 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
+from dynamiccl.agent.daemon.spool import Spool, SpooledBatch
 from dynamiccl.client import ApiError, DynamicclClient
 from dynamiccl.schemas import Measurement
-
-from dynamiccl.agent.daemon.spool import Spool, SpooledBatch
 
 log = logging.getLogger("dynamiccl.agent.daemon.sender")
 

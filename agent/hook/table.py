@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from dynamiccl.agent.plugin.rules import Section, is_own_plugin, parse_schedule
 from dynamiccl.agent.plugin.report import CommReport, PluginReport, parse_report
-
+from dynamiccl.agent.plugin.rules import Section, is_own_plugin, parse_schedule
 from dynamiccl.nccl.env import EnvSetting, parse_env
 from dynamiccl.nccl.space import InvalidConfig
 from dynamiccl.nccl.tuner_rules import TunerRule, first_match, parse_rules

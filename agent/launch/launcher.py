@@ -47,11 +47,11 @@ from types import FrameType
 import httpx
 from rich.console import Console
 
-from dynamiccl.agent.plugin.online import DEFAULT_ROUND_CALLS, ROUND_CALLS_ENV
-from dynamiccl.agent.plugin.rules import HEADER_TAG, is_own_plugin
 from dynamiccl.agent.plugin.build import PluginBuildError
 from dynamiccl.agent.plugin.build import build as build_plugin
+from dynamiccl.agent.plugin.online import DEFAULT_ROUND_CALLS, ROUND_CALLS_ENV
 from dynamiccl.agent.plugin.report import remove_reports
+from dynamiccl.agent.plugin.rules import HEADER_TAG, is_own_plugin
 from dynamiccl.agent_api import AGENT_URL_ENV, DEFAULT_AGENT_URL, DEFAULT_ANSWER, JOB_ID_FILE, Answer, path_safe
 from dynamiccl.agent_client import AgentClient, AgentError
 from dynamiccl.client import DynamicclClient

@@ -59,14 +59,13 @@ from pathlib import Path
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from dynamiccl.agent.plugin.report import read_reports
+from dynamiccl.agent.plugin.rules import RulesFile, Section, suggestion_rules, valid_suggestion_id
 from dynamiccl.agent_api import MAX_RULES_BYTES, path_safe
 from dynamiccl.client import ApiError, DynamicclClient
 from dynamiccl.nccl.space import InvalidConfig
 from dynamiccl.nccl.tuner_rules import RULE_COLLECTIVES
 from dynamiccl.schemas import Context, Suggestion
-
-from dynamiccl.agent.plugin.rules import RulesFile, Section, suggestion_rules, valid_suggestion_id
-from dynamiccl.agent.plugin.report import read_reports
 
 log = logging.getLogger("dynamiccl.agent.online")
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from dynamiccl.agent.daemon.app import create_app
 from dynamiccl.agent.daemon.agent import Agent, AgentConfig
+from dynamiccl.agent.daemon.app import create_app
 from dynamiccl.schemas import Fabric
 
 FABRIC = Fabric(gpu="cpu", gpus_per_node=1, intra_node="pcie", inter_node="none", nics_per_node=0)

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from dynamiccl.agent_api import JOB_ID_FILE
 from dynamiccl.agent.daemon.inspector import InspectorReader
+from dynamiccl.agent_api import JOB_ID_FILE
 from dynamiccl.schemas import NcclConfig
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 
 from dynamiccl.agent.daemon.sender import Sender, backoff_delay, part_id

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from dynamiccl.agent.launch.doctor import Finding, Node, Status, _clock, diagnose
 from dynamiccl.agent.daemon.fabric_detect import TorchInfo
+from dynamiccl.agent.launch.doctor import Finding, Node, Status, _clock, diagnose
 from dynamiccl.agent.plugin.driver import TunerLibrary, plugin_environment
 from dynamiccl.cli.main import app
 

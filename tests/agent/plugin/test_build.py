@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from dynamiccl.agent.plugin import rules as plugin_rules
-from dynamiccl.agent.plugin.rules import RulesFile, Section, parse_schedule, rules_from_suggestions, switch_call
 from dynamiccl.agent.plugin import build as build_module
+from dynamiccl.agent.plugin import rules as plugin_rules
 from dynamiccl.agent.plugin.build import NoCompiler, PluginBuildError, build, cache_dir, find_compiler
 from dynamiccl.agent.plugin.report import config_that_ran, read_reports, remove_reports
+from dynamiccl.agent.plugin.rules import RulesFile, Section, parse_schedule, rules_from_suggestions, switch_call
 from dynamiccl.nccl.space import InvalidConfig
 from dynamiccl.nccl.tuner_rules import parse_rules
 from dynamiccl.schemas import Algo, Context, NcclConfig, Proto, Suggestion

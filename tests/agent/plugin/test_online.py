@@ -11,9 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from dynamiccl.agent.daemon.app import create_app
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
 from dynamiccl.agent.daemon.agent import Agent, AgentConfig
+from dynamiccl.agent.daemon.app import create_app
 from dynamiccl.agent.hook.table import CallKey, ConfigResolver, to_measurements
+from dynamiccl.agent.plugin.driver import TunerLibrary
 from dynamiccl.agent.plugin.online import (
     OnlineJobs,
     Outcome,
@@ -23,10 +27,6 @@ from dynamiccl.agent.plugin.online import (
     canonical_contexts,
 )
 from dynamiccl.agent.plugin.rules import expected_rule, parse_schedule
-from dynamiccl.agent.plugin.driver import TunerLibrary
-from fastapi.testclient import TestClient
-from prometheus_client import CollectorRegistry
-
 from dynamiccl.client import DynamicclClient
 from dynamiccl.nccl.tuner_rules import TunerRule
 from dynamiccl.schemas import Algo, Collective, Context, Fabric, Measurement, NcclConfig, Proto

@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dynamiccl.agent.plugin.rules import RulesFile, Section, expected_rule, render_schedule
+from dynamiccl.agent.plugin.check import check_rules_file
 from dynamiccl.agent.plugin.driver import (
     ALGOS,
+    EXPORTED_VERSIONS,
     PROTOS,
     Communicator,
-    EXPORTED_VERSIONS,
     Decision,
     TunerLibrary,
     cost_table,
     full_table,
 )
-from dynamiccl.agent.plugin.check import check_rules_file
 from dynamiccl.agent.plugin.report import read_reports
+from dynamiccl.agent.plugin.rules import RulesFile, Section, expected_rule, render_schedule
 from dynamiccl.cli.plugin import app
 from dynamiccl.nccl.tuner_rules import applied_rule, parse_rules
 from dynamiccl.schemas import Algo, Collective, Context, Proto

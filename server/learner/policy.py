@@ -22,15 +22,19 @@ import numpy as np
 from scipy.special import ndtr  # the standard normal CDF (scipy.stats costs a second to import)
 
 from dynamiccl.server.learner.base import Estimate
-from dynamiccl.server.learner.guard import CONFIDENCE, MIN_SAMPLES, probability_of_gain
+from dynamiccl.server.learner.guard import MIN_SAMPLES, probability_of_gain
 
 SQRT_2PI = math.sqrt(2.0 * math.pi)
 #: Future uses of a context that an exploration's finding would speed up.
 HORIZON = 25.0
 #: Samples of the NCCL default, the baseline of every comparison, before anything else is tried.
 DEFAULT_SAMPLES = 3
-#: Samples of the best config worth taking to confirm its gain before exploring further.
+#: Samples of the best config worth taking to confirm its gain before exploring further (once
+#: nothing is worth exploring, the less certain of it and the default is measured until confirmed).
 CONFIRM_SAMPLES = 8
+#: Probability of its gain at which a best config counts as confirmed: above the guard's
+#: CONFIDENCE, so that the next samples do not take back the recommendation.
+CONFIRMED = 0.99
 #: How far (log scale) NCCL's model may be off for an (algorithm, protocol) nobody measured near
 #: a size: per effect, clusters depart from it by up to 2-3x.
 NOVEL_STD = 0.5
@@ -140,15 +144,15 @@ def _unconfirmed(default: Estimate, incumbent: Estimate) -> bool:
     if incumbent.samples < MIN_SAMPLES or not incumbent.trusted:
         return incumbent.samples < CONFIRM_SAMPLES
     fewest = min(default.samples, incumbent.samples)
-    return probability_of_gain(default, incumbent) < CONFIDENCE and fewest < CONFIRM_SAMPLES
+    return probability_of_gain(default, incumbent) < CONFIRMED and fewest < CONFIRM_SAMPLES
 
 
 def _confirm(estimates: Sequence[Estimate], best: int) -> int:
     """Exploiting the best known config, or the default where the default is the less certain
-    of the two and the gain is not yet confident enough to recommend: a gain that cannot be
-    confirmed is never used."""
+    of the two and the gain is not yet confirmed: a gain that cannot be confirmed is never
+    used."""
     default = estimates[0]
     if best == 0 or default.std <= estimates[best].std:
         return best
-    return 0 if probability_of_gain(default, estimates[best]) < CONFIDENCE else best
+    return 0 if probability_of_gain(default, estimates[best]) < CONFIRMED else best
 

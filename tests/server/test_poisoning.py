@@ -32,7 +32,7 @@ def test_one_source_posting_more_samples_gets_no_more_say():
 
 def test_agreeing_sources_corroborate_and_dissent_contests():
     honest = cell(("a", 100.0), ("b", 103.0), ("c", 98.0))
-    assert honest.corroborated() and math.exp(honest.location()) == pytest.approx(100.0)
+    assert honest.corroborated() and math.exp(honest.location()) == pytest.approx((100.0 * 103.0 * 98.0) ** (1 / 3))
     assert not cell(("a", 100.0), ("a", 101.0), ("a", 99.0)).corroborated(), "one source, however many samples"
     assert not cell(("liar-1", 10.0), ("liar-2", 10.0), ("honest", 100.0)).corroborated(), \
         "a claim someone else measured and could not reproduce"

@@ -35,6 +35,14 @@ def test_the_default_is_measured_again_to_confirm_an_uncertain_gain():
     assert choice.index == 0
 
 
+def test_a_gain_just_confident_enough_to_recommend_is_confirmed_before_exploring_resumes():
+    # P(gain) ~0.97: the guard recommends it, but its next samples could take that back
+    default, incumbent, unexplored = est(100, std=0.02), est(95, std=0.01, samples=8), est(90, std=0.2, samples=0)
+    assert plan([default, incumbent, unexplored]).choose(RNG) == Choice(0, explore=False)
+    confirmed = est(100, std=0.01, samples=8)
+    assert plan([confirmed, incumbent, unexplored]).choose(RNG).index == 2
+
+
 def test_a_config_known_to_be_slow_is_never_tried():
     choice = plan([est(100), est(150, std=0.02, samples=0)]).choose(RNG)
     assert choice.index == 0 and not choice.explore

@@ -33,9 +33,11 @@ for transfer to neighbouring sizes and similar fabrics, and for the surrogate:
 * a source whose claims others keep refuting is not listened to at all
   (`distrusted_sources`);
 * what a fabric with the same hardware measured stands in for this fabric's
-  own measurements (at `TRANSFER_WEIGHT`) only while the two agree where
-  both measured the same cells (`behaves_alike`): the same GPUs and links
-  need not behave the same, and a fabric's own evidence outranks a twin's;
+  own measurements (in the surrogate at `TRANSFER_WEIGHT`; as a cell's
+  evidence, `TRANSFER_STD` wider, where this fabric has no samples of it)
+  only while the two agree where both measured the same cells
+  (`behaves_alike`): the same GPUs and links need not behave the same, and a
+  fabric's own evidence outranks a twin's;
 * verified in use: a config that a source ran (twice or more) and found
   slower than NCCL's default, against its own measurements of the default
   where it has them, is withdrawn (`slower_in_use`): not recommended again,
@@ -212,7 +214,8 @@ class Snapshot:
 
     def estimates(self, requests: Sequence[tuple[Context, Sequence[NcclConfig]]]) -> list[list[Estimate]]:
         """Posterior per config of each context: the surrogate's prediction combined with the
-        config's own samples (precision-weighted), in one batched model call."""
+        config's own samples, or a similar fabric's (precision-weighted), in one batched model
+        call."""
         pairs = [(context, config) for context, configs in requests for config in configs]
         means, stds, novel = self.model.predict(pairs)
         results, index = [], 0
@@ -238,13 +241,21 @@ class Snapshot:
 
     def _combine(self, key: ContextKey, near: list[ContextKey], config_key: tuple, mean: float, std: float,
                  unexplored: bool) -> Estimate:
+        """The surrogate's prediction combined with the cell's own samples or, where this fabric
+        has none, with what a fabric like it measured there (TRANSFER_STD wider)."""
         cell = self.cells.get((key, config_key))
-        if cell is not None:  # the model learned from this very cell: do not count it twice
+        evidence = None
+        if cell is not None:
+            evidence = (cell.location, cell.std_error)
+        elif (donor := self.donor_cells.get((key, config_key))) is not None and donor.n >= 2 and donor.trusted:
+            evidence = (donor.location, math.hypot(donor.std_error, TRANSFER_STD))
+        if evidence is not None:  # the model learned from this very cell: do not count it twice
             std = max(std, MODEL_STD_WITH_DATA)
         precision, weighted = 1.0 / std**2, mean / std**2
-        if cell is not None:
-            precision += 1.0 / cell.std_error**2
-            weighted += cell.location / cell.std_error**2
+        if evidence is not None:
+            location, spread = evidence
+            precision += 1.0 / spread**2
+            weighted += location / spread**2
         transferred = self._transferred(key, near, config_key)
         return Estimate(
             mean=weighted / precision,
@@ -252,7 +263,7 @@ class Snapshot:
             samples=cell.n if cell else 0,
             transferred=transferred,
             trusted=cell.trusted if cell is not None else transferred,
-            novel=bool(unexplored) and cell is None,
+            novel=bool(unexplored) and evidence is None,
         )
 
     def _transferred(self, key: ContextKey, near: list[ContextKey], config_key: tuple) -> bool:

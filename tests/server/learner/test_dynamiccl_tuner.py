@@ -117,6 +117,13 @@ def test_a_new_fabric_with_the_same_hardware_starts_from_what_its_twin_learned(t
 
     run_loop(tuner, sqlite_store, "cluster-b", SimulatedFabric(PRESET, seed=2), rounds=3)
     assert all(transferred_from(tuner, "cluster-a", "cluster-b")), "its own baseline agrees with the twin's"
+    truth = SimulatedFabric(PRESET, seed=0)
+    default = true_times(truth, [NcclConfig()] * len(CONTEXTS))
+    learned, twin = (true_times(truth, [r.config for r in recommend(tuner, fabric_id, PRESET.fabric).recommendations])
+                     for fabric_id in ("cluster-a", "cluster-b"))
+    assert np.all(twin <= 1.02 * default)
+    assert np.mean(np.log(default / twin)) >= np.mean(np.log(default / learned)) / 3 > 0, \
+        "measuring only its own defaults, it takes up gains its twin confirmed"
 
 
 def test_a_fabric_with_the_same_hardware_that_measures_otherwise_stops_learning_from_the_other(tuner, sqlite_store):

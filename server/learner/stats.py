@@ -8,11 +8,11 @@ source's location is the mean of its log latencies near their median (the
 smaller of two when there are two). A source may also lie, so sources vote,
 not samples: a cell's location is that of the samples of the sources that
 agree with the median of the sources' own locations, so piling up samples
-buys a source no say against the others. `corroborated`: enough sources agree with its
-location and they outnumber two to one those that found it slower; a claim
-that others measured and could not reproduce stays contested, however many
-accomplices repeat it, and a source whose claims others keep refuting is not
-listened to at all (`distrusted_sources`). What counts as evidence for a
+buys a source no say against the others. `corroborated`: enough sources agree
+with its location and they outnumber two to one those that found it slower; a
+claim that others measured and could not reproduce stays contested, however
+many accomplices repeat it, and a source whose claims others keep refuting is
+not listened to at all (`distrusted_sources`). What counts as evidence for a
 recommendation is knowledge.py's trust model.
 """
 
@@ -77,8 +77,8 @@ class ContextKey:
 
 def _source_location(values: Iterable[float]) -> float:
     """The mean of the samples within STRAGGLER_GAP of their (lower) median: as efficient as a
-    plain mean on clean samples, deaf to stragglers. Of two samples that disagree by more than noise can
-    explain, the lower (the other is likely a straggler)."""
+    plain mean on clean samples, deaf to stragglers. Of two samples that disagree by more than
+    noise can explain, the lower (the other is likely a straggler)."""
     values = sorted(values)
     if len(values) == 2:
         low, high = values

@@ -71,14 +71,19 @@ def test_several_workers_serve_one_port_and_give_a_job_one_answer(tmp_path, exam
     whichever answers, a job gets its one pinned recommendation and every batch is stored once."""
     port = _free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("DYNAMICCL_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dynamiccl.cli.main", "server", "--port", str(port), "--workers", "2",
-         "--database", f"sqlite:///{tmp_path / 'workers.db'}"],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dynamiccl.cli.main", "server", "--port", str(port), "--workers", "2",
+             "--database", f"sqlite:///{tmp_path / 'workers.db'}"],
+            env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
+        while log.read_text().count("Started server process") < 2:  # both workers up, however slow the machine
+            assert time.monotonic() < deadline and process.poll() is None, "the workers did not start"
+            time.sleep(0.2)
         while True:
             try:
                 httpx.get(f"{url}/healthz").raise_for_status()
@@ -97,6 +102,5 @@ def test_several_workers_serve_one_port_and_give_a_job_one_answer(tmp_path, exam
         assert httpx.get(f"{url}/v1/fabrics/{examples.FABRIC_ID}").json()["measurements"] == 5
     finally:
         process.terminate()
-        output, _ = process.communicate(timeout=30)
-    assert "2 worker processes" in output
-    assert output.count("Started server process") >= 2
+        process.wait(timeout=30)
+    assert "2 worker processes" in log.read_text()

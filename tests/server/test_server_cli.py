@@ -79,18 +79,22 @@ def test_several_workers_serve_one_port_and_give_a_job_one_answer(tmp_path, exam
             env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True,
         )
     url = f"http://127.0.0.1:{port}"
+
+    def serving() -> bool:
+        """Both workers started (however slow the machine) and the port answers."""
+        if log.read_text().count("Started server process") < 2:
+            return False
+        try:
+            httpx.get(f"{url}/healthz").raise_for_status()
+        except httpx.TransportError:
+            return False
+        return True
+
     try:
         deadline = time.monotonic() + 60
-        while log.read_text().count("Started server process") < 2:  # both workers up, however slow the machine
-            assert time.monotonic() < deadline and process.poll() is None, "the workers did not start"
+        while not serving():
+            assert time.monotonic() < deadline and process.poll() is None, "the two workers did not start and answer"
             time.sleep(0.2)
-        while True:
-            try:
-                httpx.get(f"{url}/healthz").raise_for_status()
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and process.poll() is None, "server did not answer"
-                time.sleep(0.2)
         httpx.put(f"{url}/v1/fabrics/{examples.FABRIC_ID}", json=examples.FABRIC).raise_for_status()
         for _ in range(3):  # a retried batch: stored once, whichever worker takes it
             httpx.post(f"{url}/v1/measurements", json=examples.batch(n=5)).raise_for_status()

@@ -440,11 +440,10 @@ class NcclCostModel:
 def bus_factor(collective: Collective, nranks: int) -> float:
     """nccl-tests' bus bandwidth factor: 2(n-1)/n for allreduce, (n-1)/n for allgather,
     reducescatter and alltoall, 1 for broadcast, reduce and send/recv."""
-    n = nranks
     if collective == Collective.allreduce:
-        return 2 * (n - 1) / n
+        return 2 * (nranks - 1) / nranks
     if collective in (Collective.allgather, Collective.reducescatter, Collective.alltoall):
-        return (n - 1) / n
+        return (nranks - 1) / nranks
     return 1.0
 
 

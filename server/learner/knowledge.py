@@ -350,14 +350,17 @@ class FabricKnowledge:
         try:
             if self.snapshot.last_id >= target_id:  # another request took it in while this one waited
                 return True
+            previous = self.snapshot
+            # rows a refresh took in after `previous` was made: which contexts they touched is unknown
+            untracked = self._last_id != previous.last_id
             touched: set[ContextKey] = set()
             self._read_new(store, touched)
             for context_key in sorted(touched):  # one order on every replica: the surrogate's rows
                 self._summaries.update(self._judge(context_key))
-            previous = self.snapshot
             snapshot = self._snapshot(previous.model, previous.donor_cells)
-            near = {(k.group, k.bucket + d) for k in touched for d in range(-2, 3)}
-            snapshot.keep_decisions(previous, lambda key: (key.group, key.bucket) not in near)
+            if not untracked:
+                near = {(k.group, k.bucket + d) for k in touched for d in range(-2, 3)}
+                snapshot.keep_decisions(previous, lambda key: (key.group, key.bucket) not in near)
             self.snapshot = snapshot
         finally:
             self._lock.release()

@@ -86,7 +86,7 @@ def create_app(
             log.info("rate limit: %g requests/s per client, bursts of %d", rate_limit.rate, rate_limit.burst)
         yield
         tuner.close()
-        store.close()
+        await store.aclose()
 
     app = FastAPI(title="DynamICCL tuning server", version=__version__, lifespan=lifespan)
     app.state.store, app.state.tuner, app.state.metrics, app.state.auth = store, tuner, metrics, auth

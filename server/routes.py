@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from dynamiccl.nccl.space import InvalidConfig, check_config
@@ -36,6 +38,7 @@ from dynamiccl.server.routing import V1Route, scopes
 from dynamiccl.server.storage import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ErrorDetail(BaseModel):
@@ -143,10 +146,33 @@ def _check_configs(fabric: Fabric, batch: MeasurementBatch) -> None:
         raise RequestValidationError(errors[:20])
 
 
-def _learner_state(tuner: Tuner, fabric_id: str, fabric: Fabric, metrics: ServerMetrics) -> LearnerState:
-    """Reading your own writes: wait (at most LEARNER_WAIT_S) until the learner has taken in every
-    batch stored before this request; say so in the answer when it could not."""
-    caught_up = tuner.catch_up(fabric_id, fabric, LEARNER_WAIT_S)
+async def _fabric_at_hand_or_404(store: Store, fabric_id: str) -> Fabric:
+    """`_fabric_or_404` for a handler on the event loop: the copy at hand, else read on the thread pool."""
+    fabric = store.recent_fabric(fabric_id)
+    return fabric if fabric is not None else await run_in_threadpool(_fabric_or_404, store, fabric_id)
+
+
+async def _taken_in(store: Store, tuner: Tuner, fabric_id: str, fabric: Fabric, metrics: ServerMetrics,
+                    answer: Callable[[], T]) -> tuple[LearnerState, T]:
+    """Reading your own writes: `answer()` (the tuner's part of the reply) once the learner has
+    taken in every batch stored before the request, waiting at most LEARNER_WAIT_S (the state
+    says `behind` when it could not). When it has already, the common case, `answer` runs here on
+    the event loop: it looks up decisions made once per snapshot, and under concurrent clients a
+    thread-pool hop per request costs more than that (every hop contends for the GIL). Catching up,
+    and the answer after it, run on the thread pool."""
+    target = await store.latest_measurement_id(fabric_id)
+    if tuner.caught_up(fabric_id, fabric, target):
+        return _learner_state(tuner, fabric_id, fabric, metrics, caught_up=True), answer()
+
+    def catch_up_and_answer() -> tuple[LearnerState, T]:
+        caught_up = tuner.catch_up(fabric_id, fabric, LEARNER_WAIT_S, target)
+        return _learner_state(tuner, fabric_id, fabric, metrics, caught_up), answer()
+
+    return await run_in_threadpool(catch_up_and_answer)
+
+
+def _learner_state(tuner: Tuner, fabric_id: str, fabric: Fabric, metrics: ServerMetrics,
+                   caught_up: bool) -> LearnerState:
     if not caught_up:
         metrics.learner_behind.inc()
     described = tuner.describe(fabric_id, fabric)
@@ -155,13 +181,14 @@ def _learner_state(tuner: Tuner, fabric_id: str, fabric: Fabric, metrics: Server
 
 
 @router.post("/suggest", response_model=SuggestResponse, responses=_errors(404), openapi_extra=scopes(Scope.agent))
-def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> Response:
-    fabric = _fabric_or_404(store, body.fabric_id)
-    learner = _learner_state(tuner, body.fabric_id, fabric, metrics)
-    picks = tuner.suggest(body.fabric_id, fabric, body.contexts,
-                          pinning.suggestion_seed(body.fabric_id, body.job_id, body.round))
+async def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> Response:
+    fabric = await _fabric_at_hand_or_404(store, body.fabric_id)
+    seed = pinning.suggestion_seed(body.fabric_id, body.job_id, body.round)
+    learner, picks = await _taken_in(store, tuner, body.fabric_id, fabric, metrics,
+                                     lambda: tuner.suggest(body.fabric_id, fabric, body.contexts, seed))
     if body.job_id is not None and body.round is not None:
-        suggestions = pinning.pinned_suggestions(store, body.fabric_id, body.job_id, body.round, body.contexts, picks)
+        suggestions = await run_in_threadpool(pinning.pinned_suggestions, store, body.fabric_id, body.job_id,
+                                              body.round, body.contexts, picks)
     else:
         suggestions = pinning.fresh_suggestions(body.contexts, picks)
     kinds = Counter(s.kind for s in suggestions)
@@ -173,23 +200,25 @@ def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metrics: Met
 
 @router.post("/recommend", response_model=RecommendResponse, responses=_errors(404),
              openapi_extra=scopes(Scope.agent, Scope.read))
-def recommend(body: RecommendRequest, request: Request, store: StoreDep, tuner: TunerDep,
-              metrics: MetricsDep) -> Response:
+async def recommend(body: RecommendRequest, request: Request, store: StoreDep, tuner: TunerDep,
+                    metrics: MetricsDep) -> Response:
     if body.refresh:  # re-pinning changes what every later launch of the job runs
         require(request.state.caller, frozenset({Scope.agent}), "re-pin a job's recommendation (refresh)")
-    fabric = _fabric_or_404(store, body.fabric_id)
+    fabric = await _fabric_at_hand_or_404(store, body.fabric_id)
     if body.job_id is not None and not body.refresh:
-        if (pinned := pinning.pinned_recommendation(store, body.fabric_id, body.job_id)) is not None:
+        pinned = await run_in_threadpool(pinning.pinned_recommendation, store, body.fabric_id, body.job_id)
+        if pinned is not None:
             return _json(pinned)
     if not body.contexts:
         raise HTTPException(status_code=404, detail=f"job {body.job_id!r} has no pinned recommendation yet: send its contexts")
-    learner = _learner_state(tuner, body.fabric_id, fabric, metrics)
-    decisions = tuner.recommend(body.fabric_id, fabric, body.contexts)
+    learner, decisions = await _taken_in(store, tuner, body.fabric_id, fabric, metrics,
+                                         lambda: tuner.recommend(body.fabric_id, fabric, body.contexts))
     answer = respond(body.contexts, decisions).model_copy(update={"learner": learner})
     metrics.predicted_speedup.labels(body.fabric_id).set(_weighted_speedup(body, answer))
     if body.job_id is None:
         return _json(answer)
-    return _json(pinning.pin_recommendation(store, body.fabric_id, body.job_id, answer, replace=body.refresh))
+    return _json(await run_in_threadpool(pinning.pin_recommendation, store, body.fabric_id, body.job_id, answer,
+                                         body.refresh))
 
 
 def _json(body: BaseModel | str) -> Response:

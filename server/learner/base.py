@@ -133,10 +133,14 @@ class Tuner(ABC):
     def recommend(self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context]) -> list[Decision]:
         """One decision per context, in order, never exploring (`guard.decide` makes each)."""
 
-    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float) -> bool:
-        """Wait (at most `timeout_s`) until every measurement stored for the fabric before the
-        call is taken in; False when it could not. Tuners that learn as they observe are
-        always caught up."""
+    def caught_up(self, fabric_id: str, fabric: Fabric, target_id: int) -> bool:
+        """Whether every measurement of the fabric up to id `target_id` is taken in already. Never
+        blocks: a handler on the event loop asks. Tuners that learn as they observe always are."""
+        return True
+
+    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float, target_id: int | None = None) -> bool:
+        """Wait (at most `timeout_s`) until every measurement of the fabric up to id `target_id`
+        (None: every one stored before the call) is taken in; False when it could not."""
         return True
 
     def describe(self, fabric_id: str, fabric: Fabric) -> dict[str, int]:

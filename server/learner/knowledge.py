@@ -517,11 +517,18 @@ class KnowledgeBase:
             self.mark(fabric_id)
         return knowledge
 
-    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float) -> bool:
-        """Take in everything stored for the fabric before this call, within `timeout_s`; the
-        background refit that follows updates the surrogate."""
+    def caught_up(self, fabric_id: str, fabric: Fabric, target_id: int) -> bool:
+        """Whether the fabric is loaded and its snapshot has taken in every row up to `target_id`
+        (plain reads: never blocks)."""
+        knowledge = self._fabrics.get(fabric_id)
+        return (knowledge is not None and knowledge.signature == hardware_signature(fabric)
+                and knowledge.snapshot.last_id >= target_id)
+
+    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float, target_id: int | None = None) -> bool:
+        """Take in everything stored for the fabric up to `target_id` (None: before this call),
+        within `timeout_s`; the background refit that follows updates the surrogate."""
         knowledge = self.get(fabric_id, fabric)
-        target = self._store.last_measurement_id(fabric_id)
+        target = self._store.last_measurement_id(fabric_id) if target_id is None else target_id
         if knowledge.snapshot.last_id >= target:
             return True
         caught_up = knowledge.catch_up(self._store, target, timeout_s)

@@ -27,8 +27,11 @@ class DynamicclTuner(Tuner):
         self.knowledge.get(fabric_id, fabric)
         self.knowledge.mark(fabric_id)
 
-    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float) -> bool:
-        return self.knowledge.catch_up(fabric_id, fabric, timeout_s)
+    def caught_up(self, fabric_id: str, fabric: Fabric, target_id: int) -> bool:
+        return self.knowledge.caught_up(fabric_id, fabric, target_id)
+
+    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float, target_id: int | None = None) -> bool:
+        return self.knowledge.catch_up(fabric_id, fabric, timeout_s, target_id)
 
     def describe(self, fabric_id: str, fabric: Fabric) -> dict[str, int]:
         """How far this replica's learner has caught up with the store."""

@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 
+import anyio.to_thread
+
 from dynamiccl.schemas import Context, Fabric, Measurement, NcclConfig
 
 
@@ -43,6 +45,11 @@ class Store(ABC):
 
     @abstractmethod
     def get_fabric(self, fabric_id: str) -> Fabric | None: ...
+
+    def recent_fabric(self, fabric_id: str) -> Fabric | None:
+        """The fabric as `get_fabric` read it lately, without a database call (None: not at hand):
+        what a handler on the event loop may use without blocking it."""
+        return None
 
     @abstractmethod
     def list_fabrics(self) -> dict[str, Fabric]: ...
@@ -84,6 +91,11 @@ class Store(ABC):
         """The highest id of the fabric's measurements (0: none); what a reader that has taken in
         everything stored so far has read up to."""
 
+    async def latest_measurement_id(self, fabric_id: str) -> int:
+        """`last_measurement_id` for a handler on the event loop (every suggest and recommend
+        asks), without blocking the loop: here on a worker thread."""
+        return await anyio.to_thread.run_sync(self.last_measurement_id, fabric_id)
+
     def pin(self, key: str, value: str, replace: bool = False) -> str:
         """Store `value` under `key` unless an unexpired value is there already (or `replace`), and
         return the value now stored. The first writer wins across replicas."""
@@ -104,3 +116,7 @@ class Store(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    async def aclose(self) -> None:
+        """`close`, from the event loop the server ran on (what it opened there is closed there)."""
+        self.close()

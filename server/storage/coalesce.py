@@ -2,9 +2,9 @@
 
 Every `/v1/suggest` and `/v1/recommend` asks the database for the fabric's
 last measurement id (reading your own writes: the answer must take in every
-batch stored before the request). Under 20 concurrent clients one query per
-request cost more than the rest of the request together (a connection
-checkout and a round trip per request, each a thread switch under the GIL).
+batch stored before the request). Those handlers run on the event loop; on
+PostgreSQL the query is a round trip on an async connection, and under 20
+concurrent clients a query per request cost more than the rest of the request.
 
 `CoalescedRead` runs at most one read per key at a time. A caller that
 arrives while one is running joins the next read, which starts after it
@@ -15,54 +15,44 @@ that arrived during the previous one.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Hashable
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
-class _Round(Generic[V]):
-    """One read and the callers waiting for it."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.value: V | None = None
-        self.error: BaseException | None = None
-
-    def result(self) -> V:
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.value  # type: ignore[return-value]
-
-
 class CoalescedRead(Generic[K, V]):
-    """`read(key)`: `fetch(key)` as run after the call began, shared with concurrent callers."""
+    """`await read(key)`: `await fetch(key)` begun after the call, shared with the callers that
+    arrive while the previous read of that key runs. One event loop at a time uses it."""
 
-    def __init__(self, fetch: Callable[[K], V]) -> None:
+    def __init__(self, fetch: Callable[[K], Awaitable[V]]) -> None:
         self._fetch = fetch
-        self._lock = threading.Lock()
-        self._next: dict[K, _Round[V]] = {}  # per key, the round not started yet
-        self._running: dict[K, threading.Lock] = {}  # per key, held while its read runs
+        self._next: dict[K, asyncio.Future[V]] = {}  # per key, the read not started yet
+        self._readers: dict[K, asyncio.Task[None]] = {}  # per key, the task running its reads
 
-    def read(self, key: K) -> V:
-        with self._lock:
-            round_ = self._next.get(key)
-            leads = round_ is None
-            if leads:
-                round_ = self._next[key] = _Round()
-            running = self._running.setdefault(key, threading.Lock())
-        if not leads:
-            return round_.result()
-        with running:  # the previous read of this key ends first: who arrives meanwhile joins this one
-            with self._lock:
-                del self._next[key]  # from here on, arrivals wait for the round after this one
-            try:
-                round_.value = self._fetch(key)
-            except BaseException as error:  # every caller of the round sees the failure
-                round_.error = error
-            finally:
-                round_.done.set()
-        return round_.result()
+    async def read(self, key: K) -> V:
+        future = self._next.get(key)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = self._next[key] = loop.create_future()
+            if key not in self._readers:
+                self._readers[key] = loop.create_task(self._read_while_asked(key))
+        return await asyncio.shield(future)  # a caller that gives up does not cancel the others' read
+
+    async def _read_while_asked(self, key: K) -> None:
+        """Read for the callers waiting on `key`, then for those that arrived meanwhile, until none wait."""
+        try:
+            while (future := self._next.pop(key, None)) is not None:
+                try:
+                    value = await self._fetch(key)
+                except Exception as error:  # every caller of the read sees the failure
+                    future.set_exception(error)
+                except BaseException:  # the loop is shutting down: its callers are not left waiting
+                    future.cancel()
+                    raise
+                else:
+                    future.set_result(value)
+        finally:
+            del self._readers[key]

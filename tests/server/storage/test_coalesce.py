@@ -2,78 +2,97 @@
 
 from __future__ import annotations
 
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
+import asyncio
 
+import anyio
 import pytest
 
 from dynamiccl.server.storage.coalesce import CoalescedRead
 
 
 class GatedSource:
-    """A value read by `fetch`, which blocks until the test opens its gate."""
+    """A value read by `fetch`, which waits until the test opens its gate."""
 
     def __init__(self) -> None:
         self.value = 0
         self.fetches = 0
-        self.started = threading.Semaphore(0)
-        self.gate = threading.Semaphore(0)
+        self.started = asyncio.Semaphore(0)
+        self.gate = asyncio.Semaphore(0)
         self.fail = False
 
-    def fetch(self, key: str) -> int:
+    async def fetch(self, key: str) -> int:
         value = self.value  # what the database holds when the query starts
         self.fetches += 1
         self.started.release()
-        assert self.gate.acquire(timeout=10)
+        await asyncio.wait_for(self.gate.acquire(), timeout=10)
         if self.fail:
             raise RuntimeError(f"database down reading {key}")
         return value
 
 
+async def _started(source: GatedSource) -> None:
+    await asyncio.wait_for(source.started.acquire(), timeout=10)
+
+
 def test_a_caller_that_arrives_during_a_read_gets_a_later_read():
-    source = GatedSource()
-    reads = CoalescedRead(source.fetch)
-    with ThreadPoolExecutor(4) as pool:
-        first = pool.submit(reads.read, "f")
-        assert source.started.acquire(timeout=10)  # the first read has started, with value 0
+    async def scenario() -> None:
+        source = GatedSource()
+        reads = CoalescedRead(source.fetch)
+        first = asyncio.ensure_future(reads.read("f"))
+        await _started(source)  # the first read has started, with value 0
         source.value = 1  # a batch is stored; then these callers ask
-        late = [pool.submit(reads.read, "f") for _ in range(3)]
-        time.sleep(0.5)  # the three are waiting (a thread of the pool reaches read() in microseconds)
+        late = [asyncio.ensure_future(reads.read("f")) for _ in range(3)]
+        await asyncio.sleep(0.05)
         source.gate.release()  # the first read returns what it read
-        assert first.result(timeout=10) == 0
-        assert source.started.acquire(timeout=10)  # one more read, for all three
+        assert await first == 0
+        await _started(source)  # one more read, for all three
         source.gate.release()
-        try:
-            assert [f.result(timeout=10) for f in late] == [1, 1, 1]
-        finally:
-            source.gate.release()  # a straggler's read of its own (caught below) does not hang the test
-    assert source.fetches == 2
+        assert await asyncio.gather(*late) == [1, 1, 1]
+        assert source.fetches == 2
+
+    anyio.run(scenario)
 
 
 def test_keys_are_read_independently():
-    source = GatedSource()
-    reads = CoalescedRead(source.fetch)
-    with ThreadPoolExecutor(2) as pool:
-        a = pool.submit(reads.read, "a")
-        b = pool.submit(reads.read, "b")
-        assert source.started.acquire(timeout=10) and source.started.acquire(timeout=10)  # both run at once
+    async def scenario() -> None:
+        source = GatedSource()
+        reads = CoalescedRead(source.fetch)
+        a, b = asyncio.ensure_future(reads.read("a")), asyncio.ensure_future(reads.read("b"))
+        await _started(source)
+        await _started(source)  # both run at once
         source.gate.release()
         source.gate.release()
-        assert a.result(timeout=10) == b.result(timeout=10) == 0
+        assert await a == await b == 0
+
+    anyio.run(scenario)
+
+
+def test_a_caller_that_gives_up_does_not_cancel_the_read_of_the_others():
+    async def scenario() -> None:
+        source = GatedSource()
+        reads = CoalescedRead(source.fetch)
+        leaving, staying = asyncio.ensure_future(reads.read("f")), asyncio.ensure_future(reads.read("f"))
+        await _started(source)
+        leaving.cancel()
+        source.gate.release()
+        assert await staying == 0
+        assert leaving.cancelled()
+
+    anyio.run(scenario)
 
 
 def test_a_failed_read_fails_its_callers_and_the_next_read_tries_again():
-    source = GatedSource()
-    source.fail = True
-    reads = CoalescedRead(source.fetch)
-    with ThreadPoolExecutor(1) as pool:
-        failing = pool.submit(reads.read, "f")
-        assert source.started.acquire(timeout=10)
+    async def scenario() -> None:
+        source = GatedSource()
+        source.fail = True
+        reads = CoalescedRead(source.fetch)
+        failing = asyncio.gather(reads.read("f"), reads.read("f"), return_exceptions=True)
+        await _started(source)
         source.gate.release()
-        with pytest.raises(RuntimeError, match="database down reading f"):
-            failing.result(timeout=10)
-    source.fail = False
-    source.value = 7
-    source.gate.release()
-    assert reads.read("f") == 7
+        errors = await failing
+        assert [str(e) for e in errors] == ["database down reading f"] * 2
+        source.fail, source.value = False, 7
+        source.gate.release()
+        assert await reads.read("f") == 7
+
+    anyio.run(scenario)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from fastapi.testclient import TestClient
 
 from dynamiccl.server.app import create_app
@@ -46,3 +48,23 @@ def test_when_the_learner_cannot_catch_up_in_time_the_answer_says_so(sqlite_url,
         metrics = client.get("/metrics").text
         assert "dynamiccl_learner_behind_total 1.0" in metrics
         assert client.post("/v1/recommend", json=examples.recommend()).json()["learner"]["behind"] is False
+
+
+def test_a_request_waiting_for_the_learner_holds_up_no_other_request(sqlite_url, examples, monkeypatch):
+    """Answers are made on the event loop only when the learner has nothing to catch up on; a
+    request that must wait for it waits on the thread pool, and the server goes on answering."""
+    store = SqlStore(sqlite_url)
+    tuner = DynamicclTuner(store)
+    monkeypatch.setattr("dynamiccl.server.routes.LEARNER_WAIT_S", 30.0)
+    with TestClient(create_app(store=store, tuner=tuner, tokens={})) as client, ThreadPoolExecutor(1) as pool:
+        client.put(f"/v1/fabrics/{examples.FABRIC_ID}", json=examples.FABRIC)
+        knowledge = tuner.knowledge.get(examples.FABRIC_ID, store.get_fabric(examples.FABRIC_ID))
+        with knowledge._lock:  # a refit holding the fabric: the recommendation must wait for it
+            client.post("/v1/measurements", json=examples.batch())
+            waiting = pool.submit(client.post, "/v1/recommend", json=examples.recommend())
+            assert client.get("/healthz").status_code == 200
+            unknown = client.post("/v1/recommend", json={**examples.recommend(), "fabric_id": "unknown"})
+            assert unknown.status_code == 404
+            assert not waiting.done()
+        learned = len(examples.batch()["measurements"])
+        assert waiting.result(timeout=30).json()["learner"] == {"measurements_learned": learned, "behind": False}

@@ -70,8 +70,12 @@ FabricIdPath = Annotated[str, Path(pattern=FABRIC_ID_PATTERN, description="1 to 
 def _fabric_or_404(store: Store, fabric_id: str) -> Fabric:
     fabric = store.get_fabric(fabric_id)
     if fabric is None:
-        raise HTTPException(status_code=404, detail=f"unknown fabric {fabric_id!r}: PUT /v1/fabrics/{fabric_id} first")
+        raise HTTPException(status_code=404, detail=_unknown_fabric(fabric_id))
     return fabric
+
+
+def _unknown_fabric(fabric_id: str) -> str:
+    return f"unknown fabric {fabric_id!r}: PUT /v1/fabrics/{fabric_id} first"
 
 
 @router.put("/fabrics/{fabric_id}", response_model=FabricOut, status_code=200,
@@ -146,10 +150,11 @@ def _check_configs(fabric: Fabric, batch: MeasurementBatch) -> None:
         raise RequestValidationError(errors[:20])
 
 
-async def _fabric_at_hand_or_404(store: Store, fabric_id: str) -> Fabric:
-    """`_fabric_or_404` for a handler on the event loop: the copy at hand, else read on the thread pool."""
-    fabric = store.recent_fabric(fabric_id)
-    return fabric if fabric is not None else await run_in_threadpool(_fabric_or_404, store, fabric_id)
+async def _afabric_or_404(store: Store, fabric_id: str) -> Fabric:
+    fabric = await store.aget_fabric(fabric_id)
+    if fabric is None:
+        raise HTTPException(status_code=404, detail=_unknown_fabric(fabric_id))
+    return fabric
 
 
 async def _taken_in(store: Store, tuner: Tuner, fabric_id: str, fabric: Fabric, metrics: ServerMetrics,
@@ -160,7 +165,7 @@ async def _taken_in(store: Store, tuner: Tuner, fabric_id: str, fabric: Fabric, 
     the event loop: it looks up decisions made once per snapshot, and under concurrent clients a
     thread-pool hop per request costs more than that (every hop contends for the GIL). Catching up,
     and the answer after it, run on the thread pool."""
-    target = await store.latest_measurement_id(fabric_id)
+    target = await store.alast_measurement_id(fabric_id)
     if tuner.caught_up(fabric_id, fabric, target):
         return _learner_state(tuner, fabric_id, fabric, metrics, caught_up=True), answer()
 
@@ -182,7 +187,7 @@ def _learner_state(tuner: Tuner, fabric_id: str, fabric: Fabric, metrics: Server
 
 @router.post("/suggest", response_model=SuggestResponse, responses=_errors(404), openapi_extra=scopes(Scope.agent))
 async def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metrics: MetricsDep) -> Response:
-    fabric = await _fabric_at_hand_or_404(store, body.fabric_id)
+    fabric = await _afabric_or_404(store, body.fabric_id)
     seed = pinning.suggestion_seed(body.fabric_id, body.job_id, body.round)
     learner, picks = await _taken_in(store, tuner, body.fabric_id, fabric, metrics,
                                      lambda: tuner.suggest(body.fabric_id, fabric, body.contexts, seed))
@@ -204,7 +209,7 @@ async def recommend(body: RecommendRequest, request: Request, store: StoreDep, t
                     metrics: MetricsDep) -> Response:
     if body.refresh:  # re-pinning changes what every later launch of the job runs
         require(request.state.caller, frozenset({Scope.agent}), "re-pin a job's recommendation (refresh)")
-    fabric = await _fabric_at_hand_or_404(store, body.fabric_id)
+    fabric = await _afabric_or_404(store, body.fabric_id)
     if body.job_id is not None and not body.refresh:
         pinned = await run_in_threadpool(pinning.pinned_recommendation, store, body.fabric_id, body.job_id)
         if pinned is not None:

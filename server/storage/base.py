@@ -46,10 +46,10 @@ class Store(ABC):
     @abstractmethod
     def get_fabric(self, fabric_id: str) -> Fabric | None: ...
 
-    def recent_fabric(self, fabric_id: str) -> Fabric | None:
-        """The fabric as `get_fabric` read it lately, without a database call (None: not at hand):
-        what a handler on the event loop may use without blocking it."""
-        return None
+    async def aget_fabric(self, fabric_id: str) -> Fabric | None:
+        """`get_fabric` for a handler on the event loop, which it must not block: here on a worker
+        thread."""
+        return await anyio.to_thread.run_sync(self.get_fabric, fabric_id)
 
     @abstractmethod
     def list_fabrics(self) -> dict[str, Fabric]: ...
@@ -91,9 +91,9 @@ class Store(ABC):
         """The highest id of the fabric's measurements (0: none); what a reader that has taken in
         everything stored so far has read up to."""
 
-    async def latest_measurement_id(self, fabric_id: str) -> int:
-        """`last_measurement_id` for a handler on the event loop (every suggest and recommend
-        asks), without blocking the loop: here on a worker thread."""
+    async def alast_measurement_id(self, fabric_id: str) -> int:
+        """`last_measurement_id` read after the call began, for a handler on the event loop (every
+        suggest and recommend asks), which it must not block: here on a worker thread."""
         return await anyio.to_thread.run_sync(self.last_measurement_id, fabric_id)
 
     def pin(self, key: str, value: str, replace: bool = False) -> str:

@@ -7,12 +7,15 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager, nullcontext
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, event, func, insert, select, text, union
+from sqlalchemy import (
+    Connection, Engine, Select, bindparam, create_engine, delete, event, func, insert, select, text, union,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -63,8 +66,9 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
 
 
-#: Read by every suggest and recommend: built once (a statement built per call cost 3x the query).
+#: Read by every suggest and recommend: built once (built per call, the last id cost 3x as much).
 _LAST_ID = select(func.max(measurements.c.id)).where(measurements.c.fabric_id == bindparam("fabric_id"))
+_FABRIC = select(fabrics.c.body).where(fabrics.c.fabric_id == bindparam("fabric_id"))
 #: Measurements deleted per statement when compacting (bounds the statement's parameter list).
 COMPACT_CHUNK = 500
 #: Key of the PostgreSQL advisory lock that serialises migrations across replicas.
@@ -99,10 +103,15 @@ class SqlStore(Store):
         self._pins_since_prune = 0
         self._fabrics: dict[str, tuple[Fabric, float]] = {}  # fabric id -> (fabric, when read)
         self._write_lock = threading.Lock() if self._dialect == "sqlite" else nullcontext()
-        # PostgreSQL's last measurement id is read on the event loop through an async connection
+        # What handlers on the event loop read (`aget_fabric`, `alast_measurement_id`): on SQLite
+        # in place, a local file that never waits on a network (yielding to the loop would put
+        # the request behind every other one); on PostgreSQL through async connections, each
+        # query shared by the concurrent requests that asked (a thread-pool hop per request cost
+        # more than the answer under 20 concurrent clients: every hop contends for the GIL)
         self._async_engine = None if self._dialect == "sqlite" else create_async_engine(
             url, pool_pre_ping=True, pool_size=ASYNC_POOL_SIZE, max_overflow=0)
-        self._latest_ids = CoalescedRead(self._read_latest_measurement_id)
+        self._fabric_bodies = CoalescedRead(partial(self._read_async, _FABRIC))
+        self._last_ids = CoalescedRead(partial(self._read_async, _LAST_ID))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -135,21 +144,30 @@ class SqlStore(Store):
     def get_fabric(self, fabric_id: str) -> Fabric | None:
         """Every request reads its fabric: a copy read within FABRIC_CACHE_S is used (a change made
         through another replica shows within that time; through this one, at once)."""
-        if (cached := self.recent_fabric(fabric_id)) is not None:
+        if (cached := self._cached_fabric(fabric_id)) is not None:
             return cached
         with self.engine.connect() as conn:
-            body = conn.execute(select(fabrics.c.body).where(fabrics.c.fabric_id == fabric_id)).scalar()
+            return self._remember_fabric(fabric_id, conn.execute(_FABRIC, {"fabric_id": fabric_id}).scalar())
+
+    async def aget_fabric(self, fabric_id: str) -> Fabric | None:
+        if (cached := self._cached_fabric(fabric_id)) is not None:
+            return cached
+        if self._async_engine is None:
+            return self.get_fabric(fabric_id)
+        return self._remember_fabric(fabric_id, await self._fabric_bodies.read(fabric_id))
+
+    def _cached_fabric(self, fabric_id: str) -> Fabric | None:
+        cached = self._fabrics.get(fabric_id)
+        if cached is not None and time.monotonic() - cached[1] < FABRIC_CACHE_S:
+            return cached[0]
+        return None
+
+    def _remember_fabric(self, fabric_id: str, body: str | None) -> Fabric | None:
         if body is None:
             return None
         fabric = Fabric.model_validate_json(body)
         self._fabrics[fabric_id] = (fabric, time.monotonic())
         return fabric
-
-    def recent_fabric(self, fabric_id: str) -> Fabric | None:
-        cached = self._fabrics.get(fabric_id)
-        if cached is not None and time.monotonic() - cached[1] < FABRIC_CACHE_S:
-            return cached[0]
-        return None
 
     def list_fabrics(self) -> dict[str, Fabric]:
         with self.engine.connect() as conn:
@@ -282,17 +300,14 @@ class SqlStore(Store):
         with self.engine.connect() as conn:
             return conn.execute(_LAST_ID, {"fabric_id": fabric_id}).scalar_one() or 0
 
-    async def latest_measurement_id(self, fabric_id: str) -> int:
-        """SQLite's is a read of a local file, made in place (it never waits on a network, and
-        yielding to the loop here would put the request behind every other one). PostgreSQL's is
-        a query on an async connection, shared by the requests that arrive while one runs."""
+    async def alast_measurement_id(self, fabric_id: str) -> int:
         if self._async_engine is None:
             return self.last_measurement_id(fabric_id)
-        return await self._latest_ids.read(fabric_id)
+        return await self._last_ids.read(fabric_id) or 0
 
-    async def _read_latest_measurement_id(self, fabric_id: str) -> int:
+    async def _read_async(self, statement: Select, fabric_id: str) -> Any:
         async with self._async_engine.connect() as conn:
-            return (await conn.execute(_LAST_ID, {"fabric_id": fabric_id})).scalar_one() or 0
+            return (await conn.execute(statement, {"fabric_id": fabric_id})).scalar()
 
     def pin_many(self, values: Mapping[str, str], replace: bool = False) -> dict[str, str]:
         if not values:

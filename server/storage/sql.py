@@ -73,6 +73,13 @@ _FABRIC = select(fabrics.c.body).where(fabrics.c.fabric_id == bindparam("fabric_
 COMPACT_CHUNK = 500
 #: Key of the PostgreSQL advisory lock that serialises migrations across replicas.
 MIGRATION_LOCK = 0x64796E_6363_6C  # "dynccl"
+#: PostgreSQL hands out ids as rows are inserted, and transactions commit in any order: a batch
+#: with lower ids committed after a later one would fall behind every reader that had paged past
+#: the later one's ids (the learner reads by id). A transaction-scoped lock per fabric, taken
+#: before the batch's first id, makes one fabric's batches commit in id order (on every replica);
+#: SQLite lets one writer in at a time anyway.
+_FABRIC_WRITE_LOCK = text("SELECT pg_advisory_xact_lock(:space, hashtext(:fabric_id))").bindparams(
+    space=0x64636C)  # "dcl"
 
 
 def upgrade(engine: Engine) -> None:
@@ -194,6 +201,8 @@ class SqlStore(Store):
     ) -> bool:
         try:
             with self._transaction() as conn:
+                if self._dialect == "postgresql":  # this fabric's batches commit in id order (see below)
+                    conn.execute(_FABRIC_WRITE_LOCK, {"fabric_id": fabric_id})
                 batch_pk = conn.execute(
                     insert(batches)
                     .values(fabric_id=fabric_id, batch_id=batch_id, client=client,

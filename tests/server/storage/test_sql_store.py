@@ -3,6 +3,8 @@ that the first writer wins across processes, and migrations."""
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -58,6 +60,32 @@ def test_measurements_page_by_id(with_fabric, examples):
     page = with_fabric.measurements("f1", after_id=everything[1].id, limit=2)
     assert page == everything[2:4]
     assert with_fabric.measurements("f1", after_id=everything[-1].id) == []
+
+
+def test_a_reader_paging_by_id_misses_no_batch_committed_after_a_later_one(with_fabric, examples, monkeypatch):
+    """Ids are handed out as rows are inserted, and transactions commit in any order: a batch
+    that took lower ids but committed after a later batch would fall behind a reader that had
+    paged past the later batch's ids. Batches of one fabric therefore commit in id order."""
+    inserting, release = threading.Event(), threading.Event()
+    insert = with_fabric._insert_measurements
+
+    def insert_and_hold_the_first(conn, rows):
+        insert(conn, rows)
+        if not inserting.is_set():  # the first batch holds its transaction open
+            inserting.set()
+            assert release.wait(timeout=10)
+
+    monkeypatch.setattr(with_fabric, "_insert_measurements", insert_and_hold_the_first)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(with_fabric.add_batch, "f1", "first", examples.measurements(3))
+        assert inserting.wait(timeout=10)
+        second = pool.submit(with_fabric.add_batch, "f1", "second", examples.measurements(2))
+        time.sleep(0.5)  # time for the second batch to commit, were it not waiting for the first
+        read = with_fabric.measurements("f1")  # a learner's refresh, paging meanwhile
+        release.set()
+        assert first.result(timeout=10) and second.result(timeout=10)
+    after = with_fabric.measurements("f1", after_id=max((m.id for m in read), default=0))
+    assert len(read) + len(after) == 5
 
 
 def test_fabric_counts_measurements_and_distinct_contexts(with_fabric, examples):

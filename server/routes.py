@@ -10,8 +10,8 @@ from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from dynamiccl.nccl.space import InvalidConfig, check_config
 from dynamiccl.schemas import (

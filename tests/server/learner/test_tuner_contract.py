@@ -44,7 +44,9 @@ def feed(tuner: Tuner, store: SqlStore, batch_id: str, measurements: list[Measur
     """What the server does with a batch: store it, tell the tuner, and (here) let it catch up."""
     store.add_batch("f", batch_id, measurements, "agent")
     tuner.observe("f", PRESET.fabric, measurements)
-    assert tuner.catch_up("f", PRESET.fabric, timeout_s=30)
+    last_id = store.last_measurement_id("f")
+    assert tuner.catch_up("f", PRESET.fabric, timeout_s=30, target_id=last_id)
+    assert tuner.caught_up("f", PRESET.fabric, last_id), "what a handler on the event loop asks first"
 
 
 def closed_loop(tuner: Tuner, store: SqlStore, rounds: int) -> SimulatedFabric:

@@ -1,11 +1,9 @@
-"""A fake tuning server (httpx.MockTransport), measurement builders and a polling wait for the agent
-suites."""
+"""A fake tuning server (httpx.MockTransport) and measurement builders for the agent suites."""
 
 from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,21 +99,6 @@ def fake_server() -> FakeServer:
 @pytest.fixture
 def make_measurement():
     return measurement
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Whether `condition` holds within `timeout` seconds (polled every 20 ms)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
-@pytest.fixture
-def wait_for():
-    return eventually
 
 
 @pytest.fixture(scope="module")

@@ -8,30 +8,19 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from polling import wait_until
 
 from dynamiccl.workloads.services import free_port
 
 # The agent's fabric is the simulated preset's (h100-ib-2n): what `dynamiccl sim-job` checks.
 PRESET_OVERRIDES = ["--gpu", "H100-SXM", "--gpus-per-node", "8", "--intra-node", "nvswitch",
                     "--inter-node", "ib-ndr400", "--nics-per-node", "8", "--nccl-version", "2.28.9"]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not met within {timeout:.0f} s")
 
 
 class Processes:
@@ -56,7 +45,7 @@ class Processes:
             if self.running[name].poll() is not None:
                 raise AssertionError(f"{name} exited with {self.running[name].returncode}:\n{self.log(name)}")
             return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        wait_for(healthy, timeout, f"{name} healthy at {url}")
+        wait_until(healthy, timeout, f"{name} healthy at {url}")
 
     def server(self, name: str, database_url: str) -> str:
         """`dynamiccl server` on a free port; its URL once healthy."""
@@ -83,7 +72,7 @@ class Processes:
                           *PRESET_OVERRIDES])
         url = f"http://127.0.0.1:{port}"
         self.wait_healthy(name, url)
-        wait_for(lambda: httpx.get(f"{url}/healthz").json()["registered"], 30, f"{name} registered")
+        wait_until(lambda: httpx.get(f"{url}/healthz").json()["registered"], 30, f"{name} registered")
         return url
 
     def kill(self, name: str) -> None:
@@ -130,12 +119,3 @@ def module_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proce
     procs = Processes(tmp_path_factory.mktemp("processes"))
     yield procs
     procs.close()
-
-
-@pytest.fixture(scope="session")
-def helpers() -> type:
-    """free_port and wait_for for the test modules (which cannot import this file)."""
-    class Helpers:
-        free_port = staticmethod(free_port)
-        wait_for = staticmethod(wait_for)
-    return Helpers

@@ -17,6 +17,9 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from polling import wait_until
+
+from dynamiccl.workloads.services import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -61,18 +64,18 @@ def prometheus_config(server: str, agent: str, alerts: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def stack(module_processes, prometheus_bin, helpers) -> Iterator[Stack]:
+def stack(module_processes, prometheus_bin) -> Iterator[Stack]:
     procs = module_processes
     server = procs.server("server", f"sqlite:///{procs.workdir / 'server.db'}")
     agent = procs.agent("agent", server, FABRIC_ID)
     config = procs.workdir / "prometheus.yml"
     config.write_text(yaml.safe_dump(prometheus_config(server, agent, DEPLOY_ALERTS)))
-    port = helpers.free_port()
+    port = free_port()
     procs.start("prometheus", [str(prometheus_bin / "prometheus"), f"--config.file={config}",
                                f"--storage.tsdb.path={procs.workdir / 'tsdb'}",
                                f"--web.listen-address=127.0.0.1:{port}"])
     prometheus = f"http://127.0.0.1:{port}"
-    helpers.wait_for(lambda: httpx.get(f"{prometheus}/-/ready").status_code == 200, 30, "Prometheus ready")
+    wait_until(lambda: httpx.get(f"{prometheus}/-/ready").status_code == 200, 30, "Prometheus ready")
     job = procs.start("sim-job", [sys.executable, "-m", "dynamiccl.cli.main", "sim-job", "--server", server,
                                   "--agent", agent, "--fabric-id", FABRIC_ID, "--tune-rounds", str(TUNE_ROUNDS),
                                   "--run-rounds", str(RUN_ROUNDS), "--count", str(COUNT), "--interval", "0.1"])
@@ -80,15 +83,15 @@ def stack(module_processes, prometheus_bin, helpers) -> Iterator[Stack]:
     yield Stack(server, agent, prometheus)
 
 
-def test_prometheus_scrapes_both_and_sees_every_call_of_the_simulated_job(stack, helpers):
+def test_prometheus_scrapes_both_and_sees_every_call_of_the_simulated_job(stack):
     for job in ("dynamiccl-server", "dynamiccl-agent"):
-        helpers.wait_for(lambda job=job: stack.value(f'up{{job="{job}"}}') == 1, 20, f"{job} up")
+        wait_until(lambda job=job: stack.value(f'up{{job="{job}"}}') == 1, 20, f"{job} up")
     # Every call the job ran, counted by the agent and, once sent, by the server.
-    helpers.wait_for(lambda: stack.value("sum(dynamiccl_agent_collective_calls_total)") == EXPECTED_CALLS,
+    wait_until(lambda: stack.value("sum(dynamiccl_agent_collective_calls_total)") == EXPECTED_CALLS,
                      20, f"the agent's {EXPECTED_CALLS} calls in Prometheus")
-    helpers.wait_for(lambda: stack.value("sum(dynamiccl_measured_calls_total)") == EXPECTED_CALLS,
+    wait_until(lambda: stack.value("sum(dynamiccl_measured_calls_total)") == EXPECTED_CALLS,
                      20, f"the server's {EXPECTED_CALLS} calls in Prometheus")
-    helpers.wait_for(lambda: stack.value("dynamiccl_agent_spool_depth_batches") == 0, 20, "spool drained")
+    wait_until(lambda: stack.value("dynamiccl_agent_spool_depth_batches") == 0, 20, "spool drained")
     assert stack.value(f'dynamiccl_contexts{{fabric="{FABRIC_ID}"}}') == CONTEXTS
     speedup = stack.value(f'dynamiccl_predicted_speedup{{fabric="{FABRIC_ID}"}}')
     assert speedup is not None and speedup >= 1.0  # never a recommendation predicted slower than NCCL's
@@ -101,15 +104,15 @@ def test_prometheus_scrapes_both_and_sees_every_call_of_the_simulated_job(stack,
     def sent_were_accepted() -> bool:
         sent = stack.value("dynamiccl_agent_batches_sent_total")
         return sent is not None and sent > 0 and sent == stack.value('sum(dynamiccl_batches_total{result="accepted"})')
-    helpers.wait_for(sent_were_accepted, 10, "batches sent == batches accepted")
+    wait_until(sent_were_accepted, 10, "batches sent == batches accepted")
 
 
-def test_the_shipped_alert_rules_load_and_evaluate(stack, helpers):
+def test_the_shipped_alert_rules_load_and_evaluate(stack):
     def rules() -> list[dict]:
         groups = httpx.get(f"{stack.prometheus}/api/v1/rules").json()["data"]["groups"]
         return [rule for group in groups for rule in group["rules"]]
     shipped = [rule for group in yaml.safe_load(DEPLOY_ALERTS.read_text())["groups"] for rule in group["rules"]]
-    helpers.wait_for(lambda: len(rules()) == len(shipped) and all(
+    wait_until(lambda: len(rules()) == len(shipped) and all(
         not r["lastEvaluation"].startswith("0001") for r in rules()), 20, "every rule evaluated")
     assert {r["name"] for r in rules()} == {r["alert"] for r in shipped}
     assert all(r["health"] == "ok" for r in rules()), [r for r in rules() if r["health"] != "ok"]
@@ -118,7 +121,7 @@ def test_the_shipped_alert_rules_load_and_evaluate(stack, helpers):
     # whether a tuned config measured slower than the default here depends on the simulated noise.)
     def active() -> list[str]:
         return [r["name"] for r in rules() if r["state"] != "inactive" and r["name"] != "DynamicclTunedSlowerThanDefault"]
-    helpers.wait_for(lambda: active() == [], 20, "no alert pending or firing")
+    wait_until(lambda: active() == [], 20, "no alert pending or firing")
 
 
 
@@ -221,10 +224,10 @@ def test_every_dashboard_and_alert_expression_runs_in_prometheus(stack):
     "dynamiccl-server.json: Latency p99 by route",
     "dynamiccl-server.json: Learner refit duration",
 ])
-def test_the_main_panels_show_data_for_the_simulated_job(stack, helpers, where):
+def test_the_main_panels_show_data_for_the_simulated_job(stack, where):
     expressions = [expr for place, expr in dashboard_expressions() if place == where]
     assert expressions, f"no panel {where}"
-    helpers.wait_for(lambda: stack.query(substitute(expressions[0]))["data"]["result"], 20, f"data in {where}")
+    wait_until(lambda: stack.query(substitute(expressions[0]))["data"]["result"], 20, f"data in {where}")
 
 
 def test_sim_job_refuses_an_agent_whose_fabric_is_not_its_preset(stack):

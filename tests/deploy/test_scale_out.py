@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 import sqlalchemy as sa
+from polling import wait_until
 
 from dynamiccl.nccl.space import candidate_configs
 from dynamiccl.schemas import Context
@@ -101,7 +102,7 @@ def test_a_batch_posted_to_both_replicas_at_once_is_stored_once(replicas):
         assert httpx.get(f"{url}/v1/fabrics/{FABRIC_ID}").json()["measurements"] == batches * size
 
 
-def test_both_replicas_give_the_same_recommendation_and_suggestions_for_a_job(replicas, helpers):
+def test_both_replicas_give_the_same_recommendation_and_suggestions_for_a_job(replicas):
     sim = SimulatedFabric(PRESET, seed=7)
     measurements = [
         {"context": c.model_dump(mode="json"), "config": config.model_dump(mode="json"),
@@ -112,7 +113,7 @@ def test_both_replicas_give_the_same_recommendation_and_suggestions_for_a_job(re
         body = {"fabric_id": FABRIC_ID, "batch_id": f"seed-{n}", "measurements": part}
         assert httpx.post(f"{url}/v1/measurements", json=body, timeout=30).status_code == 202
     for url in (replicas.a, replicas.b):  # each replica's learner has caught up with the shared store
-        helpers.wait_for(lambda url=url: httpx.get(f"{url}/v1/fabrics/{FABRIC_ID}").json()["learner"].get(
+        wait_until(lambda url=url: httpx.get(f"{url}/v1/fabrics/{FABRIC_ID}").json()["learner"].get(
             "measurements_learned") == len(measurements), 60, f"learner of {url} caught up")
 
     contexts = [c.weighted(10.0).model_dump(mode="json") for c in CONTEXTS]

@@ -4,21 +4,16 @@ whether auth is on; the CLI does not import the server until that command runs."
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 from typer.testing import CliRunner
 
+from polling import wait_until
+
 from dynamiccl.cli.main import app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dynamiccl.workloads.services import free_port
 
 
 def test_the_cli_imports_the_server_lazily():
@@ -34,7 +29,7 @@ def test_server_command_options():
 
 
 def test_server_starts_and_reports_its_settings(tmp_path):
-    port = _free_port()
+    port = free_port()
     database = f"sqlite:///{tmp_path / 'cli.db'}"
     env = {**os.environ, "DYNAMICCL_DATABASE_URL": database}
     env.pop("DYNAMICCL_TOKENS", None)
@@ -43,15 +38,8 @@ def test_server_starts_and_reports_its_settings(tmp_path):
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                assert httpx.get(f"http://127.0.0.1:{port}/healthz").json() == {"status": "ok"}
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("server did not answer")
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").json() == {"status": "ok"}, 20,
+                   "the server answers")
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=20)
@@ -69,7 +57,7 @@ def test_passwords_are_hidden_in_the_logged_url():
 def test_several_workers_serve_one_port_and_give_a_job_one_answer(tmp_path, examples):
     """`--workers 2`: two processes, each with its own learner, on one port and one database;
     whichever answers, a job gets its one pinned recommendation and every batch is stored once."""
-    port = _free_port()
+    port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("DYNAMICCL_")}
     log = tmp_path / "server.log"
     with log.open("w") as out:
@@ -82,19 +70,11 @@ def test_several_workers_serve_one_port_and_give_a_job_one_answer(tmp_path, exam
 
     def serving() -> bool:
         """Both workers started (however slow the machine) and the port answers."""
-        if log.read_text().count("Started server process") < 2:
-            return False
-        try:
-            httpx.get(f"{url}/healthz").raise_for_status()
-        except httpx.TransportError:
-            return False
-        return True
+        assert process.poll() is None, log.read_text()
+        return log.read_text().count("Started server process") == 2 and httpx.get(f"{url}/healthz").is_success
 
     try:
-        deadline = time.monotonic() + 60
-        while not serving():
-            assert time.monotonic() < deadline and process.poll() is None, "the two workers did not start and answer"
-            time.sleep(0.2)
+        wait_until(serving, 60, "the two workers start and answer")
         httpx.put(f"{url}/v1/fabrics/{examples.FABRIC_ID}", json=examples.FABRIC).raise_for_status()
         for _ in range(3):  # a retried batch: stored once, whichever worker takes it
             httpx.post(f"{url}/v1/measurements", json=examples.batch(n=5)).raise_for_status()

@@ -7,6 +7,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from polling import wait_until
+
 from dynamiccl.agent.daemon.agent import Agent, AgentConfig
 from dynamiccl.agent.daemon.app import create_app
 from dynamiccl.schemas import Fabric
@@ -37,11 +39,11 @@ def body(make_measurement, n: int = 3, job_id: str | None = "job-1") -> dict:
         make_measurement(nbytes=1000 + i, job_id=None).model_dump(mode="json") for i in range(n)]}
 
 
-def test_measurements_reach_the_server(make_agent, fake_server, make_measurement, wait_for):
+def test_measurements_reach_the_server(make_agent, fake_server, make_measurement):
     agent, client = make_agent()
     response = client.post("/local/v1/measurements", json=body(make_measurement, 5))
     assert response.status_code == 202 and response.json() == {"accepted": 5}
-    assert wait_for(lambda: fake_server.measurements == 5)
+    wait_until(lambda: fake_server.measurements == 5)
     assert fake_server.fabrics["cpu-test"]["gpu"] == "cpu"
     assert client.get("/healthz").json()["registered"] is True
     metrics = client.get("/metrics").text
@@ -62,7 +64,7 @@ def test_measurements_reach_the_server(make_agent, fake_server, make_measurement
     ({"measurements": "nope"}, "measurements"),
     ({"job_id": ""}, "job_id"),
 ])
-def test_bad_input_is_a_422_naming_the_field(make_agent, fake_server, make_measurement, payload, field, wait_for):
+def test_bad_input_is_a_422_naming_the_field(make_agent, fake_server, make_measurement, payload, field):
     agent, client = make_agent()
     response = client.post("/local/v1/measurements", json=payload)
     assert response.status_code == 422
@@ -70,10 +72,10 @@ def test_bad_input_is_a_422_naming_the_field(make_agent, fake_server, make_measu
     assert client.post("/local/v1/measurements", content=b"{not json").status_code == 422
     assert client.post("/local/v1/measurements", json=body(make_measurement)).status_code == 202
     assert "dynamiccl_agent_bad_requests_total 2.0" in client.get("/metrics").text
-    assert wait_for(lambda: fake_server.measurements == 3)
+    wait_until(lambda: fake_server.measurements == 3)
 
 
-def test_a_config_the_fabric_cannot_run_is_refused_alone(make_agent, fake_server, make_measurement, wait_for):
+def test_a_config_the_fabric_cannot_run_is_refused_alone(make_agent, fake_server, make_measurement):
     """NVLS on a PCIe node among ten measurements: a 422 naming it, and the nine others delivered."""
     agent, client = make_agent()
     payload = body(make_measurement, 10)
@@ -82,7 +84,7 @@ def test_a_config_the_fabric_cannot_run_is_refused_alone(make_agent, fake_server
     assert response.status_code == 422 and response.json()["accepted"] == 9
     (error,) = response.json()["detail"]
     assert error["loc"] == ["body", "measurements", 6, "config"] and "nvls" in error["msg"]
-    assert wait_for(lambda: fake_server.measurements == 9)
+    wait_until(lambda: fake_server.measurements == 9)
     assert 'dynamiccl_agent_measurements_refused_total{where="agent"} 1.0' in client.get("/metrics").text
 
 
@@ -105,21 +107,21 @@ def test_too_many_measurements_are_refused(make_agent, make_measurement):
     assert response.status_code == 422 and "measurements" in response.json()["detail"][0]["loc"]
 
 
-def test_starts_without_the_server_and_delivers_later(make_agent, fake_server, make_measurement, wait_for):
+def test_starts_without_the_server_and_delivers_later(make_agent, fake_server, make_measurement):
     fake_server.down = True
     agent, client = make_agent()
     assert client.post("/local/v1/measurements", json=body(make_measurement, 4)).status_code == 202
-    assert wait_for(lambda: agent.spool.depth() >= 1)
+    wait_until(lambda: agent.spool.depth() >= 1)
     assert client.get("/healthz").json()["registered"] is False
     fake_server.down = False
-    assert wait_for(lambda: fake_server.measurements == 4 and agent.spool.depth() == 0)
+    wait_until(lambda: fake_server.measurements == 4 and agent.spool.depth() == 0)
     assert "cpu-test" in fake_server.fabrics
 
 
-def test_recommend_server_then_cache_then_default(make_agent, fake_server, tmp_path, make_measurement, wait_for):
+def test_recommend_server_then_cache_then_default(make_agent, fake_server, tmp_path, make_measurement):
     agent, client = make_agent()
     contexts = [{"collective": "allreduce", "nbytes": 1 << 20, "nranks": 8, "nnodes": 1, "weight": 3}]
-    assert wait_for(lambda: "cpu-test" in fake_server.fabrics)
+    wait_until(lambda: "cpu-test" in fake_server.fabrics)
     first = client.post("/local/v1/recommend", json={"job_id": "job-1", "contexts": contexts}).json()
     assert first["source"] == "server" and first["env"]["NCCL_ALGO"] == "allreduce:ring"
     fake_server.down = True
@@ -134,9 +136,9 @@ def test_recommend_server_then_cache_then_default(make_agent, fake_server, tmp_p
     assert again["source"] == "cache" and again["env"] == first["env"]
 
 
-def test_recommend_uses_the_recorded_workload(make_agent, fake_server, make_measurement, wait_for):
+def test_recommend_uses_the_recorded_workload(make_agent, fake_server, make_measurement):
     agent, client = make_agent()
-    assert wait_for(lambda: "cpu-test" in fake_server.fabrics)
+    wait_until(lambda: "cpu-test" in fake_server.fabrics)
     nothing = client.post("/local/v1/recommend", json={"job_id": "job-1"}).json()
     assert nothing["source"] == "default" and "no workload" in nothing["reason"]
     client.post("/local/v1/measurements", json=body(make_measurement, 7))
@@ -151,7 +153,7 @@ def test_recommend_bad_input(make_agent):
     assert response.status_code == 422 and "contexts" in response.json()["detail"][0]["loc"]
 
 
-def test_inspector_dumps_flow_to_the_server(make_agent, fake_server, tmp_path, wait_for):
+def test_inspector_dumps_flow_to_the_server(make_agent, fake_server, tmp_path):
     dumps = tmp_path / "inspector"
     dumps.mkdir()
     agent, client = make_agent(inspector_dir=dumps, inspector_interval_s=0.05, inspector_job_id="job-i")
@@ -162,7 +164,7 @@ def test_inspector_dumps_flow_to_the_server(make_agent, fake_server, tmp_path, w
                             "coll_algobw_gbs": 1.0, "coll_busbw_gbs": 1.0}}
     cpu_timed = {**record, "coll_perf": {**record["coll_perf"], "coll_timing_source": "collective_cpu"}}
     (dumps / "rank0.log").write_text((json.dumps(record) + "\n") * 3 + json.dumps(cpu_timed) + "\n")
-    assert wait_for(lambda: fake_server.measurements == 1)  # three calls of one context: one row, count 3
+    wait_until(lambda: fake_server.measurements == 1)  # three calls of one context: one row, count 3
     metrics = client.get("/metrics").text
     assert 'dynamiccl_agent_measurements_received_total{source="inspector"} 3.0' in metrics
     assert 'dynamiccl_agent_inspector_records_unused{reason="cpu_timed"} 1.0' in metrics

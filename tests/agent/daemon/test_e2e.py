@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from polling import wait_until
 
 from dynamiccl.agent_client import AgentClient
 from dynamiccl.workloads.services import free_port
@@ -21,18 +23,6 @@ from dynamiccl.workloads.services import free_port
 pytestmark = pytest.mark.slow
 
 FABRIC_ID = "e2e-cpu"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 class Processes:
@@ -53,7 +43,7 @@ class Processes:
     def start_server(self) -> None:
         self._start("server", ["server", "--port", str(self.server_port),
                                "--database", f"sqlite:///{self.tmp_path}/server.db"])
-        wait_for(lambda: httpx.get(f"{self.server_url}/healthz").status_code == 200)
+        wait_until(lambda: httpx.get(f"{self.server_url}/healthz").status_code == 200)
 
     def start_agent(self, socket: bool = False) -> None:
         """The agent on loopback, or on a Unix socket (`agent_url` then is unix:PATH)."""
@@ -62,7 +52,7 @@ class Processes:
         self._start("agent", ["agent", "--server", self.server_url, "--listen", listen,
                               "--spool", str(self.tmp_path / "spool"), "--fabric-id", FABRIC_ID,
                               "--window", "0.2", "--max-backoff", "0.5"])
-        wait_for(lambda: agent_health(self)["status"] == "ok")
+        wait_until(lambda: agent_health(self)["status"] == "ok")
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         process = self.running.pop(name)
@@ -107,20 +97,20 @@ def test_crash_and_outage_lose_nothing_and_count_nothing_twice(procs):
     procs.start_server()
     procs.start_agent()
     post(procs, 0, 40)
-    wait_for(lambda: stored(procs) == 40)
+    wait_until(lambda: stored(procs) == 40)
 
     procs.stop("server")
     post(procs, 40, 40)
-    wait_for(lambda: agent_health(procs)["spool_depth"] >= 1)  # spooled, not sent
+    wait_until(lambda: agent_health(procs)["spool_depth"] >= 1)  # spooled, not sent
     procs.stop("agent", signal.SIGKILL)
 
     procs.start_agent()
     assert agent_health(procs)["spool_depth"] >= 1  # the spool survived the kill
     post(procs, 80, 40)
-    wait_for(lambda: agent_health(procs)["spool_depth"] >= 2)
+    wait_until(lambda: agent_health(procs)["spool_depth"] >= 2)
 
     procs.start_server()
-    wait_for(lambda: stored(procs) == 120 and agent_health(procs)["spool_depth"] == 0)
+    wait_until(lambda: stored(procs) == 120 and agent_health(procs)["spool_depth"] == 0)
     time.sleep(1.0)  # any straggling duplicate would show up now
     assert stored(procs) == 120
     status = httpx.get(f"{procs.server_url}/v1/fabrics/{FABRIC_ID}").json()
@@ -175,7 +165,7 @@ def test_a_four_rank_gloo_job_under_launch_reaches_the_server_with_its_contexts(
         def job_rows():
             return [m for m in store.measurements(FABRIC_ID) if m.job_id == "gloo-e2e"]
 
-        wait_for(lambda: {(m.context.collective.value, m.context.nbytes) for m in job_rows()} >= {
+        wait_until(lambda: {(m.context.collective.value, m.context.nbytes) for m in job_rows()} >= {
             ("allreduce", 4096), ("allreduce", 1 << 20), ("allgather", 4 * 1024), ("broadcast", 8192)}, timeout=60)
         rows = job_rows()
     finally:

@@ -14,6 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from polling import wait_until
+
 from dynamiccl.agent.daemon.agent import Agent, AgentConfig
 from dynamiccl.agent.daemon.app import create_app
 from dynamiccl.agent.hook.table import CallKey, ConfigResolver, to_measurements
@@ -265,7 +267,7 @@ class Routes:
 
 
 def test_the_agent_keeps_a_registered_jobs_rules_in_its_own_file_and_tunes_it_until_unregistered(
-        tmp_path: Path, fake_server, wait_for) -> None:
+        tmp_path: Path, fake_server) -> None:
     server = SuggestServer()
     fabric = Fabric(gpu="cpu", gpus_per_node=1, intra_node="pcie", inter_node="none", nics_per_node=0)
     config = AgentConfig(server="http://fake", fabric_id="cpu-test", fabric=fabric, spool_dir=tmp_path / "spool",
@@ -288,7 +290,7 @@ def test_the_agent_keeps_a_registered_jobs_rules_in_its_own_file_and_tunes_it_un
         assert path.parent == tmp_path / "rules" and path.read_text() == BASE
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o1777, "jobs write their plugin's reports beside it"
         write_report(path, calls=5)
-        assert wait_for(lambda: len(parse_schedule(path.read_text())) == 2)
+        wait_until(lambda: len(parse_schedule(path.read_text())) == 2)
         assert server.requests[0]["contexts"] == [LARGE.model_dump(mode="json")]
         assert client.post("/local/v1/plugin/unregister", json={"rules_file": str(path)}).status_code == 200
         assert not path.exists(), "the agent removes its file when the job ends"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import anyio
-import pytest
 
 from dynamiccl.server.storage.coalesce import CoalescedRead
 

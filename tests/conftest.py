@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from processes import Processes
 
 
 class RecordingHttpServer:
@@ -64,3 +65,11 @@ def recording_server() -> Iterator[Callable[[Callable[[str, dict], tuple[int, di
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def processes(tmp_path) -> Iterator[Processes]:
+    """DynamICCL servers, agents and other child processes of the test, stopped after it."""
+    procs = Processes(tmp_path)
+    yield procs
+    procs.close()

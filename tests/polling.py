@@ -1,5 +1,6 @@
 """Waiting for what another thread or process does: the one polling loop of every suite
-(`pythonpath` in pyproject.toml puts this folder on the path, so test modules import it)."""
+(`pythonpath` in pyproject.toml puts this folder on the path, so test modules import it, as
+they import `processes`)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ and a replica SIGKILLed mid-load loses nothing it acknowledged."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import uuid
 from collections.abc import Iterator
@@ -172,7 +173,7 @@ def test_a_replica_killed_mid_load_loses_nothing_it_acknowledged(replicas, proce
     def killer() -> None:
         for _ in range(15):  # replica b has acknowledged 15 batches: kill it mid-load
             b_acks.acquire()
-        processes.kill("server-b")
+        processes.stop("server-b", signal.SIGKILL)
         killed.set()
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]

@@ -3,19 +3,18 @@ afterwards every aggregated measurement is stored exactly once."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import httpx
 import pytest
 
 from polling import wait_until
+from processes import Processes
 
 from dynamiccl.agent_client import AgentClient
 from dynamiccl.workloads.services import free_port
@@ -25,101 +24,77 @@ pytestmark = pytest.mark.slow
 FABRIC_ID = "e2e-cpu"
 
 
-class Processes:
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.server_port, self.agent_port = free_port(), free_port()
-        self.server_url = f"http://127.0.0.1:{self.server_port}"
-        self.agent_url = f"http://127.0.0.1:{self.agent_port}"
-        self.running: dict[str, subprocess.Popen] = {}
+@dataclass
+class Node:
+    """A tuning server and a node's agent (with its detected fabric), each restarted on the
+    address it first had, as a sidecar and a service are."""
 
-    def _start(self, name: str, args: list[str]) -> None:
-        log = open(self.tmp_path / f"{name}.log", "ab")
-        self.running[name] = subprocess.Popen(
-            [sys.executable, "-m", "dynamiccl.cli.main", *args], stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "DYNAMICCL_TOKENS": ""},
-        )
+    processes: Processes
+    server_port: int = field(default_factory=free_port)
+    agent_listen: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
+    server_url: str = ""
+    agent_url: str = ""
 
     def start_server(self) -> None:
-        self._start("server", ["server", "--port", str(self.server_port),
-                               "--database", f"sqlite:///{self.tmp_path}/server.db"])
-        wait_until(lambda: httpx.get(f"{self.server_url}/healthz").status_code == 200)
+        database = f"sqlite:///{self.processes.workdir / 'server.db'}"
+        self.server_url = self.processes.server("server", database, port=self.server_port)
 
-    def start_agent(self, socket: bool = False) -> None:
-        """The agent on loopback, or on a Unix socket (`agent_url` then is unix:PATH)."""
-        listen = f"unix:{self.tmp_path / 'run' / 'agent.sock'}" if socket else f"127.0.0.1:{self.agent_port}"
-        self.agent_url = listen if socket else f"http://{listen}"
-        self._start("agent", ["agent", "--server", self.server_url, "--listen", listen,
-                              "--spool", str(self.tmp_path / "spool"), "--fabric-id", FABRIC_ID,
-                              "--window", "0.2", "--max-backoff", "0.5"])
-        wait_until(lambda: agent_health(self)["status"] == "ok")
+    def start_agent(self, registered: bool = True) -> None:
+        self.agent_url = self.processes.agent("agent", self.server_url, FABRIC_ID, listen=self.agent_listen,
+                                              fabric=(), registered=registered)
 
-    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
-        process = self.running.pop(name)
-        process.send_signal(sig)
-        process.wait(timeout=15)
+    def post(self, start: int, n: int) -> None:
+        """n measurements of distinct contexts, so that each is one stored row."""
+        measurements = [
+            {"context": {"collective": "allreduce", "nbytes": 1024 * (start + i + 1), "nranks": 2, "nnodes": 1},
+             "config": {}, "latency_us": 50.0 + i, "count": 3, "source": "torch"}
+            for i in range(n)
+        ]
+        response = httpx.post(f"{self.agent_url}/local/v1/measurements",
+                              json={"job_id": "e2e-job", "measurements": measurements})
+        assert response.status_code == 202
 
-    def close(self) -> None:
-        for name in list(self.running):
-            self.stop(name, signal.SIGKILL)
+    def stored(self) -> int:
+        response = httpx.get(f"{self.server_url}/v1/fabrics/{FABRIC_ID}")
+        return response.json()["measurements"] if response.status_code == 200 else -1
+
+    def agent_health(self) -> dict:
+        with AgentClient(self.agent_url) as agent:
+            return agent.health()
 
 
 @pytest.fixture
-def procs(tmp_path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
-    yield procs
-    procs.close()
+def node(processes) -> Node:
+    return Node(processes)
 
 
-def post(procs: Processes, start: int, n: int) -> None:
-    """n measurements of distinct contexts, so that each is one stored row."""
-    measurements = [
-        {"context": {"collective": "allreduce", "nbytes": 1024 * (start + i + 1), "nranks": 2, "nnodes": 1},
-         "config": {}, "latency_us": 50.0 + i, "count": 3, "source": "torch"}
-        for i in range(n)
-    ]
-    response = httpx.post(f"{procs.agent_url}/local/v1/measurements",
-                          json={"job_id": "e2e-job", "measurements": measurements})
-    assert response.status_code == 202
+def test_crash_and_outage_lose_nothing_and_count_nothing_twice(node, processes):
+    node.start_server()
+    node.start_agent()
+    node.post(0, 40)
+    wait_until(lambda: node.stored() == 40)
 
+    processes.stop("server")
+    node.post(40, 40)
+    wait_until(lambda: node.agent_health()["spool_depth"] >= 1)  # spooled, not sent
+    processes.stop("agent", signal.SIGKILL)
 
-def stored(procs: Processes) -> int:
-    response = httpx.get(f"{procs.server_url}/v1/fabrics/{FABRIC_ID}")
-    return response.json()["measurements"] if response.status_code == 200 else -1
+    node.start_agent(registered=False)  # the server is still down
+    assert node.agent_health()["spool_depth"] >= 1  # the spool survived the kill
+    node.post(80, 40)
+    wait_until(lambda: node.agent_health()["spool_depth"] >= 2)
 
-
-def agent_health(procs: Processes) -> dict:
-    with AgentClient(procs.agent_url) as agent:
-        return agent.health()
-
-
-def test_crash_and_outage_lose_nothing_and_count_nothing_twice(procs):
-    procs.start_server()
-    procs.start_agent()
-    post(procs, 0, 40)
-    wait_until(lambda: stored(procs) == 40)
-
-    procs.stop("server")
-    post(procs, 40, 40)
-    wait_until(lambda: agent_health(procs)["spool_depth"] >= 1)  # spooled, not sent
-    procs.stop("agent", signal.SIGKILL)
-
-    procs.start_agent()
-    assert agent_health(procs)["spool_depth"] >= 1  # the spool survived the kill
-    post(procs, 80, 40)
-    wait_until(lambda: agent_health(procs)["spool_depth"] >= 2)
-
-    procs.start_server()
-    wait_until(lambda: stored(procs) == 120 and agent_health(procs)["spool_depth"] == 0)
+    node.start_server()
+    wait_until(lambda: node.stored() == 120 and node.agent_health()["spool_depth"] == 0)
     time.sleep(1.0)  # any straggling duplicate would show up now
-    assert stored(procs) == 120
-    status = httpx.get(f"{procs.server_url}/v1/fabrics/{FABRIC_ID}").json()
+    assert node.stored() == 120
+    status = httpx.get(f"{node.server_url}/v1/fabrics/{FABRIC_ID}").json()
     assert status["contexts"] == 120
 
-    answer = httpx.post(f"{procs.agent_url}/local/v1/recommend", json={"job_id": "e2e-job"}).json()
+    answer = httpx.post(f"{node.agent_url}/local/v1/recommend", json={"job_id": "e2e-job"}).json()
     assert answer["source"] == "server"
-    procs.stop("server")
-    again = httpx.post(f"{procs.agent_url}/local/v1/recommend", json={"job_id": "e2e-job"}).json()
+    processes.stop("server")
+    again = httpx.post(f"{node.agent_url}/local/v1/recommend", json={"job_id": "e2e-job"}).json()
     assert again["source"] == "cache" and again["env"] == answer["env"]
 
 
@@ -143,24 +118,25 @@ dist.destroy_process_group()
 """
 
 
-def test_a_four_rank_gloo_job_under_launch_reaches_the_server_with_its_contexts(procs, tmp_path):
+def test_a_four_rank_gloo_job_under_launch_reaches_the_server_with_its_contexts(node, tmp_path):
     """server + agent + an unmodified 4-rank torchrun job under `dynamiccl launch`, the job's ranks
     and the launcher reaching the agent through its Unix socket, as in the shipped deployments."""
     from dynamiccl.server.storage import SqlStore
 
-    procs.start_server()
-    procs.start_agent(socket=True)
+    node.agent_listen = f"unix:{tmp_path / 'run' / 'agent.sock'}"
+    node.start_server()
+    node.start_agent()
     script = tmp_path / "train.py"
     script.write_text(TRAINING_SCRIPT)
     launch = subprocess.run(
-        [sys.executable, "-m", "dynamiccl.cli.main", "launch", "--job", "gloo-e2e", "--agent", procs.agent_url,
+        [sys.executable, "-m", "dynamiccl.cli.main", "launch", "--job", "gloo-e2e", "--agent", node.agent_url,
          "--", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(script)],
         capture_output=True, text=True, timeout=240,
     )
     assert launch.returncode == 0, launch.stderr[-3000:]
     assert re.search(r"dynamiccl launch: [\d,]+ collective calls of \d+ kinds timed and received", launch.stderr)
 
-    store = SqlStore(f"sqlite:///{procs.tmp_path}/server.db")
+    store = SqlStore(f"sqlite:///{tmp_path}/server.db")
     try:
         def job_rows():
             return [m for m in store.measurements(FABRIC_ID) if m.job_id == "gloo-e2e"]

@@ -162,9 +162,10 @@ async def _taken_in(store: Store, tuner: Tuner, fabric_id: str, fabric: Fabric, 
     """Reading your own writes: `answer()` (the tuner's part of the reply) once the learner has
     taken in every batch stored before the request, waiting at most LEARNER_WAIT_S (the state
     says `behind` when it could not). When it has already, the common case, `answer` runs here on
-    the event loop: it looks up decisions made once per snapshot, and under concurrent clients a
-    thread-pool hop per request costs more than that (every hop contends for the GIL). Catching up,
-    and the answer after it, run on the thread pool."""
+    the event loop: it looks up decisions made once per snapshot (a context never asked before is
+    decided there, once), and under concurrent clients a thread-pool hop per request costs more
+    than that (every hop contends for the GIL). Catching up, and the answer after it, run on the
+    thread pool."""
     target = await store.alast_measurement_id(fabric_id)
     if tuner.caught_up(fabric_id, fabric, target):
         return _learner_state(tuner, fabric_id, fabric, metrics, caught_up=True), answer()

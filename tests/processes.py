@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
+
 from polling import wait_until
 
 from dynamiccl.agent_client import AgentClient
@@ -65,18 +66,20 @@ class Processes:
 
     def server(self, name: str, database_url: str, port: int | None = None) -> str:
         """`dynamiccl server` (on `port`, or a free one); its URL once healthy."""
-        return self.servers([name], database_url, port)[0]
+        url = self._start_server(name, database_url, port or free_port())
+        self.wait_healthy(name, url)
+        return url
 
-    def servers(self, names: list[str], database_url: str, port: int | None = None) -> list[str]:
+    def servers(self, names: list[str], database_url: str) -> list[str]:
         """`dynamiccl server` replicas on one database, started together; their URLs once healthy."""
-        urls = []
-        for name in names:
-            chosen = port or free_port()
-            self.start(name, [*CLI, "server", "--host", "127.0.0.1", "--port", str(chosen), "--database", database_url])
-            urls.append(f"http://127.0.0.1:{chosen}")
+        urls = [self._start_server(name, database_url, free_port()) for name in names]
         for name, url in zip(names, urls):
             self.wait_healthy(name, url)
         return urls
+
+    def _start_server(self, name: str, database_url: str, port: int) -> str:
+        self.start(name, [*CLI, "server", "--host", "127.0.0.1", "--port", str(port), "--database", database_url])
+        return f"http://127.0.0.1:{port}"
 
     def agent(self, name: str, server_url: str, fabric_id: str, listen: str | None = None,
               fabric: Sequence[str] = PRESET_FABRIC, registered: bool = True) -> str:

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-import anyio
+import pytest
 
 from dynamiccl.server.storage.coalesce import CoalescedRead
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the server's loop
 
 
 class GatedSource:
@@ -28,70 +35,60 @@ class GatedSource:
             raise RuntimeError(f"database down reading {key}")
         return value
 
-
-async def _started(source: GatedSource) -> None:
-    await asyncio.wait_for(source.started.acquire(), timeout=10)
-
-
-def test_a_caller_that_arrives_during_a_read_gets_a_later_read():
-    async def scenario() -> None:
-        source = GatedSource()
-        reads = CoalescedRead(source.fetch)
-        first = asyncio.ensure_future(reads.read("f"))
-        await _started(source)  # the first read has started, with value 0
-        source.value = 1  # a batch is stored; then these callers ask
-        late = [asyncio.ensure_future(reads.read("f")) for _ in range(3)]
-        await asyncio.sleep(0.05)
-        source.gate.release()  # the first read returns what it read
-        assert await first == 0
-        await _started(source)  # one more read, for all three
-        source.gate.release()
-        assert await asyncio.gather(*late) == [1, 1, 1]
-        assert source.fetches == 2
-
-    anyio.run(scenario)
+    async def wait_started(self) -> None:
+        """Until a read has begun."""
+        await asyncio.wait_for(self.started.acquire(), timeout=10)
 
 
-def test_keys_are_read_independently():
-    async def scenario() -> None:
-        source = GatedSource()
-        reads = CoalescedRead(source.fetch)
-        a, b = asyncio.ensure_future(reads.read("a")), asyncio.ensure_future(reads.read("b"))
-        await _started(source)
-        await _started(source)  # both run at once
-        source.gate.release()
-        source.gate.release()
-        assert await a == await b == 0
-
-    anyio.run(scenario)
+@pytest.fixture
+def source() -> GatedSource:
+    return GatedSource()
 
 
-def test_a_caller_that_gives_up_does_not_cancel_the_read_of_the_others():
-    async def scenario() -> None:
-        source = GatedSource()
-        reads = CoalescedRead(source.fetch)
-        leaving, staying = asyncio.ensure_future(reads.read("f")), asyncio.ensure_future(reads.read("f"))
-        await _started(source)
-        leaving.cancel()
-        source.gate.release()
-        assert await staying == 0
-        assert leaving.cancelled()
-
-    anyio.run(scenario)
+@pytest.fixture
+def reads(source: GatedSource) -> CoalescedRead[str, int]:
+    return CoalescedRead(source.fetch)
 
 
-def test_a_failed_read_fails_its_callers_and_the_next_read_tries_again():
-    async def scenario() -> None:
-        source = GatedSource()
-        source.fail = True
-        reads = CoalescedRead(source.fetch)
-        failing = asyncio.gather(reads.read("f"), reads.read("f"), return_exceptions=True)
-        await _started(source)
-        source.gate.release()
-        errors = await failing
-        assert [str(e) for e in errors] == ["database down reading f"] * 2
-        source.fail, source.value = False, 7
-        source.gate.release()
-        assert await reads.read("f") == 7
+async def test_a_caller_that_arrives_during_a_read_gets_a_later_read(source, reads):
+    first = asyncio.ensure_future(reads.read("f"))
+    await source.wait_started()  # the first read has started, with value 0
+    source.value = 1  # a batch is stored; then these callers ask
+    late = [asyncio.ensure_future(reads.read("f")) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    source.gate.release()  # the first read returns what it read
+    assert await first == 0
+    await source.wait_started()  # one more read, for all three
+    source.gate.release()
+    assert await asyncio.gather(*late) == [1, 1, 1]
+    assert source.fetches == 2
 
-    anyio.run(scenario)
+
+async def test_keys_are_read_independently(source, reads):
+    a, b = asyncio.ensure_future(reads.read("a")), asyncio.ensure_future(reads.read("b"))
+    await source.wait_started()
+    await source.wait_started()  # both run at once
+    source.gate.release()
+    source.gate.release()
+    assert await a == await b == 0
+
+
+async def test_a_caller_that_gives_up_does_not_cancel_the_read_of_the_others(source, reads):
+    leaving, staying = asyncio.ensure_future(reads.read("f")), asyncio.ensure_future(reads.read("f"))
+    await source.wait_started()
+    leaving.cancel()
+    source.gate.release()
+    assert await staying == 0
+    assert leaving.cancelled()
+
+
+async def test_a_failed_read_fails_its_callers_and_the_next_read_tries_again(source, reads):
+    source.fail = True
+    failing = asyncio.gather(reads.read("f"), reads.read("f"), return_exceptions=True)
+    await source.wait_started()
+    source.gate.release()
+    errors = await failing
+    assert [str(e) for e in errors] == ["database down reading f"] * 2
+    source.fail, source.value = False, 7
+    source.gate.release()
+    assert await reads.read("f") == 7

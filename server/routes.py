@@ -68,14 +68,18 @@ FabricIdPath = Annotated[str, Path(pattern=FABRIC_ID_PATTERN, description="1 to 
 
 
 def _fabric_or_404(store: Store, fabric_id: str) -> Fabric:
-    fabric = store.get_fabric(fabric_id)
+    return _known(store.get_fabric(fabric_id), fabric_id)
+
+
+async def _afabric_or_404(store: Store, fabric_id: str) -> Fabric:
+    """`_fabric_or_404` for a handler on the event loop."""
+    return _known(await store.aget_fabric(fabric_id), fabric_id)
+
+
+def _known(fabric: Fabric | None, fabric_id: str) -> Fabric:
     if fabric is None:
-        raise HTTPException(status_code=404, detail=_unknown_fabric(fabric_id))
+        raise HTTPException(status_code=404, detail=f"unknown fabric {fabric_id!r}: PUT /v1/fabrics/{fabric_id} first")
     return fabric
-
-
-def _unknown_fabric(fabric_id: str) -> str:
-    return f"unknown fabric {fabric_id!r}: PUT /v1/fabrics/{fabric_id} first"
 
 
 @router.put("/fabrics/{fabric_id}", response_model=FabricOut, status_code=200,
@@ -148,13 +152,6 @@ def _check_configs(fabric: Fabric, batch: MeasurementBatch) -> None:
             errors.append({"type": "invalid_config", "loc": ("body", "measurements", index, "config"), "msg": reason})
     if errors:
         raise RequestValidationError(errors[:20])
-
-
-async def _afabric_or_404(store: Store, fabric_id: str) -> Fabric:
-    fabric = await store.aget_fabric(fabric_id)
-    if fabric is None:
-        raise HTTPException(status_code=404, detail=_unknown_fabric(fabric_id))
-    return fabric
 
 
 async def _taken_in(store: Store, tuner: Tuner, fabric_id: str, fabric: Fabric, metrics: ServerMetrics,

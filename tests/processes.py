@@ -50,19 +50,15 @@ class Processes:
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")[-4000:]
 
-    def wait_healthy(self, name: str, url: str, timeout: float = 60.0) -> dict:
+    def wait_healthy(self, name: str, url: str, timeout: float = 60.0) -> None:
         """Wait until the process answers `/healthz` (a failure naming it, with its log, if it
-        exits first); the health it answered."""
-        health: dict = {}
-
+        exits first)."""
         def healthy() -> bool:
             if self.running[name].poll() is not None:
                 raise AssertionError(f"{name} exited with {self.running[name].returncode}:\n{self.log(name)}")
-            health.update(_health(url))
-            return True
+            return bool(_health(url))
 
         wait_until(healthy, timeout, f"{name} healthy at {url}")
-        return health
 
     def server(self, name: str, database_url: str, port: int | None = None) -> str:
         """`dynamiccl server` (on `port`, or a free one); its URL once healthy."""
@@ -93,7 +89,7 @@ class Processes:
                           "--window", "0.2", "--max-backoff", "0.5", *fabric])
         self.wait_healthy(name, url)
         if registered:
-            wait_until(lambda: self.wait_healthy(name, url)["registered"], 30, f"{name} registered")
+            wait_until(lambda: _health(url)["registered"], 30, f"{name} registered")
         return url
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:

@@ -504,11 +504,11 @@ class KnowledgeBase:
 
     def get(self, fabric_id: str, fabric: Fabric) -> FabricKnowledge:
         """The fabric's knowledge; loaded synchronously (statistics only) on first use."""
-        knowledge = self._fabrics.get(fabric_id)
-        if knowledge is None or knowledge.signature != hardware_signature(fabric):
+        knowledge = self._loaded(fabric_id, fabric)
+        if knowledge is None:
             with self._fabrics_lock:
-                knowledge = self._fabrics.get(fabric_id)
-                if knowledge is None or knowledge.signature != hardware_signature(fabric):
+                knowledge = self._loaded(fabric_id, fabric)
+                if knowledge is None:
                     knowledge = FabricKnowledge(fabric_id, fabric)
                     knowledge.refresh(self._store, self._donors(knowledge), fit=False)
                     self._fabrics[fabric_id] = knowledge
@@ -520,9 +520,13 @@ class KnowledgeBase:
     def caught_up(self, fabric_id: str, fabric: Fabric, target_id: int) -> bool:
         """Whether the fabric is loaded and its snapshot has taken in every row up to `target_id`
         (plain reads: never blocks)."""
+        knowledge = self._loaded(fabric_id, fabric)
+        return knowledge is not None and knowledge.snapshot.last_id >= target_id
+
+    def _loaded(self, fabric_id: str, fabric: Fabric) -> FabricKnowledge | None:
+        """The fabric's knowledge if loaded, and loaded for this hardware (a changed fabric starts afresh)."""
         knowledge = self._fabrics.get(fabric_id)
-        return (knowledge is not None and knowledge.signature == hardware_signature(fabric)
-                and knowledge.snapshot.last_id >= target_id)
+        return knowledge if knowledge is not None and knowledge.signature == hardware_signature(fabric) else None
 
     def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float, target_id: int | None = None) -> bool:
         """Take in everything stored for the fabric up to `target_id` (None: before this call),
@@ -570,8 +574,8 @@ class KnowledgeBase:
             if fabric_id == knowledge.fabric_id or hardware_signature(fabric) != knowledge.signature:
                 continue
             with self._fabrics_lock:
-                other = self._fabrics.get(fabric_id)
-                if other is None or other.signature != knowledge.signature:
+                other = self._loaded(fabric_id, fabric)
+                if other is None:
                     other = self._fabrics[fabric_id] = FabricKnowledge(fabric_id, fabric)
                     other.refresh(self._store, [], fit=False)
             donors.append(other)

@@ -18,7 +18,9 @@ for transfer to neighbouring sizes and similar fabrics, and for the surrogate:
   report on its context, and that they outnumber two to one those that
   found it slower, is trusted (`Cell.corroborated`): colluders below a third
   of a context's sources cannot confirm each other before others check
-  (NCCL's default, the baseline that is never itself recommended, needs two);
+  (NCCL's default, the baseline that is never itself recommended, needs two
+  that outnumber those that found it slower: its location is their median,
+  which a slower minority, a straggler's sample or a liar's, cannot move);
 * a cell measured by one source is trusted when that source is the only one
   that has reported on the context at all: nobody else measures it, so its
   consistent evidence (the default and the config, each measured
@@ -60,6 +62,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from dynamiccl.nccl.space import candidate_configs, gpu_generation
 from dynamiccl.schemas import Context, Fabric, NcclConfig
@@ -78,7 +81,7 @@ from dynamiccl.server.learner.stats import (
     pooled_noise,
     slower_in_use,
 )
-from dynamiccl.server.learner.surrogate import Example, ResidualModel
+from dynamiccl.server.learner.surrogate import Example, ResidualModel, pair_family
 from dynamiccl.server.storage.base import Store
 
 log = logging.getLogger(__name__)
@@ -101,7 +104,8 @@ TRANSFER_STD = 0.05
 STALE_AFTER_S = 5.0
 READ_PAGE = 50_000
 #: Least spread of the surrogate where a cell has samples of its own: the model was fit to
-#: those samples, so as a prior for them it must not outweigh them.
+#: those samples, so as a prior for them it must not outweigh them (nor be surer than they are:
+#: a lone sample, perhaps a straggler's, calls for a second look however well the model echoes it).
 MODEL_STD_WITH_DATA = 0.05
 #: A fabric is refit at most this often, in multiples of its last refit's duration: under a
 #: stream of batches, refits take a bounded share of the CPU and requests keep theirs.
@@ -217,17 +221,31 @@ class Snapshot:
         config's own samples, or a similar fabric's (precision-weighted), in one batched model
         call."""
         pairs = [(context, config) for context, configs in requests for config in configs]
-        means, stds, novel = self.model.predict(pairs)
+        means, stds = self.model.predict(pairs)
         results, index = [], 0
         for context, configs in requests:
             key = ContextKey.of(context)
             near = [ContextKey(key.collective, key.bucket + delta, key.nranks, key.nnodes) for delta in (-2, -1, 1, 2)]
             row = []
             for config in configs:
-                row.append(self._combine(key, near, config.key(), means[index], stds[index], novel[index]))
+                unexplored = pair_family(context, self.prior.resolve(context, config)) not in self._explored
+                row.append(self._combine(key, near, config.key(), means[index], stds[index], unexplored))
                 index += 1
             results.append(row)
         return results
+
+    @cached_property
+    def _explored(self) -> frozenset[tuple]:
+        """The `pair_family` of every cell this fabric measured, trusted or not (a claim not yet
+        confirmed still says the pair was tried there), and of a similar fabric's trusted cells:
+        where none is, NCCL's model alone speaks for a pair at that size (`Estimate.novel`). Judged on the
+        evidence, not on the surrogate's rows, so it is current after a catch-up too."""
+        cells = [*self.cells.items(), *((k, c) for k, c in self.donor_cells.items() if c.trusted)]
+        families = set()
+        for key, summary in cells:
+            context, config = _representative(key, summary.mean_nbytes)
+            families.add(pair_family(context, self.prior.resolve(context, config)))
+        return frozenset(families)
 
     def keep_decisions(self, other: Snapshot, unchanged: Callable[[ContextKey], bool]) -> None:
         """Reuse `other`'s decisions (and plans) for the contexts `unchanged` accepts (same model,
@@ -250,7 +268,7 @@ class Snapshot:
         elif (donor := self.donor_cells.get((key, config_key))) is not None and donor.n >= 2 and donor.trusted:
             evidence = (donor.location, math.hypot(donor.std_error, TRANSFER_STD))
         if evidence is not None:  # the model learned from this very cell: do not count it twice
-            std = max(std, MODEL_STD_WITH_DATA)
+            std = max(std, MODEL_STD_WITH_DATA, evidence[1])
         precision, weighted = 1.0 / std**2, mean / std**2
         if evidence is not None:
             location, spread = evidence
@@ -436,8 +454,11 @@ class FabricKnowledge:
         summaries = {}
         for key, cell in views.items():
             location = cell.location()
-            # NCCL's default is the baseline, never itself recommended: two agreeing sources do
-            corroborated = cell.corroborated(2 if key[1] == DEFAULT_KEY else quorum)
+            # NCCL's default is the baseline, never itself recommended (see the module docstring)
+            if key[1] == DEFAULT_KEY:
+                corroborated = cell.corroborated(2, slower_contests=False)
+            else:
+                corroborated = cell.corroborated(quorum)
             withdrawn = (
                 default is not None and key[1] != DEFAULT_KEY and location < default.location() - MIN_GAIN
                 and slower_in_use(cell, default, self._noise)

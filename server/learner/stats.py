@@ -182,16 +182,18 @@ class Cell:
             [v for location, samples in per_source if abs(location - center) <= STRAGGLER_GAP for v in samples]
         )
 
-    def corroborated(self, quorum: int = 2) -> bool:
+    def corroborated(self, quorum: int = 2, slower_contests: bool = True) -> bool:
         """At least `quorum` (and two) sources agree (within STRAGGLER_GAP) with the cell's
         location, and they outnumber two to one the sources that found it slower: a claim that
         others measured and could not reproduce is contested, however many accomplices repeat it
-        (a dissenter's lone straggler keeps NCCL's default until its next sample)."""
+        (a dissenter's lone straggler keeps NCCL's default until its next sample). Without
+        `slower_contests` (the baseline a claim is judged against), those that found it slower
+        only need to be outnumbered: the location is the sources' median, which they cannot move."""
         center = self.location()
         locations = self.source_locations()
         agreeing = sum(abs(x - center) <= STRAGGLER_GAP for x in locations)
         slower = sum(x - center > STRAGGLER_GAP for x in locations)
-        return agreeing >= max(quorum, 2) and agreeing > 2 * slower
+        return agreeing >= max(quorum, 2) and agreeing > (2 if slower_contests else 1) * slower
 
     def std_error(self, noise: float) -> float:
         """Standard error of `location` for a fabric with per-sample noise `noise` (log scale).

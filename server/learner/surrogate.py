@@ -50,16 +50,16 @@ def _one_hot(value: object, options: list) -> list[float]:
     return [1.0 if value == option else 0.0 for option in options]
 
 
+def pair_family(context: Context, resolved: NcclConfig) -> tuple:
+    """What one measurement teaches about directly, on any channel count: the call's shape, the
+    (algorithm, protocol) NCCL runs, and the size level (a factor of 4)."""
+    return (context.collective, context.nnodes > 1, resolved.algo, resolved.proto,
+            round(math.log2(context.nbytes + 1) / 2))
+
+
 def _support_key(context: Context, resolved: NcclConfig) -> tuple:
-    """Cells that inform each other directly: same call shape and pair, similar size and channels."""
-    return (
-        context.collective,
-        context.nnodes > 1,
-        resolved.algo,
-        resolved.proto,
-        round(math.log2(context.nbytes + 1) / 2),
-        round(math.log2(resolved.nchannels or 1)),
-    )
+    """Cells that inform each other directly: the same pair family and a similar channel count."""
+    return (*pair_family(context, resolved), round(math.log2(resolved.nchannels or 1)))
 
 
 class ResidualModel:
@@ -68,7 +68,6 @@ class ResidualModel:
     def __init__(self, prior: NcclPrior, examples: list[Example], seed: int = 0) -> None:
         self.prior = prior
         self._support: Counter[tuple] = Counter()
-        self._family_support: Counter[tuple] = Counter()  # the same without channels
         self._forest: ExtraTreesRegressor | None = None
         self._predicted: dict[tuple, tuple[float, float, bool]] = {}
         self._predicted_lock = threading.Lock()  # snapshots sharing this model may predict at once
@@ -79,7 +78,6 @@ class ResidualModel:
             resolved = prior.resolve(example.context, example.config)
             key = _support_key(example.context, resolved)
             self._support[key] += 1
-            self._family_support[key[:-1]] += 1
             features.append(self.features(example.context, example.config))
             targets.append(example.log_latency - prior.log_time(example.context, example.config))
             weights.append(example.weight)
@@ -119,28 +117,25 @@ class ResidualModel:
         *head, size, channels = key
         return sum(self._support[(*head, size + ds, channels)] for ds in (-1, 0, 1))
 
-    def predict(self, pairs: list[tuple[Context, NcclConfig]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean, std, novel) of log latency for each (context, config). Novel: nothing of the
-        config's (algorithm, protocol) was measured at this call's size, on any channel count
-        (NCCL's model, and trends that trees cannot extrapolate, speak for it). Pairs predicted
-        before are looked up; the others are predicted in one batch."""
+    def predict(self, pairs: list[tuple[Context, NcclConfig]]) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) of log latency for each (context, config). Pairs predicted before are
+        looked up; the others are predicted in one batch."""
         keys = [(context.key(), config.key()) for context, config in pairs]
         with self._predicted_lock:
             missing = [i for i, key in enumerate(keys) if key not in self._predicted]
             if missing:
                 if len(self._predicted) + len(missing) > PREDICTION_CACHE_LIMIT:
                     self._predicted.clear()
-                means, stds, novel = self._predict_batch([pairs[i] for i in missing])
-                for i, mean, std, new in zip(missing, means.tolist(), stds.tolist(), novel.tolist()):
-                    self._predicted[keys[i]] = (mean, std, new)
+                means, stds = self._predict_batch([pairs[i] for i in missing])
+                for i, mean, std in zip(missing, means.tolist(), stds.tolist()):
+                    self._predicted[keys[i]] = (mean, std)
             predicted = [self._predicted[key] for key in keys]
-        return (np.array([p[0] for p in predicted], dtype=float), np.array([p[1] for p in predicted], dtype=float),
-                np.array([p[2] for p in predicted], dtype=bool))
+        return np.array([p[0] for p in predicted], dtype=float), np.array([p[1] for p in predicted], dtype=float)
 
-    def _predict_batch(self, pairs: list[tuple[Context, NcclConfig]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _predict_batch(self, pairs: list[tuple[Context, NcclConfig]]) -> tuple[np.ndarray, np.ndarray]:
         """`predict` for pairs not predicted yet: each pair and each context's default resolved
         under NCCL's model once, every tree asked once for all of them."""
-        prior, support, novel, features = [], [], [], []
+        prior, support, features = [], [], []
         defaults: dict[tuple, tuple[NcclConfig, float]] = {}
         for context, config in pairs:
             if (default := defaults.get(context.key())) is None:
@@ -150,13 +145,11 @@ class ResidualModel:
             key = _support_key(context, resolved)
             prior.append(log_time)
             support.append(self._neighbour_support(key))
-            novel.append(not self._family_support[key[:-1]])
             if self._forest is not None:
                 features.append(self._features(context, resolved, default[0], log_time - default[1]))
         prior_mean = np.array(prior)
         unseen_var = UNSEEN_RESIDUAL_STD**2 / (1.0 + np.array(support))
-        novel_mask = np.array(novel, dtype=bool)
         if self._forest is None or not pairs:
-            return prior_mean, np.sqrt(unseen_var), novel_mask
+            return prior_mean, np.sqrt(unseen_var)
         per_tree = np.stack([tree.predict(np.asarray(features)) for tree in self._forest.estimators_])
-        return prior_mean + per_tree.mean(axis=0), np.sqrt(per_tree.var(axis=0) + unseen_var), novel_mask
+        return prior_mean + per_tree.mean(axis=0), np.sqrt(per_tree.var(axis=0) + unseen_var)

@@ -102,3 +102,13 @@ def test_the_same_attack_poisons_a_learner_that_trusts_every_sample(reliability,
     result = reliability.run_poisoning("h100-ib-2n", agents=10, malicious=1, rounds=8, sizes=5, seed=0,
                                        workdir=str(tmp_path), learner="coordinate descent")
     assert result.poisoned_recommended > 0 and result.worst_slowdown > 2.0
+
+
+def test_a_baseline_one_of_three_sources_found_slower_still_stands():
+    """NCCL's default is never itself recommended, only compared against: a straggler's sample
+    (or a liar's) among three sources cannot move its median, so it does not void every
+    comparison on the context. A claimed config in the same position stays contested."""
+    straggled = cell(("a", 100.0), ("b", 102.0), ("c", 160.0))
+    assert straggled.corroborated(slower_contests=False)
+    assert not straggled.corroborated(), "a claim one of three could not reproduce is contested"
+    assert not cell(("a", 100.0), ("b", 160.0)).corroborated(slower_contests=False), "one against one"

@@ -1,9 +1,13 @@
 """What a fabric's knowledge costs a request: decisions are made once per snapshot and then looked
-up, predictions once per model; the surrogate is refit when the evidence changes, not on a timer."""
+up, predictions once per model; the surrogate is refit when the evidence changes, not on a timer.
+And what the snapshot's estimates make of the evidence: a lone sample's spread, novelty."""
+
+import math
 
 from dynamiccl.nccl import candidate_configs
-from dynamiccl.schemas import Context, Measurement
+from dynamiccl.schemas import Context, Measurement, NcclConfig
 from dynamiccl.server.learner.knowledge import FabricKnowledge
+from dynamiccl.server.learner.stats import SINGLE_SAMPLE_STD, cell_key
 from dynamiccl.sim import PRESETS, SimulatedFabric
 
 PRESET = PRESETS["h100-ib-2n"]
@@ -70,3 +74,47 @@ def test_a_model_predicts_each_pair_once_and_alike(sqlite_store, monkeypatch):
     again = model.predict(list(reversed(pairs)))
     for before, after in zip(first, again):
         assert list(before) == list(reversed(after))
+
+
+def _estimate_of(knowledge: FabricKnowledge, context: Context, config: NcclConfig):
+    return knowledge.snapshot.estimates([(context, [NcclConfig(), config])])[0][1]
+
+
+def test_a_lone_sample_is_no_surer_in_the_posterior_than_it_is_alone(sqlite_store):
+    """The surrogate was fit to that very sample, so however closely it echoes a straggler's slow
+    timing, the config keeps the spread of one sample: it gets a second look, not a verdict."""
+    sqlite_store.put_fabric("f", PRESET.fabric)
+    measured(sqlite_store, "b1")
+    context = CONTEXTS[1]
+    config = candidate_configs(PRESET.fabric, context)[5]
+    sqlite_store.add_batch("f", "lone", [Measurement(context=context, config=config, latency_us=500.0, count=20,
+                                                     source="sim", job_id="job")])
+    knowledge = FabricKnowledge("f", PRESET.fabric)
+    knowledge.refresh(sqlite_store, [])
+    lone = _estimate_of(knowledge, context, config)
+    assert lone.samples == 1 and lone.std >= SINGLE_SAMPLE_STD / math.sqrt(2) - 1e-9
+    repeated = _estimate_of(knowledge, context, candidate_configs(PRESET.fabric, context)[1])
+    assert repeated.samples == 3 and repeated.std < lone.std / 2
+
+
+def test_a_pair_is_novel_where_nobody_measured_it_at_that_size_trusted_or_not(sqlite_store):
+    """Novelty is judged on the evidence: an unconfirmed claim (one of two sources) says the pair
+    was tried at that size, for every call shape alike; and a catch-up's rows count at once,
+    before any refit of the surrogate."""
+    sqlite_store.put_fabric("f", PRESET.fabric)
+    small, other_shape, large = (Context(collective="allgather", nbytes=1 << 20, nranks=16, nnodes=2),
+                                 Context(collective="allgather", nbytes=1 << 20, nranks=8, nnodes=2),
+                                 Context(collective="allgather", nbytes=1 << 30, nranks=16, nnodes=2))
+    ring_ll = NcclConfig(algo="ring", proto="ll", nchannels=8)
+    default_by_both = [Measurement(context=small, config=NcclConfig(), latency_us=100.0, count=20,
+                                   source="sim", job_id=job) for job in ("job-a", "job-b")]
+    sqlite_store.add_batch("f", "defaults", default_by_both)
+    knowledge = FabricKnowledge("f", PRESET.fabric)
+    knowledge.refresh(sqlite_store, [], fit=False)
+    assert _estimate_of(knowledge, other_shape, ring_ll).novel
+    claim = Measurement(context=small, config=ring_ll, latency_us=90.0, count=20, source="sim", job_id="job-a")
+    sqlite_store.add_batch("f", "claim", [claim])
+    assert knowledge.catch_up(sqlite_store, sqlite_store.last_measurement_id("f"), timeout_s=10)
+    assert not knowledge.snapshot.cells[cell_key(small, ring_ll)].trusted, "one of two sources: unconfirmed"
+    assert not _estimate_of(knowledge, other_shape, ring_ll).novel
+    assert _estimate_of(knowledge, large, ring_ll).novel, "another size level is still NCCL's model alone"

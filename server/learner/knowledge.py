@@ -46,6 +46,10 @@ for transfer to neighbouring sizes and similar fabrics, and for the surrogate:
   whatever others measured, until the evidence changes; a job that applied
   it gets the default at its next plugin round or launch.
 
+Any source's measurement of a pair at a size, trusted or not, says the pair was tried there
+(`Snapshot.explored`), so a fleet does not repeat one agent's trial: a liar can keep the server
+from trying a pair nobody else measured at a size, which leaves NCCL's choice in force there.
+
 So one source can decide the recommendations of contexts only it reports on
 (its own job's calls; with per-agent tokens, its node's), and can keep NCCL's
 default in force where it contradicts others; it cannot get a config
@@ -62,7 +66,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from dynamiccl.nccl.space import candidate_configs, gpu_generation
 from dynamiccl.schemas import Context, Fabric, NcclConfig
@@ -174,6 +177,11 @@ class Snapshot:
     distrusted: frozenset[str] = frozenset()
     withdrawn: int = 0  # cells withdrawn from recommendation (slower where a source ran them)
     last_id: int = 0  # the id of the last stored measurement taken in
+    #: The `pair_family` of every cell this fabric measured, trusted or not (a claim not yet
+    #: confirmed still says the pair was tried there), and of a similar fabric's trusted cells:
+    #: where none is, NCCL's model alone speaks for a pair at that size (`Estimate.novel`).
+    #: Judged on the evidence, not on the surrogate's rows, so it is current after a catch-up.
+    explored: frozenset[tuple] = frozenset()
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
     _plans: dict = field(default_factory=dict, compare=False, repr=False)
     _memo_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
@@ -228,24 +236,11 @@ class Snapshot:
             near = [ContextKey(key.collective, key.bucket + delta, key.nranks, key.nnodes) for delta in (-2, -1, 1, 2)]
             row = []
             for config in configs:
-                unexplored = pair_family(context, self.prior.resolve(context, config)) not in self._explored
+                unexplored = pair_family(context, self.prior.resolve(context, config)) not in self.explored
                 row.append(self._combine(key, near, config.key(), means[index], stds[index], unexplored))
                 index += 1
             results.append(row)
         return results
-
-    @cached_property
-    def _explored(self) -> frozenset[tuple]:
-        """The `pair_family` of every cell this fabric measured, trusted or not (a claim not yet
-        confirmed still says the pair was tried there), and of a similar fabric's trusted cells:
-        where none is, NCCL's model alone speaks for a pair at that size (`Estimate.novel`). Judged on the
-        evidence, not on the surrogate's rows, so it is current after a catch-up too."""
-        cells = [*self.cells.items(), *((k, c) for k, c in self.donor_cells.items() if c.trusted)]
-        families = set()
-        for key, summary in cells:
-            context, config = _representative(key, summary.mean_nbytes)
-            families.add(pair_family(context, self.prior.resolve(context, config)))
-        return frozenset(families)
 
     def keep_decisions(self, other: Snapshot, unchanged: Callable[[ContextKey], bool]) -> None:
         """Reuse `other`'s decisions (and plans) for the contexts `unchanged` accepts (same model,
@@ -309,6 +304,7 @@ class FabricKnowledge:
         self._cells: dict[CellKey, Cell] = {}
         self._context_cells: dict[ContextKey, list[CellKey]] = defaultdict(list)  # in arrival order
         self._summaries: dict[CellKey, CellSummary] = {}
+        self._explored: set[tuple] = set()  # the pair families of this fabric's cells
         self._distrusted: frozenset[str] = frozenset()
         self._noise = DEFAULT_NOISE
         self._last_id = 0
@@ -342,15 +338,17 @@ class FabricKnowledge:
             donor_cells = {key: summary for donor in donors if behaves_alike(self._summaries, donor.snapshot.cells)
                            for key, summary in donor.snapshot.cells.items()}
             examples = self._examples(self._summaries, donor_cells)
+            donor_explored = frozenset(self._family(*_representative(key, summary.mean_nbytes))
+                                       for key, summary in donor_cells.items() if summary.trusted)
         model = ResidualModel(self.prior, examples) if fit else self.snapshot.model
         with self._lock:  # what catch_up folded in meanwhile is kept: summaries are current
-            snapshot = self._snapshot(model, donor_cells)
+            snapshot = self._snapshot(model, donor_cells, donor_explored)
         with self._recent_lock:
             recent = list(self._recent.values())
         snapshot.decisions(recent)  # requests find it warm; warmed without the fabric: catch_up never waits
         with self._lock:
             if self._last_id != snapshot.last_id:  # a catch_up took rows in meanwhile: keep its summaries
-                snapshot = self._snapshot(model, donor_cells)
+                snapshot = self._snapshot(model, donor_cells, donor_explored)
             self.snapshot = snapshot
             if fit:
                 self._fitted_on = evidence
@@ -375,7 +373,7 @@ class FabricKnowledge:
             self._read_new(store, touched)
             for context_key in sorted(touched):  # one order on every replica: the surrogate's rows
                 self._summaries.update(self._judge(context_key))
-            snapshot = self._snapshot(previous.model, previous.donor_cells)
+            snapshot = self._snapshot(previous.model, previous.donor_cells, previous.explored)
             if not untracked:
                 near = {(k.group, k.bucket + d) for k in touched for d in range(-2, 3)}
                 snapshot.keep_decisions(previous, lambda key: (key.group, key.bucket) not in near)
@@ -384,10 +382,16 @@ class FabricKnowledge:
             self._lock.release()
         return self.snapshot.last_id >= target_id
 
-    def _snapshot(self, model: ResidualModel, donor_cells: dict[CellKey, CellSummary]) -> Snapshot:
+    def _snapshot(self, model: ResidualModel, donor_cells: dict[CellKey, CellSummary],
+                  explored_elsewhere: frozenset[tuple]) -> Snapshot:
+        """A snapshot of the current statistics; `explored_elsewhere` joins this fabric's own pair
+        families (a similar fabric's, or an earlier snapshot's: families are never unlearned)."""
         withdrawn = sum(summary.withdrawn for summary in self._summaries.values())
         return Snapshot(self.prior, dict(self._summaries), donor_cells, model, self._noise, self._seen,
-                        self._distrusted, withdrawn, self._last_id)
+                        self._distrusted, withdrawn, self._last_id, explored_elsewhere.union(self._explored))
+
+    def _family(self, context: Context, config: NcclConfig) -> tuple:
+        return pair_family(context, self.prior.resolve(context, config))
 
     def decisions(self, contexts: Sequence[Context]) -> list[Decision]:
         """The current snapshot's decisions; what was asked is remembered, so the next snapshot
@@ -414,26 +418,28 @@ class FabricKnowledge:
         with self._lock:
             return {row_id for cell in self._cells.values() for row_id in cell.live_ids()}, self._last_id
 
-    def _cell(self, key: CellKey) -> Cell:
+    def _cell(self, context: Context, config: NcclConfig) -> tuple[CellKey, Cell]:
+        key = cell_key(context, config)
         cell = self._cells.get(key)
         if cell is None:
             cell = self._cells[key] = Cell()
             self._context_cells[key[0]].append(key)
-        return cell
+            self._explored.add(self._family(context, config))
+        return key, cell
 
     def _read_new(self, store: Store, touched: set[ContextKey] | None = None) -> int:
         count = 0
         if not self._loaded:
             self._loaded = True
             for compacted in store.compacted(self.fabric_id):
-                self._cell(cell_key(compacted.context, compacted.config)).add_compacted(
-                    compacted.context.nbytes, compacted.rows)
+                _, cell = self._cell(compacted.context, compacted.config)
+                cell.add_compacted(compacted.context.nbytes, compacted.rows)
                 count += compacted.rows
         while True:
             rows = store.measurements(self.fabric_id, after_id=self._last_id, limit=READ_PAGE)
             for row in rows:
-                key = cell_key(row.context, row.config)
-                self._cell(key).add(row.context.nbytes, row.latency_us, row.client or row.job_id, row.id)
+                key, cell = self._cell(row.context, row.config)
+                cell.add(row.context.nbytes, row.latency_us, row.client or row.job_id, row.id)
                 if touched is not None:
                     touched.add(key[0])
                 self._last_id = row.id

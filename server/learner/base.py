@@ -36,7 +36,7 @@ class Estimate:
     samples: int  # own samples in this context's size bucket
     transferred: bool = False  # evidence from neighbouring sizes or a similar fabric backs it
     trusted: bool = True  # the evidence may decide a recommendation (see knowledge.py's trust model)
-    novel: bool = False  # nothing of its (algorithm, protocol) measured near this size: a prior guess
+    novel: bool = False  # nobody measured its (algorithm, protocol) at this size: a prior guess
 
     @property
     def latency_us(self) -> float:

@@ -69,7 +69,7 @@ class ResidualModel:
         self.prior = prior
         self._support: Counter[tuple] = Counter()
         self._forest: ExtraTreesRegressor | None = None
-        self._predicted: dict[tuple, tuple[float, float, bool]] = {}
+        self._predicted: dict[tuple, tuple[float, float]] = {}
         self._predicted_lock = threading.Lock()  # snapshots sharing this model may predict at once
         if not examples:
             return

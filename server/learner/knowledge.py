@@ -236,7 +236,7 @@ class Snapshot:
             near = [ContextKey(key.collective, key.bucket + delta, key.nranks, key.nnodes) for delta in (-2, -1, 1, 2)]
             row = []
             for config in configs:
-                unexplored = pair_family(context, self.prior.resolve(context, config)) not in self.explored
+                unexplored = _family(self.prior, context, config) not in self.explored
                 row.append(self._combine(key, near, config.key(), means[index], stds[index], unexplored))
                 index += 1
             results.append(row)
@@ -338,7 +338,7 @@ class FabricKnowledge:
             donor_cells = {key: summary for donor in donors if behaves_alike(self._summaries, donor.snapshot.cells)
                            for key, summary in donor.snapshot.cells.items()}
             examples = self._examples(self._summaries, donor_cells)
-            donor_explored = frozenset(self._family(*_representative(key, summary.mean_nbytes))
+            donor_explored = frozenset(_family(self.prior, *_representative(key, summary.mean_nbytes))
                                        for key, summary in donor_cells.items() if summary.trusted)
         model = ResidualModel(self.prior, examples) if fit else self.snapshot.model
         with self._lock:  # what catch_up folded in meanwhile is kept: summaries are current
@@ -390,9 +390,6 @@ class FabricKnowledge:
         return Snapshot(self.prior, dict(self._summaries), donor_cells, model, self._noise, self._seen,
                         self._distrusted, withdrawn, self._last_id, explored_elsewhere.union(self._explored))
 
-    def _family(self, context: Context, config: NcclConfig) -> tuple:
-        return pair_family(context, self.prior.resolve(context, config))
-
     def decisions(self, contexts: Sequence[Context]) -> list[Decision]:
         """The current snapshot's decisions; what was asked is remembered, so the next snapshot
         has decided it before it replaces this one."""
@@ -424,7 +421,7 @@ class FabricKnowledge:
         if cell is None:
             cell = self._cells[key] = Cell()
             self._context_cells[key[0]].append(key)
-            self._explored.add(self._family(context, config))
+            self._explored.add(_family(self.prior, context, config))
         return key, cell
 
     def _read_new(self, store: Store, touched: set[ContextKey] | None = None) -> int:
@@ -490,6 +487,11 @@ class FabricKnowledge:
                 context, config = _representative(key, summary.mean_nbytes)
                 examples.append(Example(context, config, summary.location, scale * _example_weight(summary.n)))
         return examples
+
+
+def _family(prior: NcclPrior, context: Context, config: NcclConfig) -> tuple:
+    """The `pair_family` a measurement of `config` on `context` belongs to, as NCCL resolves it."""
+    return pair_family(context, prior.resolve(context, config))
 
 
 def _representative(key: CellKey, nbytes: int) -> tuple[Context, NcclConfig]:

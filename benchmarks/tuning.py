@@ -428,12 +428,16 @@ def main(
         overall = progress.add_task("clusters", total=len([p for p in presets.split(",") if p]) + random)
         for name in filter(None, presets.split(",")):
             cluster = Cluster(PRESETS[name], seed)
-            preset_results += bench_cluster(cluster, server.url, tokens, chosen_modes, rounds, calls, seed,
-                                            baselines, progress)
+            done = bench_cluster(cluster, server.url, tokens, chosen_modes, rounds, calls, seed, baselines,
+                                 progress)
+            progress.console.print(detail_table(name, done))  # each cluster as it finishes: long runs
+            preset_results += done
             progress.advance(overall)
         for preset in random_clusters(random, first_seed):
-            random_results += bench_cluster(Cluster(preset, seed), server.url, tokens, chosen_modes, rounds,
-                                            calls, seed, False, progress)
+            done = bench_cluster(Cluster(preset, seed), server.url, tokens, chosen_modes, rounds, calls, seed,
+                                 False, progress)
+            progress.console.print(detail_table(preset.name, done))
+            random_results += done
             progress.advance(overall)
     what = f"after {rounds} rounds ({calls} calls a measurement)"
     if preset_results:

@@ -56,12 +56,13 @@ def fresh_suggestions(contexts: Sequence[Context], picks: Sequence[Pick]) -> lis
 
 def pinned_suggestions(store: Store, fabric_id: str, job_id: str, round_index: int,
                        contexts: Sequence[Context], picks: Sequence[Pick]) -> list[Suggestion]:
-    """The round's suggestions as first pinned (these picks where none were), in one transaction."""
+    """The round's suggestions as first pinned (these picks where none were), in one transaction.
+    Only the pins another request wrote first are read back from JSON: the first ask of a round
+    (the usual case) pinned its own picks."""
     keys = [f"suggest|{fabric_id}|{job_id}|{round_index}|{':'.join(map(str, c.key()))}" for c in contexts]
-    proposals = {
-        key: json.dumps({"config": pick.config.model_dump(mode="json"), "kind": pick.kind.value,
-                         "suggestion_id": f"s-{_digest(key)}"})
-        for key, pick in zip(keys, picks)
-    }
+    proposed = [Suggestion(context=context, config=pick.config, kind=pick.kind, suggestion_id=f"s-{_digest(key)}")
+                for context, pick, key in zip(contexts, picks, keys)]
+    proposals = {key: suggestion.model_dump_json(exclude={"context"}) for key, suggestion in zip(keys, proposed)}
     stored = store.pin_many(proposals)
-    return [Suggestion(context=context, **json.loads(stored[key])) for context, key in zip(contexts, keys)]
+    return [suggestion if stored[key] == proposals[key] else Suggestion(context=suggestion.context, **json.loads(stored[key]))
+            for key, suggestion in zip(keys, proposed)]

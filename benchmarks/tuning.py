@@ -425,19 +425,14 @@ def main(
     with tempfile.TemporaryDirectory() as workdir, \
             local_server(f"sqlite:///{workdir}/bench.db", Path(workdir)) as server, \
             Progress(console=console, transient=True) as progress:
-        overall = progress.add_task("clusters", total=len([p for p in presets.split(",") if p]) + random)
-        for name in filter(None, presets.split(",")):
-            cluster = Cluster(PRESETS[name], seed)
-            done = bench_cluster(cluster, server.url, tokens, chosen_modes, rounds, calls, seed, baselines,
-                                 progress)
-            progress.console.print(detail_table(name, done))  # each cluster as it finishes: long runs
-            preset_results += done
-            progress.advance(overall)
-        for preset in random_clusters(random, first_seed):
+        runs = [(PRESETS[name], baselines, preset_results) for name in filter(None, presets.split(","))]
+        runs += [(preset, False, random_results) for preset in random_clusters(random, first_seed)]
+        overall = progress.add_task("clusters", total=len(runs))
+        for preset, with_baselines, results in runs:
             done = bench_cluster(Cluster(preset, seed), server.url, tokens, chosen_modes, rounds, calls, seed,
-                                 False, progress)
-            progress.console.print(detail_table(preset.name, done))
-            random_results += done
+                                 with_baselines, progress)
+            progress.console.print(detail_table(preset.name, done))  # each cluster as it finishes
+            results += done
             progress.advance(overall)
     what = f"after {rounds} rounds ({calls} calls a measurement)"
     if preset_results:

@@ -60,9 +60,11 @@ def pinned_suggestions(store: Store, fabric_id: str, job_id: str, round_index: i
     Only the pins another request wrote first are read back from JSON: the first ask of a round
     (the usual case) pinned its own picks."""
     keys = [f"suggest|{fabric_id}|{job_id}|{round_index}|{':'.join(map(str, c.key()))}" for c in contexts]
-    proposed = [Suggestion(context=context, config=pick.config, kind=pick.kind, suggestion_id=f"s-{_digest(key)}")
+    proposed = [Suggestion(context=context, config=pick.config, kind=pick.kind,
+                           suggestion_id=f"s-{_digest(key)}")
                 for context, pick, key in zip(contexts, picks, keys)]
-    proposals = {key: suggestion.model_dump_json(exclude={"context"}) for key, suggestion in zip(keys, proposed)}
+    proposals = {key: s.model_dump_json(exclude={"context"}) for key, s in zip(keys, proposed)}
     stored = store.pin_many(proposals)
-    return [suggestion if stored[key] == proposals[key] else Suggestion(context=suggestion.context, **json.loads(stored[key]))
-            for key, suggestion in zip(keys, proposed)]
+    return [s if stored[key] == proposals[key]
+            else Suggestion(context=s.context, **json.loads(stored[key]))
+            for key, s in zip(keys, proposed)]

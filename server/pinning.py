@@ -3,19 +3,19 @@
 A job's recommendation is pinned: its first answer is stored, and every later
 launch of the job (on any replica, after any restart) gets that answer until
 it is refreshed or expires, so the ranks of one job never run different
-configs. A job's suggestions for one round are pinned the same way, one key per
-context, so that two replicas asked for the same round hand out the same
-trials under the same suggestion ids. The first writer wins (`Store.pin_many`).
+configs. A job's suggestions for one round are pinned the same way, one entry
+per context, so that two replicas asked for the same round hand out the same
+trials under the same suggestion ids. The first writer wins (`Store.pin`,
+`Store.pin_entries`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 from collections.abc import Sequence
 
-from dynamiccl.schemas import Context, RecommendResponse, Suggestion
+from dynamiccl.schemas import Context, NcclConfig, RecommendResponse, Suggestion, SuggestionKind
 from dynamiccl.server.learner import Pick
 from dynamiccl.server.storage import Store
 
@@ -54,17 +54,32 @@ def fresh_suggestions(contexts: Sequence[Context], picks: Sequence[Pick]) -> lis
             for i, (context, pick) in enumerate(zip(contexts, picks))]
 
 
-def pinned_suggestions(store: Store, fabric_id: str, job_id: str, round_index: int,
-                       contexts: Sequence[Context], picks: Sequence[Pick]) -> list[Suggestion]:
-    """The round's suggestions as first pinned (these picks where none were), in one transaction.
-    Only the pins another request wrote first are read back from JSON: the first ask of a round
-    (the usual case) pinned its own picks."""
-    keys = [f"suggest|{fabric_id}|{job_id}|{round_index}|{':'.join(map(str, c.key()))}" for c in contexts]
-    proposed = [Suggestion(context=context, config=pick.config, kind=pick.kind,
-                           suggestion_id=f"s-{_digest(key)}")
-                for context, pick, key in zip(contexts, picks, keys)]
-    proposals = {key: s.model_dump_json(exclude={"context"}) for key, s in zip(keys, proposed)}
-    stored = store.pin_many(proposals)
-    return [s if stored[key] == proposals[key]
-            else Suggestion(context=s.context, **json.loads(stored[key]))
-            for key, s in zip(keys, proposed)]
+async def pinned_suggestions(store: Store, fabric_id: str, job_id: str, round_index: int,
+                             contexts: Sequence[Context], picks: Sequence[Pick]) -> list[Suggestion]:
+    """The round's suggestions as first pinned (these picks where none were): one pin per round,
+    an entry per context, written with the pins of concurrent requests (`Store.apin_entries`).
+    A request's own picks are returned as they are; only the entries another request pinned
+    first are decoded."""
+    round_key = f"suggest|{fabric_id}|{job_id}|{round_index}"
+    entries = [f"{c.collective}:{c.nbytes}:{c.nranks}:{c.nnodes}" for c in contexts]
+    proposals = [_encode(pick) for pick in picks]
+    stored = await store.apin_entries(round_key, dict(zip(entries, proposals)))
+    suggestions = []
+    for context, pick, entry, proposal in zip(contexts, picks, entries, proposals):
+        if stored[entry] != proposal:
+            pick = _decode(stored[entry])
+        suggestions.append(Suggestion(context=context, config=pick.config, kind=pick.kind,
+                                      suggestion_id=f"s-{_digest(round_key, entry)}"))
+    return suggestions
+
+
+def _encode(pick: Pick) -> str:
+    """A pick as 'algo|proto|nchannels|kind' ('' and 0: NCCL decides)."""
+    config = pick.config
+    return f"{config.algo or ''}|{config.proto or ''}|{config.nchannels or 0}|{pick.kind}"
+
+
+def _decode(text: str) -> Pick:
+    algo, proto, nchannels, kind = text.split("|")
+    return Pick(NcclConfig(algo=algo or None, proto=proto or None, nchannels=int(nchannels) or None),
+                SuggestionKind(kind))

@@ -190,8 +190,8 @@ async def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metric
     learner, picks = await _taken_in(store, tuner, body.fabric_id, fabric, metrics,
                                      lambda: tuner.suggest(body.fabric_id, fabric, body.contexts, seed))
     if body.job_id is not None and body.round is not None:
-        suggestions = await run_in_threadpool(pinning.pinned_suggestions, store, body.fabric_id, body.job_id,
-                                              body.round, body.contexts, picks)
+        suggestions = await pinning.pinned_suggestions(store, body.fabric_id, body.job_id, body.round,
+                                                       body.contexts, picks)
     else:
         suggestions = pinning.fresh_suggestions(body.contexts, picks)
     kinds = Counter(s.kind for s in suggestions)

@@ -96,14 +96,22 @@ class Store(ABC):
         suggest and recommend asks), which it must not block: here on a worker thread."""
         return await anyio.to_thread.run_sync(self.last_measurement_id, fabric_id)
 
+    @abstractmethod
     def pin(self, key: str, value: str, replace: bool = False) -> str:
         """Store `value` under `key` unless an unexpired value is there already (or `replace`), and
         return the value now stored. The first writer wins across replicas."""
-        return self.pin_many({key: value}, replace)[key]
 
     @abstractmethod
-    def pin_many(self, values: Mapping[str, str], replace: bool = False) -> dict[str, str]:
-        """`pin` for many keys in one transaction: {key: the value now stored}."""
+    def pin_entries(self, key: str, entries: Mapping[str, str]) -> dict[str, str]:
+        """Pin many entries under one key, in one transaction, each first writer winning on its
+        own: entries another writer pinned there first keep their value, the others are added.
+        {entry: the value now stored} for the entries asked. The pin expires (and counts toward
+        the bound) as one."""
+
+    async def apin_entries(self, key: str, entries: Mapping[str, str]) -> dict[str, str]:
+        """`pin_entries` for a handler on the event loop, which it must not block: here on a
+        worker thread."""
+        return await anyio.to_thread.run_sync(self.pin_entries, key, entries)
 
     @abstractmethod
     def pinned(self, key: str) -> str | None:

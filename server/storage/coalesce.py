@@ -1,4 +1,4 @@
-"""Reads that are at least as new as their caller, shared by concurrent callers.
+"""Work on the event loop shared by concurrent callers: reads, and writes made together.
 
 Every `/v1/suggest` and `/v1/recommend` asks the database for the fabric's
 last measurement id (reading your own writes: the answer must take in every
@@ -11,16 +11,21 @@ arrives while one is running joins the next read, which starts after it
 arrived, so every caller still gets a value read after its own call began:
 the same guarantee as a read of its own, with one query for all the callers
 that arrived during the previous one.
+
+`BatchedCall` does the same for writes: the calls that arrive while one
+group is written are written together in the next, so a burst of concurrent
+requests pays for one transaction and one worker-thread hop, not one each.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+A = TypeVar("A")
 
 
 class CoalescedRead(Generic[K, V]):
@@ -56,3 +61,42 @@ class CoalescedRead(Generic[K, V]):
                     future.set_result(value)
         finally:
             del self._readers[key]
+
+
+class BatchedCall(Generic[A, V]):
+    """`await call(argument)`: its share of `await run(arguments)`, which takes the arguments of
+    every call made while the previous run ran, in the order they were made, and returns one
+    value each. One event loop at a time uses it."""
+
+    def __init__(self, run: Callable[[Sequence[A]], Awaitable[Sequence[V]]]) -> None:
+        self._run = run
+        self._waiting: list[tuple[A, asyncio.Future[V]]] = []
+        self._runner: asyncio.Task[None] | None = None
+
+    async def call(self, argument: A) -> V:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._waiting.append((argument, future))
+        if self._runner is None:
+            self._runner = loop.create_task(self._run_while_called())
+        return await asyncio.shield(future)  # a caller that gives up does not cancel the others' run
+
+    async def _run_while_called(self) -> None:
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                futures = [future for _, future in group]
+                try:
+                    values = await self._run([argument for argument, _ in group])
+                except Exception as error:  # every call of the group sees the failure
+                    for future in futures:
+                        future.set_exception(error)
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+                else:
+                    for future, value in zip(futures, values, strict=True):
+                        future.set_result(value)
+        finally:
+            self._runner = None

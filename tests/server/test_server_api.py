@@ -111,13 +111,13 @@ def test_job_and_round_pin_each_context_across_replicas(sqlite_url, examples, tu
                      for t in (tuner_class(), tuner_class(seed_offset=1)))
     with TestClient(first) as a, TestClient(second) as b:
         a.put("/v1/fabrics/dgx-h100-a", json=examples.FABRIC)
-        small, large = ({**examples.CONTEXT, "nbytes": n} for n in (1024, 1 << 30))
+        small, medium, large = ({**examples.CONTEXT, "nbytes": n} for n in (1024, 1 << 20, 1 << 30))
         pinned = {"job_id": "llama8b-0412", "round": 3}
         from_a = a.post("/v1/suggest", json=examples.suggest(contexts=[small, large], **pinned)).json()
-        from_b = b.post("/v1/suggest", json=examples.suggest(contexts=[large], **pinned)).json()
+        from_b = b.post("/v1/suggest", json=examples.suggest(contexts=[large, medium], **pinned)).json()
         assert from_b["suggestions"][0] == from_a["suggestions"][1]
-        again = a.post("/v1/suggest", json=examples.suggest(contexts=[small, large], **pinned)).json()
-        assert again == from_a
+        again = a.post("/v1/suggest", json=examples.suggest(contexts=[medium, small, large], **pinned)).json()
+        assert again["suggestions"] == [from_b["suggestions"][1], *from_a["suggestions"]]
         next_round = b.post("/v1/suggest", json=examples.suggest(contexts=[large], job_id="llama8b-0412",
                                                                   round=4)).json()
         assert next_round["suggestions"][0]["suggestion_id"] != from_a["suggestions"][1]["suggestion_id"]

@@ -1,4 +1,5 @@
-"""CoalescedRead: concurrent callers share reads, and no caller gets a value read before it called."""
+"""CoalescedRead: concurrent callers share reads, and no caller gets a value read before it called.
+BatchedCall: the calls made while a group runs run together next, each getting its own answer."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import pytest
 
-from dynamiccl.server.storage.coalesce import CoalescedRead
+from dynamiccl.server.storage.coalesce import BatchedCall, CoalescedRead
 
 pytestmark = pytest.mark.anyio
 
@@ -92,3 +93,62 @@ async def test_a_failed_read_fails_its_callers_and_the_next_read_tries_again(sou
     source.fail, source.value = False, 7
     source.gate.release()
     assert await reads.read("f") == 7
+
+
+class GatedWriter:
+    """Writes groups of arguments, each waiting until the test opens the gate; answers doubles."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[int]] = []
+        self.started = asyncio.Semaphore(0)
+        self.gate = asyncio.Semaphore(0)
+        self.fail = False
+
+    async def write(self, group: list[int]) -> list[int]:
+        self.groups.append(list(group))
+        self.started.release()
+        await asyncio.wait_for(self.gate.acquire(), timeout=10)
+        if self.fail:
+            raise RuntimeError(f"database down writing {group}")
+        return [2 * argument for argument in group]
+
+
+@pytest.fixture
+def writer() -> GatedWriter:
+    return GatedWriter()
+
+
+async def test_calls_made_while_a_group_is_written_are_written_together_next(writer):
+    batched = BatchedCall(writer.write)
+    first = asyncio.ensure_future(batched.call(1))
+    await asyncio.wait_for(writer.started.acquire(), timeout=10)
+    later = [asyncio.ensure_future(batched.call(n)) for n in (2, 3, 4)]
+    await asyncio.sleep(0.05)
+    writer.gate.release()
+    assert await first == 2
+    await asyncio.wait_for(writer.started.acquire(), timeout=10)
+    writer.gate.release()
+    assert await asyncio.gather(*later) == [4, 6, 8], "each call gets its own answer"
+    assert writer.groups == [[1], [2, 3, 4]], "in the order they were made"
+
+
+async def test_a_failed_group_fails_each_of_its_calls_and_the_next_call_runs_again(writer):
+    batched = BatchedCall(writer.write)
+    writer.fail = True
+    failing = asyncio.gather(batched.call(1), batched.call(2), return_exceptions=True)
+    await asyncio.wait_for(writer.started.acquire(), timeout=10)
+    writer.gate.release()
+    assert [str(e) for e in await failing] == ["database down writing [1, 2]"] * 2
+    writer.fail = False
+    writer.gate.release()
+    assert await batched.call(5) == 10
+
+
+async def test_a_call_that_gives_up_leaves_its_group_written_for_the_others(writer):
+    batched = BatchedCall(writer.write)
+    leaving, staying = asyncio.ensure_future(batched.call(1)), asyncio.ensure_future(batched.call(2))
+    await asyncio.wait_for(writer.started.acquire(), timeout=10)
+    leaving.cancel()
+    writer.gate.release()
+    assert await staying == 4 and leaving.cancelled()
+    assert writer.groups == [[1, 2]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,35 +30,56 @@ def test_the_first_writer_wins_until_replaced(url):
     assert store.pin("k", "third", replace=True) == "third" and store.pinned("k") == "third"
 
 
-def test_many_keys_are_pinned_at_once_each_first_writer_winning_on_its_own(url):
+def test_entries_pinned_under_one_key_each_keep_their_first_writer(url):
     store = SqlStore(url)
-    store.pin("b", "taken")
-    assert store.pin_many({"a": "1", "b": "2", "c": "3"}) == {"a": "1", "b": "taken", "c": "3"}
-    assert store.pin_many({"c": "again", "d": "4"}) == {"c": "3", "d": "4"}
-    assert store.pin_many({"a": "new", "b": "new"}, replace=True) == {"a": "new", "b": "new"}
-    assert store.pin_many({}) == {}
+    assert store.pin_entries("round", {"a": "1", "b": "2"}) == {"a": "1", "b": "2"}
+    assert store.pin_entries("round", {"b": "again", "c": "3"}) == {"b": "2", "c": "3"}
+    assert store.pin_entries("round", {"a": "x", "b": "y", "c": "z"}) == {"a": "1", "b": "2", "c": "3"}
+    assert store.pin_entries("another round", {"a": "4"}) == {"a": "4"}
+    assert store.pin_entries("round", {}) == {}
+    assert count(store) == 2, "a row per key, however many entries"
 
 
-def test_concurrent_pinners_of_overlapping_keys_agree_on_one_value_each(url):
+def test_concurrent_pinners_of_overlapping_entries_agree_on_one_value_each(url):
     stores = [SqlStore(url) for _ in range(4)]
-    keys = [f"suggest|round-{i}" for i in range(40)]
+    entries = [f"context-{i}" for i in range(40)]
 
     def pin_as(writer: int) -> dict[str, str]:
-        order = keys[writer * 10:] + keys[:writer * 10]  # each writer in its own order
-        return stores[writer].pin_many({key: f"writer-{writer}" for key in order})
+        mine = entries[writer * 10:writer * 10 + 20]  # half of each writer's entries are the next one's
+        return stores[writer].pin_entries("round", {entry: f"writer-{writer}" for entry in mine})
 
     with ThreadPoolExecutor(len(stores)) as pool:
         answers = list(pool.map(pin_as, range(len(stores))))
-    assert all(answer == answers[0] for answer in answers), "every writer reads back the same winners"
-    assert set(answers[0]) == set(keys)
+    winners: dict[str, str] = {}
+    for answer in answers:
+        for entry, value in answer.items():
+            assert winners.setdefault(entry, value) == value, "every writer reads back the same winner"
+    assert set(winners) == set(entries)
+    assert stores[0].pin_entries("round", dict.fromkeys(entries, "late")) == winners
+
+
+def test_concurrent_requests_pin_in_one_transaction_and_the_first_made_wins(url):
+    store = SqlStore(url)
+
+    async def ask() -> list[dict[str, str]]:
+        return await asyncio.gather(*(store.apin_entries("round", {"shared": f"request-{i}", f"own-{i}": "v"})
+                                      for i in range(5)))
+
+    answers = asyncio.run(ask())
+    assert [answer["shared"] for answer in answers] == ["request-0"] * 5
+    assert all(answer[f"own-{i}"] == "v" for i, answer in enumerate(answers))
+    assert count(store) == 1
 
 
 def test_an_expired_pin_is_gone_and_the_next_writer_pins_afresh(url):
     store = SqlStore(url, pin_ttl_s=0.2)
     store.pin("job", "old")
+    store.pin_entries("round", {"a": "old"})
     time.sleep(0.3)
     assert store.pinned("job") is None
     assert store.pin("job", "new") == "new" and store.pinned("job") == "new"
+    assert store.pin_entries("round", {"b": "new"}) == {"b": "new"}
+    assert store.pin_entries("round", {"a": "new"}) == {"a": "new"}, "the expired entries went with it"
 
 
 def test_pins_are_bounded_oldest_first(url):
@@ -73,12 +95,13 @@ def test_pins_are_bounded_oldest_first(url):
 def test_pinning_trims_to_the_bound_once_a_tenth_over_it(url):
     """Finding the oldest sorts every pin: the prunes that follow pinning leave a tenth of room."""
     store = SqlStore(url, max_pins=640)
-    for batch in range(11):  # 704 pins: over the bound by its tenth, not more
-        store.pin_many({f"job-{batch}-{k}": "v" for k in range(64)})
+    for i in range(704):  # over the bound by its tenth, not more
+        store.pin(f"job-{i:03}", "v")
     assert count(store) == 704
-    store.pin_many({f"job-11-{k}": "v" for k in range(64)})
-    assert count(store) == 640  # the two oldest batches went
-    assert store.pinned("job-1-63") is None and store.pinned("job-2-0") == "v"
+    for i in range(704, 768):
+        store.pin(f"job-{i:03}", "v")
+    assert count(store) == 640  # the oldest went
+    assert store.pinned("job-127") is None and store.pinned("job-128") == "v"
 
 
 def test_the_bounds_come_from_the_environment(sqlite_url, monkeypatch):

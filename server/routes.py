@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections import Counter
@@ -162,7 +163,13 @@ async def _taken_in(store: Store, tuner: Tuner, fabric_id: str, fabric: Fabric, 
     the event loop: it looks up decisions made once per snapshot (a context never asked before is
     decided there, once), and under concurrent clients a thread-pool hop per request costs more
     than that (every hop contends for the GIL). Catching up, and the answer after it, run on the
-    thread pool."""
+    thread pool.
+
+    It first yields to the event loop once. An answer made in place runs to its end without
+    yielding, so the requests read in one poll of the sockets were answered together, and one
+    that arrived meanwhile waited for all of them before its own poll's turn: p99 twice the p50
+    under 20 clients. Yielding puts it in the loop's queue behind those that came before it."""
+    await asyncio.sleep(0)
     target = await store.alast_measurement_id(fabric_id)
     if tuner.caught_up(fabric_id, fabric, target):
         return _learner_state(tuner, fabric_id, fabric, metrics, caught_up=True), answer()

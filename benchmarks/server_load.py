@@ -13,8 +13,10 @@ Per database and worker count, a real `dynamiccl server` on 127.0.0.1 is driven 
   `/v1/suggest` unpinned and pinned (a job and round, as an online tuning round asks), and
   to `/healthz`, the floor: the same server, the same HTTP stack and concurrency, no work.
   Each latency is printed beside the floor's, as a ratio, and with the server's CPU time a
-  request (its processes' user and system time over the phase). A warm-up of one request per
-  client precedes each phase (a fresh worker decides each context once per snapshot);
+  request (its processes' user and system time over the timed requests). A warm-up of one
+  request per client precedes each phase (a fresh worker decides each context once per
+  snapshot; a worker asked for the first time catches up and refits), and the clock starts
+  once the server is idle;
 * small batches: the same 20 clients post batches of 10 measurements, as node agents do each
   window: batches answered a second;
 * memory: resident set of the server's processes at the end.
@@ -145,21 +147,36 @@ class Latencies:
     p50_ms: float
     p99_ms: float
     per_second: float  # timed requests answered a second, all clients together
-    cpu_ms: float  # the server's CPU time a request (all its processes, warm-ups and background work included)
+    cpu_ms: float  # the server's CPU time a timed request (all its processes, background work included)
 
 
 #: One request: method, path and JSON body (None: no body).
 Request = tuple[str, str, dict | None]
 
 
+def settle(server_pid: int, timeout_s: float = 30.0) -> None:
+    """Until the server's processes use under a tenth of a core over a quarter second: a worker
+    whose first request made it catch up refits in the background, which is not the next
+    phase's cost."""
+    deadline = time.monotonic() + timeout_s
+    before = cpu_s(server_pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = cpu_s(server_pid)
+        if now - before < 0.025:
+            return
+        before = now
+
+
 def under_load(url: str, server_pid: int, request: Callable[[np.random.Generator], Request],
                requests: int) -> Latencies:
-    """CONCURRENCY clients on keep-alive connections, each sending one warm-up and then
+    """CONCURRENCY clients on keep-alive connections, each sending one warm-up (with several
+    workers, each worker is asked and catches up) and then, once the server has settled,
     `requests` timed requests. Bodies are encoded before the clock starts and clients use the
     standard library's HTTP client, so that on a machine shared with the server the clients
     cost it as little as they can (httpx costs about twice a bare request's server time)."""
     host, port = urlsplit(url).hostname, urlsplit(url).port
-    start = threading.Barrier(CONCURRENCY)
+    warmed, start = threading.Barrier(CONCURRENCY + 1), threading.Barrier(CONCURRENCY + 1)
 
     def client(index: int) -> list[float]:
         rng = np.random.default_rng(index)
@@ -168,9 +185,10 @@ def under_load(url: str, server_pid: int, request: Callable[[np.random.Generator
         connection = http.client.HTTPConnection(host, port, timeout=120)
         latencies = []
         try:
-            start.wait()
             for number, (method, path, body) in enumerate(prepared):
                 if number == 1:  # the warm-up is done
+                    warmed.wait()
+                    start.wait()
                     spans.append(time.perf_counter())
                 started = time.perf_counter()
                 connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
@@ -179,16 +197,27 @@ def under_load(url: str, server_pid: int, request: Callable[[np.random.Generator
                 latencies.append(time.perf_counter() - started)
                 if response.status >= 300:
                     raise RuntimeError(f"{method} {path}: HTTP {response.status}")
+        except BaseException:
+            warmed.abort()
+            start.abort()
+            raise
         finally:
             connection.close()
         spans.append(time.perf_counter())
         return latencies[1:]  # the first is the warm-up
 
     spans: list[float] = []
-    cpu_before = cpu_s(server_pid)
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        latencies = np.concatenate(list(pool.map(client, range(CONCURRENCY)))) * 1000
-    cpu_ms = (cpu_s(server_pid) - cpu_before) * 1000 / (CONCURRENCY * (requests + 1))
+        clients = [pool.submit(client, index) for index in range(CONCURRENCY)]
+        try:
+            warmed.wait()
+            settle(server_pid)
+            cpu_before = cpu_s(server_pid)
+            start.wait()
+        except threading.BrokenBarrierError:
+            pass  # a client failed: its error is raised below
+        latencies = np.concatenate([c.result() for c in clients]) * 1000
+    cpu_ms = (cpu_s(server_pid) - cpu_before) * 1000 / (CONCURRENCY * requests)
     return Latencies(float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
                      len(latencies) / (max(spans) - min(spans)), cpu_ms)
 

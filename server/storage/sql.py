@@ -335,8 +335,8 @@ class SqlStore(Store):
 
     async def apin_entries(self, key: str, entries: Mapping[str, str]) -> dict[str, str]:
         """Written together with the calls made while the previous group was written, in one
-        transaction on a worker thread (a hop and a transaction per request cost an online tuning
-        round's suggest a third of its time under 20 concurrent clients)."""
+        transaction on a worker thread (a hop and a transaction per request were more than half an
+        online tuning round's suggest under 20 concurrent clients)."""
         return await self._pin_groups.call((key, entries))
 
     def _pin_entries_together(self, group: Sequence[tuple[str, Mapping[str, str]]]) -> list[dict[str, str]]:

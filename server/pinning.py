@@ -46,40 +46,45 @@ def suggestion_seed(fabric_id: str, job_id: str | None, round_index: int | None)
     return int(_digest(fabric_id, job_id, round_index), 16)
 
 
+def _fresh_ids(count: int) -> list[str]:
+    """Random suggestion ids, read from the system in one call (a call per id, under 20
+    concurrent requests, cost a fifth of a request's time)."""
+    ids = secrets.token_hex(8 * count)
+    return [f"s-{ids[16 * i:16 * i + 16]}" for i in range(count)]
+
+
 def fresh_suggestions(contexts: Sequence[Context], picks: Sequence[Pick]) -> list[Suggestion]:
-    """Unpinned suggestions, each with a random id (read from the system in one call: a call per
-    id, under 20 concurrent requests, cost a fifth of a request's time)."""
-    ids = secrets.token_hex(8 * len(picks))
-    return [Suggestion(context=context, config=pick.config, kind=pick.kind, suggestion_id=f"s-{ids[16 * i:16 * i + 16]}")
-            for i, (context, pick) in enumerate(zip(contexts, picks))]
+    """Unpinned suggestions, each with a random id."""
+    return [Suggestion(context=context, config=pick.config, kind=pick.kind, suggestion_id=suggestion_id)
+            for context, pick, suggestion_id in zip(contexts, picks, _fresh_ids(len(picks)))]
 
 
 async def pinned_suggestions(store: Store, fabric_id: str, job_id: str, round_index: int,
                              contexts: Sequence[Context], picks: Sequence[Pick]) -> list[Suggestion]:
-    """The round's suggestions as first pinned (these picks where none were): one pin per round,
-    an entry per context, written with the pins of concurrent requests (`Store.apin_entries`).
-    A request's own picks are returned as they are; only the entries another request pinned
-    first are decoded."""
-    round_key = f"suggest|{fabric_id}|{job_id}|{round_index}"
+    """The round's suggestions as first pinned (these picks, under fresh ids, where none were):
+    one pin per round, an entry per context, written with the pins of concurrent requests
+    (`Store.apin_entries`). A request's own picks are returned as they are; only the entries
+    another request pinned first are decoded."""
     entries = [f"{c.collective}:{c.nbytes}:{c.nranks}:{c.nnodes}" for c in contexts]
-    proposals = [_encode(pick) for pick in picks]
-    stored = await store.apin_entries(round_key, dict(zip(entries, proposals)))
+    ids = _fresh_ids(len(picks))
+    proposals = [_encode(pick, suggestion_id) for pick, suggestion_id in zip(picks, ids)]
+    stored = await store.apin_entries(f"suggest|{fabric_id}|{job_id}|{round_index}", dict(zip(entries, proposals)))
     suggestions = []
-    for context, pick, entry, proposal in zip(contexts, picks, entries, proposals):
+    for context, pick, suggestion_id, entry, proposal in zip(contexts, picks, ids, entries, proposals):
         if stored[entry] != proposal:
-            pick = _decode(stored[entry])
+            pick, suggestion_id = _decode(stored[entry])
         suggestions.append(Suggestion(context=context, config=pick.config, kind=pick.kind,
-                                      suggestion_id=f"s-{_digest(round_key, entry)}"))
+                                      suggestion_id=suggestion_id))
     return suggestions
 
 
-def _encode(pick: Pick) -> str:
-    """A pick as 'algo|proto|nchannels|kind' ('' and 0: NCCL decides)."""
+def _encode(pick: Pick, suggestion_id: str) -> str:
+    """A pinned pick as 'algo|proto|nchannels|kind|suggestion id' ('' and 0: NCCL decides)."""
     config = pick.config
-    return f"{config.algo or ''}|{config.proto or ''}|{config.nchannels or 0}|{pick.kind}"
+    return f"{config.algo or ''}|{config.proto or ''}|{config.nchannels or 0}|{pick.kind}|{suggestion_id}"
 
 
-def _decode(text: str) -> Pick:
-    algo, proto, nchannels, kind = text.split("|")
-    return Pick(NcclConfig(algo=algo or None, proto=proto or None, nchannels=int(nchannels) or None),
-                SuggestionKind(kind))
+def _decode(text: str) -> tuple[Pick, str]:
+    algo, proto, nchannels, kind, suggestion_id = text.split("|")
+    config = NcclConfig(algo=algo or None, proto=proto or None, nchannels=int(nchannels) or None)
+    return Pick(config, SuggestionKind(kind)), suggestion_id

@@ -156,10 +156,11 @@ def _check_configs(fabric: Fabric, batch: MeasurementBatch) -> None:
 
 
 async def _taken_in(store: Store, tuner: Tuner, fabric_id: str, fabric: Fabric, metrics: ServerMetrics,
-                    answer: Callable[[], T]) -> tuple[LearnerState, T]:
+                    answer: Callable[[], T], with_model: bool = False) -> tuple[LearnerState, T]:
     """Reading your own writes: `answer()` (the tuner's part of the reply) once the learner has
     taken in every batch stored before the request, waiting at most LEARNER_WAIT_S (the state
-    says `behind` when it could not). When it has already, the common case, `answer` runs here on
+    says `behind` when it could not); `with_model` for an answer the tuner's model steers
+    (`Tuner.catch_up`). When it has already, the common case, `answer` runs here on
     the event loop: it looks up decisions made once per snapshot (a context never asked before is
     decided there, once), and under concurrent clients a thread-pool hop per request costs more
     than that (every hop contends for the GIL). Catching up, and the answer after it, run on the
@@ -175,7 +176,7 @@ async def _taken_in(store: Store, tuner: Tuner, fabric_id: str, fabric: Fabric, 
         return _learner_state(tuner, fabric_id, fabric, metrics, caught_up=True), answer()
 
     def catch_up_and_answer() -> tuple[LearnerState, T]:
-        caught_up = tuner.catch_up(fabric_id, fabric, LEARNER_WAIT_S, target)
+        caught_up = tuner.catch_up(fabric_id, fabric, LEARNER_WAIT_S, target, with_model)
         return _learner_state(tuner, fabric_id, fabric, metrics, caught_up), answer()
 
     return await run_in_threadpool(catch_up_and_answer)
@@ -195,7 +196,8 @@ async def suggest(body: SuggestRequest, store: StoreDep, tuner: TunerDep, metric
     fabric = await _afabric_or_404(store, body.fabric_id)
     seed = pinning.suggestion_seed(body.fabric_id, body.job_id, body.round)
     learner, picks = await _taken_in(store, tuner, body.fabric_id, fabric, metrics,
-                                     lambda: tuner.suggest(body.fabric_id, fabric, body.contexts, seed))
+                                     lambda: tuner.suggest(body.fabric_id, fabric, body.contexts, seed),
+                                     with_model=True)
     if body.job_id is not None and body.round is not None:
         suggestions = await pinning.pinned_suggestions(store, body.fabric_id, body.job_id, body.round,
                                                        body.contexts, picks)

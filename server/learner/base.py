@@ -138,9 +138,12 @@ class Tuner(ABC):
         blocks: a handler on the event loop asks. Tuners that learn as they observe always are."""
         return True
 
-    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float, target_id: int | None = None) -> bool:
+    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float, target_id: int | None = None,
+                 with_model: bool = False) -> bool:
         """Wait (at most `timeout_s`) until every measurement of the fabric up to id `target_id`
-        (None: every one stored before the call) is taken in; False when it could not."""
+        (None: every one stored before the call) is taken in; False when it could not.
+        `with_model`: the caller will explore, so a tuner whose model of the fabric steers that
+        may also wait (briefly) for the model to be refit on what was taken in."""
         return True
 
     def describe(self, fabric_id: str, fabric: Fabric) -> dict[str, int]:

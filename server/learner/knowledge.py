@@ -5,7 +5,11 @@ reads new measurements incrementally by id and folds them into per-cell
 statistics. A worker thread refits the surrogate in the background; a request
 that must see what was posted before it (`catch_up`, "reading your own
 writes") folds the new rows in itself and re-judges only the contexts they
-touched, against the current surrogate. Requests read an immutable snapshot.
+touched, against the current surrogate. A suggestion, which the surrogate
+steers, also waits (briefly) for the refit where the surrogate has not seen a
+good share of the evidence: a client that posts and asks at once, round after
+round, would otherwise explore by its first rounds' model. Requests read an
+immutable snapshot.
 
 The trust model
 ---------------
@@ -114,6 +118,16 @@ MODEL_STD_WITH_DATA = 0.05
 #: stream of batches, refits take a bounded share of the CPU and requests keep theirs.
 REFIT_SPACING = 3.0
 MIN_REFIT_INTERVAL_S = 0.2
+#: The surrogate is behind when the fabric holds this many cells it was not fit on, and this
+#: share more than it was fit on: a request that took such evidence in waits (within its bound)
+#: for the refit, which then skips its spacing. Each such refit needs the cells to have grown by
+#: the share, so they are few over a fabric's life; re-measuring known cells never sets one off.
+UNFITTED_CELLS = 20
+UNFITTED_SHARE = 0.1
+#: The longest such a request waits for that refit (a fabric of 500 contexts refits in about a
+#: second): past it, it is answered with the surrogate it has, and a later request finds the
+#: refit done.
+REFIT_WAIT_S = 0.5
 #: Contexts whose decisions a snapshot remembers (bounds memory under many distinct contexts).
 MEMO_LIMIT = 20_000
 #: How often a fabric's old measurements are compacted, when the server keeps them for a bounded
@@ -314,6 +328,7 @@ class FabricKnowledge:
         self._recent: dict[tuple, Context] = {}  # by context key, oldest first
         self._recent_lock = threading.Lock()
         self._fitted_on: tuple | None = None  # the evidence (ids taken in) the surrogate was fit on
+        self._fitted_cells = 0  # how many cells the fabric held when the surrogate was fit
         self.checked_at = time.monotonic()  # when the store was last read for new measurements
         self.snapshot = Snapshot(self.prior, {}, {}, ResidualModel(self.prior, []), DEFAULT_NOISE, 0)
 
@@ -338,6 +353,7 @@ class FabricKnowledge:
             donor_cells = {key: summary for donor in donors if behaves_alike(self._summaries, donor.snapshot.cells)
                            for key, summary in donor.snapshot.cells.items()}
             examples = self._examples(self._summaries, donor_cells)
+            cells = len(self._cells)
             donor_explored = frozenset(_family(self.prior, *_representative(key, summary.mean_nbytes))
                                        for key, summary in donor_cells.items() if summary.trusted)
         model = ResidualModel(self.prior, examples) if fit else self.snapshot.model
@@ -351,8 +367,13 @@ class FabricKnowledge:
                 snapshot = self._snapshot(model, donor_cells, donor_explored)
             self.snapshot = snapshot
             if fit:
-                self._fitted_on = evidence
+                self._fitted_on, self._fitted_cells = evidence, cells
         return fit
+
+    def surrogate_behind(self) -> bool:
+        """Whether the fabric holds many cells the surrogate was not fit on (UNFITTED_CELLS)."""
+        unfitted = len(self._cells) - self._fitted_cells
+        return unfitted >= max(UNFITTED_CELLS, UNFITTED_SHARE * self._fitted_cells)
 
     def catch_up(self, store: Store, target_id: int, timeout_s: float) -> bool:
         """Take in every measurement up to `target_id` within `timeout_s`: fold the new rows in and
@@ -523,7 +544,9 @@ class KnowledgeBase:
         self._fabrics: dict[str, FabricKnowledge] = {}
         self._fabrics_lock = threading.RLock()  # creation only; lookups are plain dict reads
         self._pending: set[str] = set()
+        self._urgent: set[str] = set()  # fabrics a request waits to see refit: no spacing
         self._wake = threading.Condition()
+        self._refitted = threading.Condition()  # notified after every refresh
         self._idle = threading.Event()
         self._idle.set()
         self._stopped = False
@@ -557,16 +580,28 @@ class KnowledgeBase:
         knowledge = self._fabrics.get(fabric_id)
         return knowledge if knowledge is not None and knowledge.signature == hardware_signature(fabric) else None
 
-    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float, target_id: int | None = None) -> bool:
+    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float, target_id: int | None = None,
+                 with_model: bool = False) -> bool:
         """Take in everything stored for the fabric up to `target_id` (None: before this call),
-        within `timeout_s`; the background refit that follows updates the surrogate."""
+        within `timeout_s`; the background refit that follows updates the surrogate. With
+        `with_model` (what suggestions are made from), where the surrogate has not seen much of
+        the evidence (`FabricKnowledge.surrogate_behind`) this also waits for that refit, at most
+        REFIT_WAIT_S and within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
         knowledge = self.get(fabric_id, fabric)
         target = self._store.last_measurement_id(fabric_id) if target_id is None else target_id
         if knowledge.snapshot.last_id >= target:
             return True
         caught_up = knowledge.catch_up(self._store, target, timeout_s)
-        self.mark(fabric_id)
-        return caught_up
+        if not (caught_up and knowledge.surrogate_behind()):
+            self.mark(fabric_id)
+            return caught_up
+        self.mark(fabric_id, urgent=True)
+        if with_model:
+            with self._refitted:
+                self._refitted.wait_for(lambda: not knowledge.surrogate_behind(),
+                                        timeout=max(min(deadline - time.monotonic(), REFIT_WAIT_S), 0.0))
+        return True
 
     def compact(self, fabric_id: str, received_before: float) -> int:
         """Delete the fabric's measurements received before `received_before` that no cell holds
@@ -580,9 +615,12 @@ class KnowledgeBase:
                 self._on_compact(fabric_id, deleted)
         return deleted
 
-    def mark(self, fabric_id: str) -> None:
+    def mark(self, fabric_id: str, urgent: bool = False) -> None:
+        """Have the worker refresh the fabric; `urgent`: without waiting out its refit spacing."""
         with self._wake:
             self._pending.add(fabric_id)
+            if urgent:
+                self._urgent.add(fabric_id)
             self._idle.clear()
             self._wake.notify()
 
@@ -622,13 +660,21 @@ class KnowledgeBase:
             knowledge = self._fabrics.get(fabric_id)
             if knowledge is None:
                 continue
-            time.sleep(max(0.0, self._next_refit.get(fabric_id, 0.0) - time.monotonic()))
+            with self._wake:  # the spacing, cut short when a request waits for this fabric
+                self._wake.wait_for(lambda: fabric_id in self._urgent or self._stopped,
+                                    timeout=max(0.0, self._next_refit.get(fabric_id, 0.0) - time.monotonic()))
+                self._urgent.discard(fabric_id)
+                if self._stopped:
+                    return
             started = time.perf_counter()
             try:
                 refit = knowledge.refresh(self._store, self._donors(knowledge))
             except Exception:  # a failed refit keeps the last snapshot; the next one retries
                 log.exception("refit of fabric %s failed", fabric_id)
                 continue
+            finally:
+                with self._refitted:
+                    self._refitted.notify_all()
             elapsed = time.perf_counter() - started
             self._next_refit[fabric_id] = time.monotonic() + max(MIN_REFIT_INTERVAL_S, REFIT_SPACING * elapsed)
             if refit and self._on_refit is not None:

@@ -30,8 +30,9 @@ class DynamicclTuner(Tuner):
     def caught_up(self, fabric_id: str, fabric: Fabric, target_id: int) -> bool:
         return self.knowledge.caught_up(fabric_id, fabric, target_id)
 
-    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float, target_id: int | None = None) -> bool:
-        return self.knowledge.catch_up(fabric_id, fabric, timeout_s, target_id)
+    def catch_up(self, fabric_id: str, fabric: Fabric, timeout_s: float, target_id: int | None = None,
+                 with_model: bool = False) -> bool:
+        return self.knowledge.catch_up(fabric_id, fabric, timeout_s, target_id, with_model)
 
     def describe(self, fabric_id: str, fabric: Fabric) -> dict[str, int]:
         """How far this replica's learner has caught up with the store."""

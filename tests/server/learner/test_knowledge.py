@@ -1,12 +1,13 @@
 """What a fabric's knowledge costs a request: decisions are made once per snapshot and then looked
-up, predictions once per model; the surrogate is refit when the evidence changes, not on a timer.
-And what the snapshot's estimates make of the evidence: a lone sample's spread, novelty."""
+up, predictions once per model; the surrogate is refit when the evidence changes, not on a timer,
+and a request that brings it much it has not seen waits for it. And what the snapshot's estimates
+make of the evidence: a lone sample's spread, novelty."""
 
 import math
 
 from dynamiccl.nccl import candidate_configs
 from dynamiccl.schemas import Context, Measurement, NcclConfig
-from dynamiccl.server.learner.knowledge import FabricKnowledge
+from dynamiccl.server.learner.knowledge import UNFITTED_CELLS, FabricKnowledge, KnowledgeBase
 from dynamiccl.server.learner.stats import SINGLE_SAMPLE_STD, cell_key
 from dynamiccl.sim import PRESETS, SimulatedFabric
 
@@ -54,6 +55,27 @@ def test_rows_folded_in_by_a_catch_up_are_still_refit_on(sqlite_store):
     measured(sqlite_store, "b2", rounds=1)
     assert knowledge.catch_up(sqlite_store, sqlite_store.last_measurement_id("f"), timeout_s=10)
     assert knowledge.refresh(sqlite_store, []) is True, "the catch-up kept the old surrogate: refit it"
+
+
+def test_a_suggestion_after_many_new_cells_waits_for_the_refit_and_after_known_ones_does_not(sqlite_store):
+    """A client that posts and asks at once, round after round, would otherwise explore by the
+    surrogate of its first rounds; measuring again what the surrogate has seen never waits."""
+    sqlite_store.put_fabric("f", PRESET.fabric)
+    refits: list[float] = []
+    base = KnowledgeBase(sqlite_store, on_refit=refits.append)
+    try:
+        knowledge = base.get("f", PRESET.fabric)
+        assert base.wait_idle(30)
+        measured(sqlite_store, "b1")  # 24 cells the surrogate has not seen
+        assert len(CONTEXTS) * 4 >= UNFITTED_CELLS
+        fitted = len(refits)
+        assert base.catch_up("f", PRESET.fabric, timeout_s=30, with_model=True)
+        assert not knowledge.surrogate_behind() and len(refits) == fitted + 1, "answered after the refit"
+        measured(sqlite_store, "b2", rounds=1)  # the same cells again
+        assert base.catch_up("f", PRESET.fabric, timeout_s=30, with_model=True)
+        assert len(refits) == fitted + 1, "answered at once: the refit follows at its own pace"
+    finally:
+        base.close()
 
 
 def test_a_model_predicts_each_pair_once_and_alike(sqlite_store, monkeypatch):

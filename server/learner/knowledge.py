@@ -119,12 +119,12 @@ MODEL_STD_WITH_DATA = 0.05
 REFIT_SPACING = 3.0
 MIN_REFIT_INTERVAL_S = 0.2
 #: The surrogate is behind when the fabric holds this many cells it was not fit on, and this
-#: share more than it was fit on: a request that took such evidence in waits (within its bound)
-#: for the refit, which then skips its spacing. Each such refit needs the cells to have grown by
+#: share more than it was fit on: its refit then skips the spacing, and a suggestion that took
+#: such evidence in waits for it (REFIT_WAIT_S). Each such refit needs the cells to have grown by
 #: the share, so they are few over a fabric's life; re-measuring known cells never sets one off.
 UNFITTED_CELLS = 20
 UNFITTED_SHARE = 0.1
-#: The longest such a request waits for that refit (a fabric of 500 contexts refits in about a
+#: The longest such a suggestion waits for that refit (a fabric of 500 contexts refits in about a
 #: second): past it, it is answered with the surrogate it has, and a later request finds the
 #: refit done.
 REFIT_WAIT_S = 0.5
@@ -544,7 +544,7 @@ class KnowledgeBase:
         self._fabrics: dict[str, FabricKnowledge] = {}
         self._fabrics_lock = threading.RLock()  # creation only; lookups are plain dict reads
         self._pending: set[str] = set()
-        self._urgent: set[str] = set()  # fabrics a request waits to see refit: no spacing
+        self._urgent: set[str] = set()  # fabrics whose surrogate is behind: refit without spacing
         self._wake = threading.Condition()
         self._refitted = threading.Condition()  # notified after every refresh
         self._idle = threading.Event()

@@ -104,11 +104,11 @@ def main(
         ingest_s = time.perf_counter() - started
         before = refits(server.url)
         burst_lag, burst_answer = ask(client, calls)
-        during, asked = refits(server.url) - before, time.perf_counter()
+        during = refits(server.url) - before
         if during:
             refit = f"the answer waited for the refit of the surrogate ({during:.0f} ended while it was made)"
         else:
-            deadline = time.monotonic() + 300
+            asked, deadline = time.perf_counter(), time.monotonic() + 300
             while refits(server.url) <= before and time.monotonic() < deadline:
                 time.sleep(0.1)
             refit = f"the next background refit of the surrogate ended {time.perf_counter() - asked:.1f} s after that answer"

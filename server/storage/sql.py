@@ -393,8 +393,12 @@ class SqlStore(Store):
         return gone
 
     def _insert(self, table):
-        """The dialect's INSERT, which knows ON CONFLICT."""
-        return (postgresql if self._dialect == "postgresql" else sqlite).insert(table)
+        return _dialect_insert(self._dialect, table)
+
+
+def _dialect_insert(dialect: str, table):
+    """The dialect's INSERT, which knows ON CONFLICT."""
+    return (postgresql if dialect == "postgresql" else sqlite).insert(table)
 
 
 @lru_cache(maxsize=None)
@@ -402,7 +406,7 @@ def _pin_upsert(dialect: str, replace: bool):
     """INSERT a pin (key, value, now) or overwrite one created before `expired_before` (any, with
     `replace`), RETURNING the value written. Built once: a statement built per call cost as much
     as running it."""
-    statement = (postgresql if dialect == "postgresql" else sqlite).insert(pins).values(
+    statement = _dialect_insert(dialect, pins).values(
         key=bindparam("key"), value=bindparam("value"), created_at=bindparam("now"))
     return statement.on_conflict_do_update(
         index_elements=["key"], set_={"value": statement.excluded.value, "created_at": statement.excluded.created_at},

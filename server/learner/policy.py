@@ -7,9 +7,9 @@ the number of future calls that would profit (`HORIZON`), must exceed its
 expected extra time now. A config the evidence says is slow is never tried;
 a config the model cannot rule out gets tried once, and tuning pays for
 itself. A new best config is confirmed (measured again, with the default
-where that is the less certain) before anything else is explored, until the
-guard can recommend it. What is recommended is the guard's business
-(guard.py).
+where that is the less certain) until the guard can recommend it, before
+any trial that may gain less than it: one that may gain more goes first.
+What is recommended is the guard's business (guard.py).
 """
 
 from __future__ import annotations
@@ -72,30 +72,38 @@ def expected_improvement(best: float, mean: np.ndarray, std: np.ndarray) -> np.n
 
 
 def plan(estimates: Sequence[Estimate]) -> Plan:
-    """The context's plan, with what `novel_trial` offers when it is settled."""
-    indices, explore = _next_trial(estimates)
-    is_settled = settled(estimates)
-    return Plan(indices, explore, is_settled, novel_trial(estimates) if is_settled else None)
-
-
-def _next_trial(estimates: Sequence[Estimate]) -> tuple[tuple[int, ...], bool]:
-    """(the candidates worth trying next, alike in value; whether that explores). Index 0 is the
-    NCCL default; it is measured first (DEFAULT_SAMPLES times, so that one straggler cannot make
-    everything else look fast, and until its evidence is trusted), as the baseline everything is
-    judged by."""
+    """The context's plan. Index 0 is the NCCL default; it is measured first (DEFAULT_SAMPLES
+    times, so that one straggler cannot make everything else look fast, and until its evidence
+    is trusted), as the baseline everything is judged by. Then the most valuable exploration,
+    unless confirming the best measured config is worth more (`_confirmation_at_stake`) or
+    nothing is worth its cost; the context is settled (a novel trial may go there) when some
+    trial, novel or not, is worth more than the confirmation."""
     if _baseline_pending(estimates[0]):
-        return (0,), False
+        return Plan((0,), False, False, None)
     mean = np.array([e.mean for e in estimates])
     std = np.array([e.std for e in estimates])
     best = _best_measured(estimates)
-    if best and _unconfirmed(estimates[0], estimates[best]):
-        return (_confirm(estimates, best),), False
     value = HORIZON * expected_improvement(mean[best], mean, std) - np.maximum(mean - mean[best], 0.0)
     value[best] = 0.0
     top = float(value.max())
-    if top <= 0.0:
-        return (_confirm(estimates, best),), False
-    return tuple(int(i) for i in np.flatnonzero(value >= top - 1e-12)), True
+    novel = novel_trial(estimates)
+    at_stake = _confirmation_at_stake(estimates, best)
+    settled = max(top, novel[1] if novel else 0.0) > at_stake
+    offered = novel if settled else None
+    if top <= max(at_stake, 0.0):
+        return Plan((_confirm(estimates, best),), False, settled, offered)
+    return Plan(tuple(int(i) for i in np.flatnonzero(value >= top - 1e-12)), True, settled, offered)
+
+
+def _confirmation_at_stake(estimates: Sequence[Estimate], best: int) -> float:
+    """What confirming the best measured config may still be worth, in the units of an
+    exploration's value: while it is unconfirmed, its whole gain over the default for HORIZON
+    calls (a gain not confirmed is never recommended); else -1, so that any trial worth its
+    cost goes first. A trial that may gain more goes before the confirmation, which only
+    waits: a 3% gain being confirmed does not hold back a config that may be twice as fast."""
+    if not best or not _unconfirmed(estimates[0], estimates[best]):
+        return -1.0
+    return HORIZON * max(estimates[0].mean - estimates[best].mean, 0.0)
 
 
 def _baseline_pending(default: Estimate) -> bool:
@@ -108,15 +116,6 @@ def _baseline_pending(default: Estimate) -> bool:
 def _best_measured(estimates: Sequence[Estimate]) -> int:
     """The index of the fastest config with samples of its own (the default has some first)."""
     return min((i for i, e in enumerate(estimates) if e.samples > 0), key=lambda i: estimates[i].mean)
-
-
-def settled(estimates: Sequence[Estimate]) -> bool:
-    """Whether the context is past its baseline and has no unconfirmed best: free to try
-    something new."""
-    if _baseline_pending(estimates[0]):
-        return False
-    best = _best_measured(estimates)
-    return not (best and _unconfirmed(estimates[0], estimates[best]))
 
 
 def novel_trial(estimates: Sequence[Estimate]) -> tuple[int, float] | None:

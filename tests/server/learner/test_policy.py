@@ -35,12 +35,20 @@ def test_the_default_is_measured_again_to_confirm_an_uncertain_gain():
     assert choice.index == 0
 
 
-def test_a_gain_just_confident_enough_to_recommend_is_confirmed_before_exploring_resumes():
+def test_a_gain_just_confident_enough_to_recommend_is_confirmed_before_a_trial_worth_less():
     # P(gain) ~0.97: the guard recommends it, but its next samples could take that back
-    default, incumbent, unexplored = est(100, std=0.02), est(95, std=0.01, samples=8), est(90, std=0.2, samples=0)
+    default, incumbent, unexplored = est(100, std=0.02), est(95, std=0.01, samples=8), est(93, std=0.05, samples=0)
     assert plan([default, incumbent, unexplored]).choose(RNG) == Choice(0, explore=False)
     confirmed = est(100, std=0.01, samples=8)
     assert plan([confirmed, incumbent, unexplored]).choose(RNG).index == 2
+
+
+def test_a_trial_that_may_gain_more_than_the_gain_being_confirmed_goes_first():
+    default, small_gain = est(100, std=0.02), est(97, std=0.02)
+    may_be_twice_as_fast = est(60, std=0.5, samples=0)
+    tried = plan([default, small_gain, may_be_twice_as_fast])
+    assert tried.choose(RNG) == Choice(2, explore=True) and tried.settled
+    assert not plan([default, small_gain, est(96, std=0.02, samples=0)]).settled, "else it is confirmed"
 
 
 def test_a_config_known_to_be_slow_is_never_tried():

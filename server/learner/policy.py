@@ -90,7 +90,7 @@ def plan(estimates: Sequence[Estimate]) -> Plan:
     at_stake = _confirmation_at_stake(estimates, best)
     settled = max(top, novel[1] if novel else 0.0) > at_stake
     offered = novel if settled else None
-    if top <= max(at_stake, 0.0):
+    if top <= at_stake:
         return Plan((_confirm(estimates, best),), False, settled, offered)
     return Plan(tuple(int(i) for i in np.flatnonzero(value >= top - 1e-12)), True, settled, offered)
 
@@ -98,12 +98,12 @@ def plan(estimates: Sequence[Estimate]) -> Plan:
 def _confirmation_at_stake(estimates: Sequence[Estimate], best: int) -> float:
     """What confirming the best measured config may still be worth, in the units of an
     exploration's value: while it is unconfirmed, its whole gain over the default for HORIZON
-    calls (a gain not confirmed is never recommended); else -1, so that any trial worth its
-    cost goes first. A trial that may gain more goes before the confirmation, which only
+    calls (a gain not confirmed is never recommended); else nothing, so that any trial worth
+    its cost goes first. A trial that may gain more goes before the confirmation, which only
     waits: a 3% gain being confirmed does not hold back a config that may be twice as fast."""
     if not best or not _unconfirmed(estimates[0], estimates[best]):
-        return -1.0
-    return HORIZON * max(estimates[0].mean - estimates[best].mean, 0.0)
+        return 0.0
+    return HORIZON * (estimates[0].mean - estimates[best].mean)  # best is the fastest measured
 
 
 def _baseline_pending(default: Estimate) -> bool:

@@ -39,10 +39,10 @@ def test_when_the_learner_cannot_catch_up_in_time_the_answer_says_so(sqlite_url,
     with TestClient(create_app(store=store, tuner=tuner, tokens={})) as client:
         client.put(f"/v1/fabrics/{examples.FABRIC_ID}", json=examples.FABRIC)
         assert client.post("/v1/recommend", json=examples.recommend()).json()["learner"]["behind"] is False
-        client.post("/v1/measurements", json=examples.batch())
         knowledge = tuner.knowledge.get(examples.FABRIC_ID, store.get_fabric(examples.FABRIC_ID))
         monkeypatch.setattr("dynamiccl.server.routes.LEARNER_WAIT_S", 0.05)
-        with knowledge._lock:  # a refit holding the fabric longer than the wait
+        with knowledge._lock:  # a refit holding the fabric, from before the batch to past the wait
+            client.post("/v1/measurements", json=examples.batch())
             body = client.post("/v1/recommend", json=examples.recommend()).json()
         assert body["learner"] == {"measurements_learned": 0, "behind": True}
         metrics = client.get("/metrics").text

@@ -76,13 +76,14 @@ from dynamiccl.schemas import Context, Fabric, NcclConfig
 from dynamiccl.server.learner.base import Decision, Estimate
 from dynamiccl.server.learner.prior import NcclPrior
 from dynamiccl.server.learner.guard import MIN_GAIN, decide
-from dynamiccl.server.learner.policy import Plan, plan
+from dynamiccl.server.learner.policy import NOVEL_STD, Plan, plan
 from dynamiccl.server.learner.stats import (
     DEFAULT_KEY,
     DEFAULT_NOISE,
     Cell,
     CellKey,
     ContextKey,
+    Stragglers,
     cell_key,
     distrusted_sources,
     pooled_noise,
@@ -135,6 +136,9 @@ MEMO_LIMIT = 20_000
 COMPACT_EVERY_S = 3600.0
 #: Recently requested contexts each new snapshot is computed for before it is swapped in.
 RECENT_LIMIT = 4_000
+#: NOVEL_STD weighs as much as this many (algorithm, protocol) pairs a fabric measured, in what
+#: it learns of how far NCCL's model is off there (`model_error`).
+NOVEL_STD_PAIRS = 4
 #: A claim is corroborated by at least a third of the sources that report on its context (and
 #: two): colluders below that share cannot confirm each other's claims before others check them.
 QUORUM_SHARE_INVERSE = 3
@@ -161,6 +165,27 @@ class CellSummary:
     sources: int
     trusted: bool
     withdrawn: bool = False  # faster by the evidence, slower where a source ran it: not recommended
+
+
+def model_error(prior: NcclPrior, cells: dict[CellKey, CellSummary]) -> float:
+    """How far (log scale) NCCL's model is off on a fabric for the (algorithm, protocol) pairs
+    it has not measured yet, judged by those it has: the error of the model's prediction of each
+    trusted cell measured twice or more, relative to the default of its context (what decides
+    whether a config is worth running), as a root mean square per pair, and over pairs, with
+    NOVEL_STD as NOVEL_STD_PAIRS pairs more. A fabric whose NCCL the model describes well spends
+    fewer trials on what the model rates slow; one it describes badly, more."""
+    errors: dict[tuple, list[float]] = defaultdict(list)
+    for (context_key, config_key), summary in cells.items():
+        default = cells.get((context_key, DEFAULT_KEY))
+        if (config_key == DEFAULT_KEY or default is None or summary.n < 2 or default.n < 2
+                or not (summary.trusted and default.trusted)):
+            continue
+        context, config = _representative((context_key, config_key), summary.mean_nbytes)
+        predicted = prior.log_time(context, config) - prior.log_time(context, NcclConfig())
+        resolved = prior.resolve(context, config)
+        errors[(resolved.algo, resolved.proto)].append(summary.location - default.location - predicted)
+    squares = [math.fsum(e * e for e in pair) / len(pair) for pair in errors.values()]
+    return math.sqrt((math.fsum(squares) + NOVEL_STD_PAIRS * NOVEL_STD**2) / (len(squares) + NOVEL_STD_PAIRS))
 
 
 def behaves_alike(own: dict[CellKey, CellSummary], other: dict[CellKey, CellSummary]) -> bool:
@@ -196,6 +221,8 @@ class Snapshot:
     #: where none is, NCCL's model alone speaks for a pair at that size (`Estimate.novel`).
     #: Judged on the evidence, not on the surrogate's rows, so it is current after a catch-up.
     explored: frozenset[tuple] = frozenset()
+    stragglers: Stragglers = Stragglers()
+    novel_std: float = NOVEL_STD
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
     _plans: dict = field(default_factory=dict, compare=False, repr=False)
     _memo_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
@@ -235,7 +262,7 @@ class Snapshot:
             for decision in decisions:
                 key = decision.context.key()
                 if key not in self._plans:
-                    self._plans[key] = plan(decision.estimates)
+                    self._plans[key] = plan(decision.estimates, self.novel_std)
             return [(decision, self._plans[decision.context.key()]) for decision in decisions]
 
     def estimates(self, requests: Sequence[tuple[Context, Sequence[NcclConfig]]]) -> list[list[Estimate]]:
@@ -278,15 +305,16 @@ class Snapshot:
             evidence = (donor.location, math.hypot(donor.std_error, TRANSFER_STD))
         if evidence is not None:  # the model learned from this very cell: do not count it twice
             std = max(std, MODEL_STD_WITH_DATA, evidence[1])
-        precision, weighted = 1.0 / std**2, mean / std**2
-        if evidence is not None:
+        if cell is not None and cell.n == 1:  # one sample, perhaps a straggler's
+            mean, std = self.stragglers.lone_sample(mean, std, *evidence)
+        elif evidence is not None:
             location, spread = evidence
-            precision += 1.0 / spread**2
-            weighted += location / spread**2
+            precision = 1.0 / std**2 + 1.0 / spread**2
+            mean, std = (mean / std**2 + location / spread**2) / precision, math.sqrt(1.0 / precision)
         transferred = self._transferred(key, near, config_key)
         return Estimate(
-            mean=weighted / precision,
-            std=math.sqrt(1.0 / precision),
+            mean=mean,
+            std=std,
             samples=cell.n if cell else 0,
             transferred=transferred,
             trusted=cell.trusted if cell is not None else transferred,
@@ -321,6 +349,8 @@ class FabricKnowledge:
         self._explored: set[tuple] = set()  # the pair families of this fabric's cells
         self._distrusted: frozenset[str] = frozenset()
         self._noise = DEFAULT_NOISE
+        self._stragglers = Stragglers()
+        self._novel_std = NOVEL_STD
         self._last_id = 0
         self._seen = 0
         self._loaded = False  # the store's compacted counts are folded in on the first read
@@ -347,9 +377,11 @@ class FabricKnowledge:
             self._distrusted = distrusted_sources(self._cells.values())
             views = [view for cell in self._cells.values() if (view := cell.without(self._distrusted)) is not None]
             self._noise = pooled_noise(views)
+            self._stragglers = Stragglers.learned(views)
             self._summaries = {}
             for context_key in self._context_cells:
                 self._summaries.update(self._judge(context_key))
+            self._novel_std = model_error(self.prior, self._summaries)
             donor_cells = {key: summary for donor in donors if behaves_alike(self._summaries, donor.snapshot.cells)
                            for key, summary in donor.snapshot.cells.items()}
             examples = self._examples(self._summaries, donor_cells)
@@ -409,7 +441,8 @@ class FabricKnowledge:
         families (a similar fabric's, or an earlier snapshot's: families are never unlearned)."""
         withdrawn = sum(summary.withdrawn for summary in self._summaries.values())
         return Snapshot(self.prior, dict(self._summaries), donor_cells, model, self._noise, self._seen,
-                        self._distrusted, withdrawn, self._last_id, explored_elsewhere.union(self._explored))
+                        self._distrusted, withdrawn, self._last_id, explored_elsewhere.union(self._explored),
+                        self._stragglers, self._novel_std)
 
     def decisions(self, contexts: Sequence[Context]) -> list[Decision]:
         """The current snapshot's decisions; what was asked is remembered, so the next snapshot

@@ -9,6 +9,8 @@ a config the model cannot rule out gets tried once, and tuning pays for
 itself. A new best config is confirmed (measured again, with the default
 where that is the less certain) until the guard can recommend it, before
 any trial that may gain less than it: one that may gain more goes first.
+NCCL's model alone speaks for a pair nobody measured near a size; it is
+given the uncertainty the fabric's measurements show it has (`novel_std`).
 What is recommended is the guard's business (guard.py).
 """
 
@@ -36,7 +38,8 @@ CONFIRM_SAMPLES = 8
 #: CONFIDENCE, so that the next samples do not take back the recommendation.
 CONFIRMED = 0.99
 #: How far (log scale) NCCL's model may be off for an (algorithm, protocol) nobody measured near
-#: a size: per effect, clusters depart from it by up to 2-3x.
+#: a size, before a fabric's own measurements tell (`knowledge.model_error`): per effect,
+#: clusters depart from it by up to 2-3x.
 NOVEL_STD = 0.5
 
 
@@ -71,7 +74,7 @@ def expected_improvement(best: float, mean: np.ndarray, std: np.ndarray) -> np.n
     return (best - mean) * ndtr(z) + std * np.exp(-0.5 * z**2) / SQRT_2PI
 
 
-def plan(estimates: Sequence[Estimate]) -> Plan:
+def plan(estimates: Sequence[Estimate], novel_std: float = NOVEL_STD) -> Plan:
     """The context's plan. Index 0 is the NCCL default; it is measured first (DEFAULT_SAMPLES
     times, so that one straggler cannot make everything else look fast, and until its evidence
     is trusted), as the baseline everything is judged by. Then the most valuable exploration,
@@ -86,7 +89,7 @@ def plan(estimates: Sequence[Estimate]) -> Plan:
     value = HORIZON * expected_improvement(mean[best], mean, std) - np.maximum(mean - mean[best], 0.0)
     value[best] = 0.0
     top = float(value.max())
-    novel = novel_trial(estimates)
+    novel = novel_trial(estimates, novel_std)
     at_stake = _confirmation_at_stake(estimates, best)
     settled = max(top, novel[1] if novel else 0.0) > at_stake
     offered = novel if settled else None
@@ -118,9 +121,10 @@ def _best_measured(estimates: Sequence[Estimate]) -> int:
     return min((i for i, e in enumerate(estimates) if e.samples > 0), key=lambda i: estimates[i].mean)
 
 
-def novel_trial(estimates: Sequence[Estimate]) -> tuple[int, float] | None:
+def novel_trial(estimates: Sequence[Estimate], novel_std: float = NOVEL_STD) -> tuple[int, float] | None:
     """The most valuable config of an (algorithm, protocol) never measured at this size, with
-    NCCL's model given its real uncertainty (NOVEL_STD): (index, value), or None when none is
+    NCCL's model given its real uncertainty (`novel_std`, how far it is off on the fabric where
+    pairs were measured): (index, value), or None when none is
     worth its cost. The prior orders what is tried; it forbids nothing it could be wrong about.
     The caller spends such trials sparingly (one a round per context group: what one teaches
     the surrogate carries to the neighbouring sizes)."""
@@ -129,7 +133,7 @@ def novel_trial(estimates: Sequence[Estimate]) -> tuple[int, float] | None:
         return None
     best = estimates[_best_measured(estimates)].mean
     mean = np.array([estimates[i].mean for i in novel])
-    std = np.hypot([estimates[i].std for i in novel], NOVEL_STD)
+    std = np.hypot([estimates[i].std for i in novel], novel_std)
     value = HORIZON * expected_improvement(best, mean, std) - np.maximum(mean - best, 0.0)
     top = int(np.argmax(value))
     return (novel[top], float(value[top])) if value[top] > 0 else None

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from scipy.special import log_ndtr
+
 from dynamiccl.schemas import Collective, Context, NcclConfig
 
 #: Samples kept per source of a cell: older ones add little and the newest track drift.
@@ -48,6 +50,13 @@ REFUTE_GAP = math.log(2.0)
 #: A source refuted this often (and at least MIN_REFUTED times) is not listened to at all.
 MAX_REFUTED_SHARE = 0.2
 MIN_REFUTED = 3
+#: Stragglers assumed before a fabric has repeated samples to learn them from: the share of
+#: samples a straggler slows beyond STRAGGLER_GAP, and its mean slowdown beyond that (log scale),
+#: each weighing as much as this many samples (or stragglers) of the fabric's own.
+DEFAULT_STRAGGLER_RATE = 0.05
+DEFAULT_STRAGGLER_EXCESS = 0.3
+STRAGGLER_PRIOR_SAMPLES = 100
+STRAGGLER_PRIOR_STRAGGLERS = 10
 #: A config a source ran this much slower than the default (log scale, 2%: "never slower") is
 #: withdrawn from recommendation, whatever others measured.
 WITHDRAW_GAP = math.log(1.02)
@@ -204,6 +213,65 @@ class Cell:
         if n == 1:
             return max(3.0 * noise, SINGLE_SAMPLE_STD)
         return LOCATION_INEFFICIENCY * noise / math.sqrt(n)
+
+
+@dataclass(frozen=True)
+class Stragglers:
+    """How stragglers spoil a fabric's samples, learned from its repeated ones: `rate`, the share
+    of samples more than STRAGGLER_GAP slower than their source's location; `excess`, their mean
+    slowdown beyond that gap (log scale). Stragglers only ever slow a sample down."""
+
+    rate: float = DEFAULT_STRAGGLER_RATE
+    excess: float = DEFAULT_STRAGGLER_EXCESS
+
+    @classmethod
+    def learned(cls, cells: Iterable[Cell]) -> Stragglers:
+        """From every source's samples of the cells it measured three times or more (where its
+        location stands for the clean time), shrunk toward the defaults while they are few."""
+        samples = slow = 0
+        excess = 0.0
+        for cell in cells:
+            located = cell.located()
+            for source, values in cell.by_source.items():
+                if len(values) < 3:
+                    continue
+                samples += len(values)
+                for v in values:
+                    if (beyond := v - located[source] - STRAGGLER_GAP) > 0:
+                        slow += 1
+                        excess += beyond
+        rate = (slow + STRAGGLER_PRIOR_SAMPLES * DEFAULT_STRAGGLER_RATE) / (samples + STRAGGLER_PRIOR_SAMPLES)
+        mean_excess = (excess + STRAGGLER_PRIOR_STRAGGLERS * DEFAULT_STRAGGLER_EXCESS) / (
+            slow + STRAGGLER_PRIOR_STRAGGLERS)
+        return cls(min(rate, 0.5), max(mean_excess, 0.01))
+
+    def lone_sample(self, prior_mean: float, prior_std: float, sample: float, sample_std: float) -> tuple[float, float]:
+        """(mean, std) of a config's log latency given the surrogate's prediction N(prior_mean,
+        prior_std) and one sample, which is either clean (N(true, sample_std)) or a straggler's
+        (STRAGGLER_GAP plus an exponential excess slower than the truth): the two explanations
+        weighed by how well each predicts the sample, and the mixture matched by a normal. A lone
+        sample far slower than predicted is then mostly taken for a straggler's, and the config
+        gets a second look instead of being written off on one unlucky measurement."""
+        m, s = prior_mean, prior_std
+        clean_var = s**2 + sample_std**2
+        log_clean = math.log1p(-self.rate) - 0.5 * (sample - m) ** 2 / clean_var - 0.5 * math.log(2 * math.pi * clean_var)
+        clean_mean = (m * sample_std**2 + sample * s**2) / clean_var
+        clean_second = s**2 * sample_std**2 / clean_var + clean_mean**2
+        # straggler: truth = sample - STRAGGLER_GAP - excess, excess ~ Exp(mean self.excess)
+        lam, bound = self.excess, sample - STRAGGLER_GAP
+        shifted = m + s**2 / lam
+        beta = (bound - shifted) / s
+        log_cdf = float(log_ndtr(beta))
+        log_slow = (math.log(self.rate) - math.log(lam) - (bound - m) / lam + s**2 / (2 * lam**2) + log_cdf)
+        hazard = math.exp(-0.5 * beta**2 - 0.5 * math.log(2 * math.pi) - log_cdf)  # pdf / cdf at beta
+        slow_mean = shifted - s * hazard
+        slow_second = s**2 * max(1.0 - beta * hazard - hazard**2, 1e-9) + slow_mean**2
+        top = max(log_clean, log_slow)
+        w_clean, w_slow = math.exp(log_clean - top), math.exp(log_slow - top)
+        w_clean, w_slow = w_clean / (w_clean + w_slow), w_slow / (w_clean + w_slow)
+        mean = w_clean * clean_mean + w_slow * slow_mean
+        variance = w_clean * clean_second + w_slow * slow_second - mean**2
+        return mean, math.sqrt(max(variance, 1e-12))
 
 
 def distrusted_sources(cells: Iterable[Cell]) -> frozenset[str]:

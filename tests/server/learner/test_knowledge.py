@@ -1,13 +1,15 @@
 """What a fabric's knowledge costs a request: decisions are made once per snapshot and then looked
 up, predictions once per model; the surrogate is refit when the evidence changes, not on a timer,
 and a request that brings it much it has not seen waits for it. And what the snapshot's estimates
-make of the evidence: a lone sample's spread, novelty."""
+make of the evidence: a lone sample's spread, novelty, how far NCCL's model is off."""
 
 import math
 
 from dynamiccl.nccl import candidate_configs
 from dynamiccl.schemas import Context, Measurement, NcclConfig
-from dynamiccl.server.learner.knowledge import UNFITTED_CELLS, FabricKnowledge, KnowledgeBase
+from dynamiccl.server.learner.knowledge import UNFITTED_CELLS, CellSummary, FabricKnowledge, KnowledgeBase, model_error
+from dynamiccl.server.learner.policy import NOVEL_STD
+from dynamiccl.server.learner.prior import NcclPrior
 from dynamiccl.server.learner.stats import SINGLE_SAMPLE_STD, cell_key
 from dynamiccl.sim import PRESETS, SimulatedFabric
 
@@ -140,3 +142,24 @@ def test_a_pair_is_novel_where_nobody_measured_it_at_that_size_trusted_or_not(sq
     assert not knowledge.snapshot.cells[cell_key(small, ring_ll)].trusted, "one of two sources: unconfirmed"
     assert not _estimate_of(knowledge, other_shape, ring_ll).novel
     assert _estimate_of(knowledge, large, ring_ll).novel, "another size level is still NCCL's model alone"
+
+
+def test_how_far_nccls_model_is_off_is_learned_where_pairs_were_measured():
+    """Measured just as NCCL's model predicts, the fabric's pairs pull the novel spread below
+    NOVEL_STD; measured twice as slow, above it. Lone and untrusted cells say nothing."""
+    prior = NcclPrior(PRESET.fabric)
+    contexts = [Context(collective=c, nbytes=1 << s, nranks=16, nnodes=2)
+                for c in ("allreduce", "allgather", "reducescatter") for s in range(12, 31, 2)]
+
+    def cells(off_by: float, n: int = 4, trusted: bool = True) -> dict:
+        summaries = {}
+        for context in contexts:
+            for config in candidate_configs(PRESET.fabric, context):
+                error = 0.0 if config.is_default else off_by
+                summaries[cell_key(context, config)] = CellSummary(
+                    prior.log_time(context, config) + error, 0.01, n, context.nbytes, 1, trusted)
+        return summaries
+
+    assert model_error(prior, cells(0.0)) < 0.7 * NOVEL_STD
+    assert model_error(prior, cells(math.log(2.0))) > NOVEL_STD
+    assert model_error(prior, cells(0.0, n=1)) == model_error(prior, cells(0.0, trusted=False)) == NOVEL_STD

@@ -84,3 +84,9 @@ def test_nccls_model_orders_what_is_tried_but_forbids_nothing_it_may_be_wrong_ab
     assert plan([est(100), measured_nearby]).choose(RNG).index == 0
     hopeless = Estimate(mean=math.log(2000), std=0.15, samples=0, novel=True)
     assert novel_trial([est(100), hopeless]) is None, "still worth its cost, or not tried"
+
+
+def test_where_nccls_model_proved_accurate_what_it_rates_slow_is_not_tried():
+    rated_slower = Estimate(mean=math.log(150), std=0.15, samples=0, novel=True)
+    assert novel_trial([est(100), rated_slower]) is not None
+    assert novel_trial([est(100), rated_slower], novel_std=0.1) is None

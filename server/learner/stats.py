@@ -25,8 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from scipy.special import log_ndtr
+from scipy.special import expit, log_ndtr
 
 from dynamiccl.schemas import Collective, Context, NcclConfig
 
@@ -245,32 +244,35 @@ class Stragglers:
             slow + STRAGGLER_PRIOR_STRAGGLERS)
         return cls(min(rate, 0.5), max(mean_excess, 0.01))
 
-    def lone_sample(self, prior_mean: float, prior_std: float, sample: float, sample_std: float) -> tuple[float, float]:
+    def lone_sample(self, prior_mean: float, prior_std: float, sample: float,
+                    sample_std: float) -> tuple[float, float]:
         """(mean, std) of a config's log latency given the surrogate's prediction N(prior_mean,
-        prior_std) and one sample, which is either clean (N(true, sample_std)) or a straggler's
-        (STRAGGLER_GAP plus an exponential excess slower than the truth): the two explanations
+        prior_std) and one sample, which is either clean (N(truth, sample_std)) or a straggler's
+        (slower than the truth by STRAGGLER_GAP plus an exponential excess): the two explanations
         weighed by how well each predicts the sample, and the mixture matched by a normal. A lone
         sample far slower than predicted is then mostly taken for a straggler's, and the config
-        gets a second look instead of being written off on one unlucky measurement."""
+        gets a second look instead of being written off on one unlucky timing."""
         m, s = prior_mean, prior_std
-        clean_var = s**2 + sample_std**2
-        log_clean = math.log1p(-self.rate) - 0.5 * (sample - m) ** 2 / clean_var - 0.5 * math.log(2 * math.pi * clean_var)
-        clean_mean = (m * sample_std**2 + sample * s**2) / clean_var
-        clean_second = s**2 * sample_std**2 / clean_var + clean_mean**2
-        # straggler: truth = sample - STRAGGLER_GAP - excess, excess ~ Exp(mean self.excess)
+        # clean: the normal posterior, weighed by the sample's normal marginal
+        var = s**2 + sample_std**2
+        clean_log_weight = (math.log1p(-self.rate) - 0.5 * (sample - m) ** 2 / var
+                            - 0.5 * math.log(2 * math.pi * var))
+        clean_mean = (m * sample_std**2 + sample * s**2) / var
+        clean_square = s**2 * sample_std**2 / var + clean_mean**2
+        # straggler: the prior times exp(truth / excess), truncated below the sample, is a
+        # truncated normal; its weight is the exponentially modified normal's density
         lam, bound = self.excess, sample - STRAGGLER_GAP
         shifted = m + s**2 / lam
         beta = (bound - shifted) / s
         log_cdf = float(log_ndtr(beta))
-        log_slow = (math.log(self.rate) - math.log(lam) - (bound - m) / lam + s**2 / (2 * lam**2) + log_cdf)
-        hazard = math.exp(-0.5 * beta**2 - 0.5 * math.log(2 * math.pi) - log_cdf)  # pdf / cdf at beta
+        slow_log_weight = (math.log(self.rate) - math.log(lam) - (bound - m) / lam
+                           + s**2 / (2 * lam**2) + log_cdf)
+        hazard = math.exp(-0.5 * beta**2 - 0.5 * math.log(2 * math.pi) - log_cdf)  # pdf / cdf
         slow_mean = shifted - s * hazard
-        slow_second = s**2 * max(1.0 - beta * hazard - hazard**2, 1e-9) + slow_mean**2
-        top = max(log_clean, log_slow)
-        w_clean, w_slow = math.exp(log_clean - top), math.exp(log_slow - top)
-        w_clean, w_slow = w_clean / (w_clean + w_slow), w_slow / (w_clean + w_slow)
-        mean = w_clean * clean_mean + w_slow * slow_mean
-        variance = w_clean * clean_second + w_slow * slow_second - mean**2
+        slow_square = s**2 * max(1.0 - beta * hazard - hazard**2, 1e-9) + slow_mean**2
+        clean = float(expit(clean_log_weight - slow_log_weight))
+        mean = clean * clean_mean + (1.0 - clean) * slow_mean
+        variance = clean * clean_square + (1.0 - clean) * slow_square - mean**2
         return mean, math.sqrt(max(variance, 1e-12))
 
 

@@ -7,7 +7,13 @@ import math
 
 from dynamiccl.nccl import candidate_configs
 from dynamiccl.schemas import Context, Measurement, NcclConfig
-from dynamiccl.server.learner.knowledge import UNFITTED_CELLS, CellSummary, FabricKnowledge, KnowledgeBase, model_error
+from dynamiccl.server.learner.knowledge import (
+    UNFITTED_CELLS,
+    CellSummary,
+    FabricKnowledge,
+    KnowledgeBase,
+    model_error,
+)
 from dynamiccl.server.learner.policy import NOVEL_STD
 from dynamiccl.server.learner.prior import NcclPrior
 from dynamiccl.server.learner.stats import SINGLE_SAMPLE_STD, cell_key

@@ -83,3 +83,10 @@ def test_the_rarer_stragglers_are_the_more_a_slow_lone_sample_counts():
     often, seldom = Stragglers(rate=0.2), Stragglers(rate=0.005)
     prediction, sample = math.log(100.0), math.log(170.0)
     assert often.lone_sample(prediction, 0.15, sample, 0.15)[0] < seldom.lone_sample(prediction, 0.15, sample, 0.15)[0]
+
+
+def test_a_lone_sample_of_any_size_has_a_finite_estimate():
+    """A careless or hostile client may post a timing a million times off, either way."""
+    for measured in (1e-6, 1e12):
+        mean, std = Stragglers().lone_sample(math.log(100.0), 0.15, math.log(measured), 0.15)
+        assert math.isfinite(mean) and math.isfinite(std) and std > 0

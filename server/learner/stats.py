@@ -12,8 +12,10 @@ buys a source no say against the others. `corroborated`: enough sources agree
 with its location and they outnumber two to one those that found it slower; a
 claim that others measured and could not reproduce stays contested, however
 many accomplices repeat it, and a source whose claims others keep refuting is
-not listened to at all (`distrusted_sources`). What counts as evidence for a
-recommendation is knowledge.py's trust model.
+not listened to at all (`distrusted_sources`). How often stragglers strike,
+and how hard, is learned from the fabric's repeated samples (`Stragglers`) and
+weighs a cell's lone sample. What counts as evidence for a recommendation is
+knowledge.py's trust model.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dynamiccl.nccl.space import candidate_configs, gpu_generation
-from dynamiccl.schemas import Context, Fabric, NcclConfig
+from dynamiccl.schemas import DEFAULT_CONFIG, Context, Fabric, NcclConfig
 from dynamiccl.server.learner.base import Decision, Estimate
 from dynamiccl.server.learner.prior import NcclPrior
 from dynamiccl.server.learner.guard import MIN_GAIN, decide
@@ -181,7 +181,7 @@ def model_error(prior: NcclPrior, cells: dict[CellKey, CellSummary]) -> float:
                 or not (summary.trusted and default.trusted)):
             continue
         context, config = _representative((context_key, config_key), summary.mean_nbytes)
-        predicted = prior.log_time(context, config) - prior.log_time(context, NcclConfig())
+        predicted = prior.log_time(context, config) - prior.log_time(context, DEFAULT_CONFIG)
         resolved = prior.resolve(context, config)
         errors[(resolved.algo, resolved.proto)].append(summary.location - default.location - predicted)
     squares = [math.fsum(e * e for e in pair) / len(pair) for pair in errors.values()]

@@ -6,7 +6,7 @@
   pair, descends over the channel count from NCCL's choice while it improves.
 
 Both searching baselines keep their samples in memory per context, measure
-the NCCL default `MIN_SAMPLES` times first (the guard's baseline), and propose
+the NCCL default `MIN_DEFAULT_SAMPLES` times first (the guard's baseline), and propose
 the candidate with the lowest median, as their authors would; the guard
 (`guard.decide`) judges their evidence as it judges the learner's.
 """
@@ -24,7 +24,7 @@ import numpy as np
 from dynamiccl.nccl.space import CHANNEL_GRID, candidate_configs
 from dynamiccl.schemas import DEFAULT_CONFIG, Context, Fabric, Measurement, NcclConfig, SuggestionKind
 from dynamiccl.server.learner.base import Decision, Estimate, Pick, Tuner
-from dynamiccl.server.learner.guard import MIN_SAMPLES, decide
+from dynamiccl.server.learner.guard import MIN_DEFAULT_SAMPLES, decide
 from dynamiccl.server.learner.stats import SINGLE_SAMPLE_STD, ContextKey
 
 _Samples = dict[tuple[str, ContextKey], dict[NcclConfig, list[float]]]
@@ -79,7 +79,7 @@ class _SearchingTuner(Tuner):
     def _baseline_pending(self, fabric_id: str, context: Context) -> bool:
         """Whether the default still needs measuring before the search starts."""
         tried = self._samples[(fabric_id, ContextKey.of(context))]
-        return len(tried.get(DEFAULT_CONFIG, ())) < MIN_SAMPLES
+        return len(tried.get(DEFAULT_CONFIG, ())) < MIN_DEFAULT_SAMPLES
 
     def recommend(self, fabric_id: str, fabric: Fabric, contexts: Sequence[Context]) -> list[Decision]:
         decisions = []

@@ -8,9 +8,9 @@ than NCCL's own choice", measured per call:
 * A config is recommended only when the evidence says, with probability
   `CONFIDENCE`, that it beats the default by `MIN_GAIN`; both the default's
   and the config's evidence must be trusted (knowledge.py says what trusted
-  means), the default measured `MIN_SAMPLES` times (it is the baseline of
-  every comparison), and the config measured as often, or backed by
-  evidence transferred from neighbouring sizes or a similar fabric.
+  means), the default measured `MIN_DEFAULT_SAMPLES` times (it is the
+  baseline of every comparison), and the config `MIN_SAMPLES` times, or
+  backed by evidence transferred from neighbouring sizes or a similar fabric.
 * A process-wide setting forces configs on calls that no recommendation
   chose; each is priced at its pessimistic latency (`PESSIMISM` standard
   deviations above its mean), only on trusted evidence, and refused if that
@@ -31,8 +31,11 @@ from dynamiccl.server.learner.base import Decision, Estimate
 CONFIDENCE = 0.95
 #: Smallest predicted gain (log scale) worth changing NCCL's choice for.
 MIN_GAIN = math.log(1.01)
-#: Samples of the default, and of a config without transferred evidence, before a recommendation.
+#: Samples of a config without transferred evidence before it is recommended.
 MIN_SAMPLES = 3
+#: Samples of the default, the baseline, before anything is recommended against it: of two that
+#: disagree beyond noise its location is the lower, which a straggler cannot raise.
+MIN_DEFAULT_SAMPLES = 2
 #: Upper-bound factor (in standard deviations) for configs a process-wide setting forces on a call.
 PESSIMISM = 1.645
 #: Largest slowdown (pessimistic) a process-wide setting may cause to any one call.
@@ -46,7 +49,11 @@ def probability_of_gain(default: Estimate, candidate: Estimate) -> float:
 
 
 def _eligible(estimate: Estimate) -> bool:
-    return estimate.trusted and (estimate.samples >= MIN_SAMPLES or (estimate.samples == 0 and estimate.transferred))
+    return estimate.trusted and (estimate.samples >= MIN_SAMPLES or estimate.transferred)
+
+
+def _baseline_ready(default: Estimate) -> bool:
+    return default.trusted and default.samples >= MIN_DEFAULT_SAMPLES
 
 
 def decide(context: Context, candidates: Sequence[NcclConfig], estimates: Sequence[Estimate]) -> Decision:
@@ -55,7 +62,7 @@ def decide(context: Context, candidates: Sequence[NcclConfig], estimates: Sequen
     no candidate has one."""
     candidates, estimates = tuple(candidates), tuple(estimates)
     default = estimates[0]
-    if default.samples < MIN_SAMPLES or not default.trusted:
+    if not _baseline_ready(default):
         return Decision(context, candidates, estimates, 0, confidence=0.0)
     best, best_mean, best_probability, closest = 0, default.mean, 0.0, 0.0
     for index, estimate in enumerate(estimates[1:], start=1):
@@ -77,7 +84,7 @@ def forced_cost(decision: Decision, config: NcclConfig) -> float:
     if config.is_default:  # candidates[0]
         return decision.default.latency_us
     estimate = decision.estimate_of(config)
-    if estimate is None or not _eligible(estimate) or not _eligible(decision.default):
+    if estimate is None or not _eligible(estimate) or not _baseline_ready(decision.default):
         return math.inf
     cost = math.exp(estimate.mean + PESSIMISM * estimate.std)
     return cost if cost <= MAX_CALL_LOSS * decision.default.latency_us else math.inf

@@ -27,9 +27,9 @@ for transfer to neighbouring sizes and similar fabrics, and for the surrogate:
   which a slower minority, a straggler's sample or a liar's, cannot move);
 * a cell measured by one source is trusted when that source is the only one
   that has reported on the context at all: nobody else measures it, so its
-  consistent evidence (the default and the config, each measured
-  `guard.MIN_SAMPLES` times) decides, as a single job's own measurements
-  should;
+  consistent evidence (the default measured `guard.MIN_DEFAULT_SAMPLES`
+  times, the config `guard.MIN_SAMPLES`) decides, as a single job's own
+  measurements should;
 * a cell measured by one source on a context others report on too is
   unconfirmed until a second source agrees (suggest sends its best configs
   back to the fleet, so one does); NCCL's cost model confirms nothing;
@@ -40,8 +40,9 @@ for transfer to neighbouring sizes and similar fabrics, and for the surrogate:
   (`distrusted_sources`);
 * what a fabric with the same hardware measured stands in for this fabric's
   own measurements (in the surrogate at `TRANSFER_WEIGHT`; as a cell's
-  evidence, `TRANSFER_STD` wider, where this fabric has no samples of it)
-  only while the two agree where both measured the same cells
+  evidence, wider by how far the two fabrics' measurements of the same cells
+  differ (`transfer_spread`), until this fabric has `guard.MIN_SAMPLES` of
+  its own) only while the two agree where both measured the same cells
   (`behaves_alike`): the same GPUs and links need not behave the same, and a
   fabric's own evidence outranks a twin's;
 * verified in use: a config that a source ran (twice or more) and found
@@ -68,14 +69,14 @@ import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
 from dynamiccl.nccl.space import candidate_configs, gpu_generation
 from dynamiccl.schemas import DEFAULT_CONFIG, Context, Fabric, NcclConfig
 from dynamiccl.server.learner.base import Decision, Estimate
 from dynamiccl.server.learner.prior import NcclPrior
-from dynamiccl.server.learner.guard import MIN_GAIN, decide
+from dynamiccl.server.learner.guard import MIN_GAIN, MIN_SAMPLES, decide
 from dynamiccl.server.learner.policy import NOVEL_STD, Plan, plan
 from dynamiccl.server.learner.stats import (
     DEFAULT_KEY,
@@ -105,8 +106,11 @@ DISAGREE_SIGMAS = 2.5
 #: or more (and at least MIN_DISAGREEING of them) disagree.
 MAX_DISAGREEING_SHARE = 0.25
 MIN_DISAGREEING = 3
-#: Extra spread (log scale) of evidence transferred from another fabric.
+#: Extra spread (log scale) of evidence transferred from another fabric, before the two fabrics'
+#: measurements of the same cells tell (`transfer_spread`), where it weighs as TRANSFER_STD_CELLS
+#: cells both measured.
 TRANSFER_STD = 0.05
+TRANSFER_STD_CELLS = 20
 #: A fabric not read from the store for this long is refreshed in the background (other
 #: replicas may have ingested).
 STALE_AFTER_S = 5.0
@@ -188,19 +192,42 @@ def model_error(prior: NcclPrior, cells: dict[CellKey, CellSummary]) -> float:
     return math.sqrt((math.fsum(squares) + NOVEL_STD_PAIRS * NOVEL_STD**2) / (len(squares) + NOVEL_STD_PAIRS))
 
 
+def _shared_cells(own: dict[CellKey, CellSummary],
+                  other: dict[CellKey, CellSummary]) -> Iterator[tuple[CellSummary, CellSummary]]:
+    """(this fabric's, the other's) summaries of each cell both measured twice or more, trusted."""
+    for key, theirs in other.items():
+        mine = own.get(key)
+        if mine is not None and mine.n >= 2 and theirs.n >= 2 and mine.trusted and theirs.trusted:
+            yield mine, theirs
+
+
 def behaves_alike(own: dict[CellKey, CellSummary], other: dict[CellKey, CellSummary]) -> bool:
     """Whether a fabric's measurements agree with another's where both measured the same cell
     (twice or more, trusted): the same hardware need not mean the same fabric (topology, firmware,
     other jobs' traffic), so what another fabric measured is transferred only while they agree."""
     shared = disagreeing = 0
-    for key, theirs in other.items():
-        mine = own.get(key)
-        if mine is None or mine.n < 2 or theirs.n < 2 or not (mine.trusted and theirs.trusted):
-            continue
+    for mine, theirs in _shared_cells(own, other):
         shared += 1
         gap = abs(mine.location - theirs.location)
         disagreeing += gap > ALIKE_TOLERANCE + DISAGREE_SIGMAS * math.hypot(mine.std_error, theirs.std_error)
     return disagreeing < MIN_DISAGREEING or disagreeing <= MAX_DISAGREEING_SHARE * shared
+
+
+def transfer_spread(own: dict[CellKey, CellSummary], other: dict[CellKey, CellSummary]) -> float:
+    """How far (log scale) another fabric's cell is off as evidence for this fabric's: the spread of
+    the two fabrics' differences on the cells both measured (twice or more, trusted), beyond what
+    their standard errors explain, with TRANSFER_STD as TRANSFER_STD_CELLS cells more. A twin whose
+    measurements match this fabric's lends evidence nearly as good as its own; one that departs, less."""
+    excess = [(mine.location - theirs.location) ** 2 - mine.std_error**2 - theirs.std_error**2
+              for mine, theirs in _shared_cells(own, other)]
+    prior = TRANSFER_STD_CELLS * TRANSFER_STD**2
+    return math.sqrt((prior + max(math.fsum(excess), 0.0)) / (TRANSFER_STD_CELLS + len(excess)))
+
+
+def lent_cells(own: dict[CellKey, CellSummary], other: dict[CellKey, CellSummary]) -> dict[CellKey, CellSummary]:
+    """Another fabric's cells as evidence for this one: standard errors widened by `transfer_spread`."""
+    spread = transfer_spread(own, other)
+    return {key: replace(summary, std_error=math.hypot(summary.std_error, spread)) for key, summary in other.items()}
 
 
 @dataclass(frozen=True)
@@ -295,22 +322,22 @@ class Snapshot:
 
     def _combine(self, key: ContextKey, near: list[ContextKey], config_key: tuple, mean: float, std: float,
                  unexplored: bool) -> Estimate:
-        """The surrogate's prediction combined with the cell's own samples or, where this fabric
-        has none, with what a fabric like it measured there (TRANSFER_STD wider)."""
+        """The surrogate's prediction combined with what a fabric like this one measured there
+        (`lent_cells`), while this fabric has fewer than MIN_SAMPLES of its own, and then with the
+        cell's own samples: a sample of its own never leaves an estimate less certain than none."""
         cell = self.cells.get((key, config_key))
-        evidence = None
-        if cell is not None:
-            evidence = (cell.location, cell.std_error)
-        elif (donor := self.donor_cells.get((key, config_key))) is not None and donor.n >= 2 and donor.trusted:
-            evidence = (donor.location, math.hypot(donor.std_error, TRANSFER_STD))
-        if evidence is not None:  # the model learned from this very cell: do not count it twice
-            std = max(std, MODEL_STD_WITH_DATA, evidence[1])
+        donor = self.donor_cells.get((key, config_key))
+        if donor is None or donor.n < 2 or not donor.trusted or (cell is not None and cell.n >= MIN_SAMPLES):
+            donor = None
+        spreads = [summary.std_error for summary in (cell, donor) if summary is not None]
+        if spreads:  # the model learned from these very cells: do not count them twice
+            std = max(std, MODEL_STD_WITH_DATA, min(spreads))
+        if donor is not None:
+            mean, std = _precision_weighted(mean, std, donor.location, donor.std_error)
         if cell is not None and cell.n == 1:  # one sample, perhaps a straggler's
-            mean, std = self.stragglers.lone_sample(mean, std, *evidence)
-        elif evidence is not None:
-            location, spread = evidence
-            precision = 1.0 / std**2 + 1.0 / spread**2
-            mean, std = (mean / std**2 + location / spread**2) / precision, math.sqrt(1.0 / precision)
+            mean, std = self.stragglers.lone_sample(mean, std, cell.location, cell.std_error)
+        elif cell is not None:
+            mean, std = _precision_weighted(mean, std, cell.location, cell.std_error)
         transferred = self._transferred(key, near, config_key)
         return Estimate(
             mean=mean,
@@ -318,7 +345,7 @@ class Snapshot:
             samples=cell.n if cell else 0,
             transferred=transferred,
             trusted=cell.trusted if cell is not None else transferred,
-            novel=bool(unexplored) and evidence is None,
+            novel=bool(unexplored) and not spreads,
         )
 
     def _transferred(self, key: ContextKey, near: list[ContextKey], config_key: tuple) -> bool:
@@ -383,7 +410,7 @@ class FabricKnowledge:
                 self._summaries.update(self._judge(context_key))
             self._novel_std = model_error(self.prior, self._summaries)
             donor_cells = {key: summary for donor in donors if behaves_alike(self._summaries, donor.snapshot.cells)
-                           for key, summary in donor.snapshot.cells.items()}
+                           for key, summary in lent_cells(self._summaries, donor.snapshot.cells).items()}
             examples = self._examples(self._summaries, donor_cells)
             cells = len(self._cells)
             donor_explored = frozenset(_family(self.prior, *_representative(key, summary.mean_nbytes))
@@ -541,6 +568,12 @@ class FabricKnowledge:
                 context, config = _representative(key, summary.mean_nbytes)
                 examples.append(Example(context, config, summary.location, scale * _example_weight(summary.n)))
         return examples
+
+
+def _precision_weighted(mean: float, std: float, location: float, spread: float) -> tuple[float, float]:
+    """N(mean, std) combined with the independent evidence N(location, spread)."""
+    precision = 1.0 / std**2 + 1.0 / spread**2
+    return (mean / std**2 + location / spread**2) / precision, math.sqrt(1.0 / precision)
 
 
 def _family(prior: NcclPrior, context: Context, config: NcclConfig) -> tuple:

@@ -24,13 +24,11 @@ import numpy as np
 from scipy.special import ndtr  # the standard normal CDF (scipy.stats costs a second to import)
 
 from dynamiccl.server.learner.base import Estimate
-from dynamiccl.server.learner.guard import MIN_SAMPLES, probability_of_gain
+from dynamiccl.server.learner.guard import MIN_DEFAULT_SAMPLES, MIN_SAMPLES, probability_of_gain
 
 SQRT_2PI = math.sqrt(2.0 * math.pi)
 #: Future uses of a context that an exploration's finding would speed up.
 HORIZON = 25.0
-#: Samples of the NCCL default, the baseline of every comparison, before anything else is tried.
-DEFAULT_SAMPLES = 3
 #: Samples of the best config worth taking to confirm its gain before exploring further (once
 #: nothing is worth exploring, the less certain of it and the default is measured until confirmed).
 CONFIRM_SAMPLES = 8
@@ -75,7 +73,7 @@ def expected_improvement(best: float, mean: np.ndarray, std: np.ndarray) -> np.n
 
 
 def plan(estimates: Sequence[Estimate], novel_std: float = NOVEL_STD) -> Plan:
-    """The context's plan. Index 0 is the NCCL default; it is measured first (DEFAULT_SAMPLES
+    """The context's plan. Index 0 is the NCCL default; it is measured first (MIN_DEFAULT_SAMPLES
     times, so that one straggler cannot make everything else look fast, and until its evidence
     is trusted), as the baseline everything is judged by. Then the most valuable exploration,
     unless confirming the best measured config is worth more (`_confirmation_at_stake`) or
@@ -110,10 +108,10 @@ def _confirmation_at_stake(estimates: Sequence[Estimate], best: int) -> float:
 
 
 def _baseline_pending(default: Estimate) -> bool:
-    """Whether the default needs measuring before anything else: DEFAULT_SAMPLES times, and
+    """Whether the default needs measuring before anything else: MIN_DEFAULT_SAMPLES times, and
     again (up to CONFIRM_SAMPLES) while its evidence is not trusted (one straggler among a
     fleet's samples contests it), since nothing is recommended against an untrusted baseline."""
-    return default.samples < DEFAULT_SAMPLES or (not default.trusted and default.samples < CONFIRM_SAMPLES)
+    return default.samples < MIN_DEFAULT_SAMPLES or (not default.trusted and default.samples < CONFIRM_SAMPLES)
 
 
 def _best_measured(estimates: Sequence[Estimate]) -> int:

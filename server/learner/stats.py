@@ -88,13 +88,17 @@ class ContextKey:
 def _source_location(values: Iterable[float]) -> float:
     """The mean of the samples within STRAGGLER_GAP of their (lower) median: as efficient as a
     plain mean on clean samples, deaf to stragglers. Of two samples that disagree by more than
-    noise can explain, the lower (the other is likely a straggler)."""
+    noise can explain, the lower (the other is likely a straggler); likewise where no other
+    sample is near the median (the samples scatter, several spoiled alike), those near the
+    lowest: stragglers only ever slow a sample."""
     values = sorted(values)
     if len(values) == 2:
         low, high = values
         return low if high - low > STRAGGLER_GAP else (low + high) / 2
     median = statistics.median_low(values)  # a few values: pure Python beats numpy's per-call overhead
     near = [v for v in values if abs(v - median) <= STRAGGLER_GAP]
+    if len(near) == 1:
+        near = [v for v in values if v - values[0] <= STRAGGLER_GAP]
     return math.fsum(near) / len(near)
 
 

@@ -12,8 +12,7 @@ import pytest
 
 from dynamiccl.schemas import Context, NcclConfig
 from dynamiccl.server.learner.base import Estimate
-from dynamiccl.server.learner.guard import decide
-from dynamiccl.server.learner.policy import DEFAULT_SAMPLES
+from dynamiccl.server.learner.guard import MIN_SAMPLES, decide
 from dynamiccl.server.learner.stats import Cell, distrusted_sources, pooled_noise
 
 def cell(*samples: tuple[str, float]) -> Cell:
@@ -77,12 +76,12 @@ def test_steady_fake_numbers_cannot_make_the_fabric_look_quiet():
 def test_an_untrusted_config_or_default_is_never_recommended():
     context = Context(collective="allreduce", nbytes=1 << 20, nranks=16, nnodes=2)
     candidates = [NcclConfig(), NcclConfig(algo="ring", proto="simple")]
-    default = Estimate(mean=math.log(100), std=0.01, samples=DEFAULT_SAMPLES)
-    fast = Estimate(mean=math.log(50), std=0.01, samples=DEFAULT_SAMPLES)
+    default = Estimate(mean=math.log(100), std=0.01, samples=MIN_SAMPLES)
+    fast = Estimate(mean=math.log(50), std=0.01, samples=MIN_SAMPLES)
     assert decide(context, candidates, [default, fast]).chosen == 1
-    lone = Estimate(mean=math.log(50), std=0.01, samples=DEFAULT_SAMPLES, trusted=False)
+    lone = Estimate(mean=math.log(50), std=0.01, samples=MIN_SAMPLES, trusted=False)
     assert decide(context, candidates, [default, lone]).chosen == 0
-    doubtful_default = Estimate(mean=math.log(100), std=0.01, samples=DEFAULT_SAMPLES, trusted=False)
+    doubtful_default = Estimate(mean=math.log(100), std=0.01, samples=MIN_SAMPLES, trusted=False)
     assert decide(context, candidates, [doubtful_default, fast]).chosen == 0
 
 

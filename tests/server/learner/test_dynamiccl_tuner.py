@@ -91,8 +91,8 @@ def test_closed_loop_gains_where_there_is_headroom_and_never_regresses(tuner, sq
 
 
 def transferred_from(tuner, donor_id: str, fabric_id: str) -> list[bool]:
-    """For each config the donor measured twice or more (not the default), whether the fabric's
-    estimate of it, without samples of its own, rests on the donor's measurements."""
+    """For each config the donor measured twice or more (not the default) and the fabric has no
+    samples of, whether the fabric's estimate of it rests on the donor's measurements."""
     donor = tuner.knowledge.get(donor_id, PRESET.fabric).snapshot
     explored = [(context, config) for context in CONTEXTS for config in candidate_configs(PRESET.fabric, context)
                 if not config.is_default and (cell := donor.cells.get(cell_key(context, config)))
@@ -100,8 +100,7 @@ def transferred_from(tuner, donor_id: str, fabric_id: str) -> list[bool]:
     assert explored
     estimates = tuner.knowledge.get(fabric_id, PRESET.fabric).snapshot.estimates(
         [(context, [config]) for context, config in explored])
-    assert all(e.samples == 0 for (e,) in estimates)
-    return [e.transferred for (e,) in estimates]
+    return [e.transferred for (e,) in estimates if e.samples == 0]
 
 
 def test_a_new_fabric_with_the_same_hardware_starts_from_what_its_twin_learned(tuner, sqlite_store):
@@ -123,7 +122,7 @@ def test_a_new_fabric_with_the_same_hardware_starts_from_what_its_twin_learned(t
                      for fabric_id in ("cluster-a", "cluster-b"))
     assert np.all(twin <= 1.02 * default)
     assert np.mean(np.log(default / twin)) >= np.mean(np.log(default / learned)) / 3 > 0, \
-        "measuring only its own defaults, it takes up gains its twin confirmed"
+        "with a baseline of its own, it takes up gains its twin confirmed"
 
 
 def test_a_fabric_with_the_same_hardware_that_measures_otherwise_stops_learning_from_the_other(tuner, sqlite_store):

@@ -4,7 +4,14 @@ import math
 
 from dynamiccl.schemas import Context, NcclConfig
 from dynamiccl.server.learner.base import Estimate
-from dynamiccl.server.learner.guard import CONFIDENCE, MAX_CALL_LOSS, MIN_SAMPLES, decide, forced_cost
+from dynamiccl.server.learner.guard import (
+    CONFIDENCE,
+    MAX_CALL_LOSS,
+    MIN_DEFAULT_SAMPLES,
+    MIN_SAMPLES,
+    decide,
+    forced_cost,
+)
 
 CONTEXT = Context(collective="allreduce", nbytes=1 << 20, nranks=16, nnodes=2)
 CANDIDATES = [NcclConfig(), NcclConfig(algo="ring", proto="simple"), NcclConfig(algo="tree", proto="simple")]
@@ -40,6 +47,15 @@ def test_never_recommends_a_config_measured_once_or_never():
 def test_transferred_evidence_makes_an_unmeasured_config_eligible():
     verdict = verdict_of([est(100), est(50, samples=0, transferred=True)])
     assert verdict.chosen == 1
+
+
+def test_a_sample_of_its_own_beside_transferred_evidence_keeps_a_config_eligible():
+    assert verdict_of([est(100), est(50, samples=1, transferred=True)]).chosen == 1
+
+
+def test_the_default_is_a_baseline_once_measured_min_default_samples_times():
+    assert verdict_of([est(100, samples=MIN_DEFAULT_SAMPLES), est(50)]).chosen == 1
+    assert verdict_of([est(100, samples=MIN_DEFAULT_SAMPLES - 1), est(50)]).chosen == 0
 
 
 def test_nothing_known_means_the_default_with_no_confidence():

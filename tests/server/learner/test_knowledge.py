@@ -1,18 +1,22 @@
 """What a fabric's knowledge costs a request: decisions are made once per snapshot and then looked
 up, predictions once per model; the surrogate is refit when the evidence changes, not on a timer,
 and a request that brings it much it has not seen waits for it. And what the snapshot's estimates
-make of the evidence: a lone sample's spread, novelty, how far NCCL's model is off."""
+make of the evidence: a lone sample's spread, novelty, how far NCCL's model is off, how far a twin
+fabric's evidence counts."""
 
 import math
 
 from dynamiccl.nccl import candidate_configs
 from dynamiccl.schemas import Context, Measurement, NcclConfig
 from dynamiccl.server.learner.knowledge import (
+    TRANSFER_STD,
     UNFITTED_CELLS,
     CellSummary,
     FabricKnowledge,
     KnowledgeBase,
+    lent_cells,
     model_error,
+    transfer_spread,
 )
 from dynamiccl.server.learner.policy import NOVEL_STD
 from dynamiccl.server.learner.prior import NcclPrior
@@ -169,3 +173,49 @@ def test_how_far_nccls_model_is_off_is_learned_where_pairs_were_measured():
     assert model_error(prior, cells(0.0)) < 0.7 * NOVEL_STD
     assert model_error(prior, cells(math.log(2.0))) > NOVEL_STD
     assert model_error(prior, cells(0.0, n=1)) == model_error(prior, cells(0.0, trusted=False)) == NOVEL_STD
+
+
+def test_a_twin_lends_evidence_as_good_as_the_two_fabrics_agree():
+    """What a fabric with the same hardware measured is this fabric's evidence only as far as the
+    two agree where both measured: TRANSFER_STD before they share a cell, narrower for a twin that
+    matches, wider for one whose cells are 10% off."""
+    prior = NcclPrior(PRESET.fabric)
+    contexts = [Context(collective=c, nbytes=1 << s, nranks=16, nnodes=2)
+                for c in ("allreduce", "allgather", "reducescatter", "broadcast") for s in range(12, 31)]
+
+    def defaults(off_by: float, n: int = 3) -> dict:
+        return {cell_key(c, NcclConfig()): CellSummary(prior.log_time(c, NcclConfig()) + off_by * (-1) ** i, 0.01,
+                                                       n, c.nbytes, 1, True) for i, c in enumerate(contexts)}
+
+    own = defaults(0.0)
+    assert transfer_spread(own, defaults(0.0, n=1)) == TRANSFER_STD, "no cell measured twice by both"
+    assert transfer_spread(own, defaults(0.0)) < TRANSFER_STD / 2
+    assert transfer_spread(own, defaults(math.log(1.1))) > TRANSFER_STD
+    lent = lent_cells(own, defaults(0.0))
+    assert all(math.isclose(lent[key].std_error, math.hypot(0.01, transfer_spread(own, defaults(0.0)))) for key in own)
+
+
+def test_a_sample_of_its_own_beside_a_twins_evidence_leaves_a_config_no_less_certain(sqlite_store):
+    """A config the twin measured often and this fabric once: the lone sample may be a straggler's,
+    but the twin's evidence still counts, so the estimate is at least as sure as without it."""
+    sqlite_store.put_fabric("a", PRESET.fabric)
+    sqlite_store.put_fabric("b", PRESET.fabric)
+    sim = SimulatedFabric(PRESET, seed=0)
+    context = CONTEXTS[1]
+    config = candidate_configs(PRESET.fabric, context)[1]
+    sqlite_store.add_batch("a", "a1", [Measurement(context=c, config=k, latency_us=sim.run(c, k), count=20,
+                                                   source="sim", job_id="job")
+                                       for _ in range(8) for c in CONTEXTS for k in (NcclConfig(), config)])
+    sqlite_store.add_batch("b", "b1", [Measurement(context=c, config=NcclConfig(), latency_us=sim.run(c, NcclConfig()),
+                                                   count=20, source="sim", job_id="job")
+                                       for _ in range(3) for c in CONTEXTS])
+    twin, fabric = FabricKnowledge("a", PRESET.fabric), FabricKnowledge("b", PRESET.fabric)
+    twin.refresh(sqlite_store, [])
+    fabric.refresh(sqlite_store, [twin])
+    without = _estimate_of(fabric, context, config)
+    sqlite_store.add_batch("b", "b2", [Measurement(context=context, config=config, latency_us=sim.run(context, config),
+                                                   count=20, source="sim", job_id="job")])
+    fabric.refresh(sqlite_store, [twin])
+    alone = _estimate_of(fabric, context, config)
+    assert without.samples == 0 and without.transferred and alone.samples == 1
+    assert alone.std <= without.std < TRANSFER_STD

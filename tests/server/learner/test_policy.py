@@ -5,8 +5,8 @@ import math
 import numpy as np
 
 from dynamiccl.server.learner.base import Estimate
+from dynamiccl.server.learner.guard import MIN_SAMPLES
 from dynamiccl.server.learner.policy import (
-    DEFAULT_SAMPLES,
     Choice,
     expected_improvement,
     novel_trial,
@@ -16,7 +16,7 @@ from dynamiccl.server.learner.policy import (
 RNG = np.random.default_rng(0)
 
 
-def est(mean, std=0.01, samples=DEFAULT_SAMPLES, transferred=False):
+def est(mean, std=0.01, samples=MIN_SAMPLES, transferred=False):
     return Estimate(mean=math.log(mean), std=std, samples=samples, transferred=transferred)
 
 

@@ -33,6 +33,15 @@ def test_a_straggler_is_left_out_of_a_sources_location():
     assert math.isclose(cell.location(), mean_log(100.0, 101.0, 99.0))
 
 
+def test_samples_that_scatter_are_located_at_the_fastest():
+    """Two stragglers of three, slowed unequally: no sample is near the median, and since
+    stragglers only ever slow a sample, the fastest stands for the clean time."""
+    cell = Cell()
+    for latency in (43.0, 65.5, 114.0):
+        cell.add(1 << 22, latency, "a")
+    assert math.isclose(cell.location(), math.log(43.0))
+
+
 def test_a_view_without_distrusted_sources_has_statistics_of_its_own():
     cell = Cell()
     for source, latency in (("honest", 100.0), ("honest", 100.0), ("liar", 10.0), ("liar", 10.0)):

@@ -326,12 +326,9 @@ class Snapshot:
         (`lent_cells`), while this fabric has fewer than MIN_SAMPLES of its own, and then with the
         cell's own samples: a sample of its own never leaves an estimate less certain than none."""
         cell = self.cells.get((key, config_key))
-        samples = cell.n if cell is not None else 0
         donor = self.donor_cells.get((key, config_key))
-        if donor is None or donor.n < 2 or not donor.trusted or samples >= MIN_SAMPLES:
+        if donor is None or donor.n < 2 or not donor.trusted or (cell is not None and cell.n >= MIN_SAMPLES):
             donor = None
-        elif cell is not None and not cell.trusted and cell.sources == 1 and not cell.withdrawn:
-            cell = None  # one source's claim, not yet confirmed here: the twin's trusted evidence stands
         spreads = [summary.std_error for summary in (cell, donor) if summary is not None]
         if spreads:  # the model learned from these very cells: do not count them twice
             std = max(std, MODEL_STD_WITH_DATA, min(spreads))
@@ -345,7 +342,7 @@ class Snapshot:
         return Estimate(
             mean=mean,
             std=std,
-            samples=samples,
+            samples=cell.n if cell else 0,
             transferred=transferred,
             trusted=cell.trusted if cell is not None else transferred,
             novel=bool(unexplored) and not spreads,

@@ -219,28 +219,3 @@ def test_a_sample_of_its_own_beside_a_twins_evidence_leaves_a_config_no_less_cer
     alone = _estimate_of(fabric, context, config)
     assert without.samples == 0 and without.transferred and alone.samples == 1
     assert alone.std <= without.std < TRANSFER_STD
-
-
-def test_one_sources_unconfirmed_claim_leaves_a_twins_trusted_evidence_in_force(sqlite_store):
-    """On a context two sources report on, one source's lone claim is unconfirmed: it neither
-    revokes what the twin confirmed nor moves it, however fast it claims the config ran."""
-    sqlite_store.put_fabric("a", PRESET.fabric)
-    sqlite_store.put_fabric("b", PRESET.fabric)
-    sim = SimulatedFabric(PRESET, seed=0)
-    context = CONTEXTS[1]
-    config = candidate_configs(PRESET.fabric, context)[1]
-    sqlite_store.add_batch("a", "a1", [Measurement(context=c, config=k, latency_us=sim.run(c, k), count=20,
-                                                   source="sim", job_id="job")
-                                       for _ in range(8) for c in CONTEXTS for k in (NcclConfig(), config)])
-    sqlite_store.add_batch("b", "b1", [Measurement(context=c, config=NcclConfig(), latency_us=sim.run(c, NcclConfig()),
-                                                   count=20, source="sim", job_id=job)
-                                       for job in ("job-1", "job-2") for c in CONTEXTS])
-    sqlite_store.add_batch("b", "b2", [Measurement(context=context, config=config, count=20, source="sim",
-                                                   latency_us=sim.true_latency_us(context, config) / 10, job_id="job-1")])
-    twin, fabric = FabricKnowledge("a", PRESET.fabric), FabricKnowledge("b", PRESET.fabric)
-    twin.refresh(sqlite_store, [])
-    fabric.refresh(sqlite_store, [twin])
-    assert not fabric.snapshot.cells[cell_key(context, config)].trusted
-    estimate = _estimate_of(fabric, context, config)
-    assert estimate.trusted and estimate.samples == 1
-    assert abs(estimate.mean - twin.snapshot.cells[cell_key(context, config)].location) < 0.05

@@ -6,8 +6,8 @@
   pair, descends over the channel count from NCCL's choice while it improves.
 
 Both searching baselines keep their samples in memory per context, measure
-the NCCL default `MIN_DEFAULT_SAMPLES` times first (the guard's baseline), and propose
-the candidate with the lowest median, as their authors would; the guard
+the NCCL default `MIN_DEFAULT_SAMPLES` times first (the guard's baseline),
+and propose the candidate with the lowest median, as their authors would; the guard
 (`guard.decide`) judges their evidence as it judges the learner's.
 """
 

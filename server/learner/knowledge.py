@@ -192,12 +192,17 @@ def model_error(prior: NcclPrior, cells: dict[CellKey, CellSummary]) -> float:
     return math.sqrt((math.fsum(squares) + NOVEL_STD_PAIRS * NOVEL_STD**2) / (len(squares) + NOVEL_STD_PAIRS))
 
 
+def _repeated(summary: CellSummary | None) -> bool:
+    """Measured twice or more and trusted: evidence that may stand for other sizes and fabrics."""
+    return summary is not None and summary.n >= 2 and summary.trusted
+
+
 def _shared_cells(own: dict[CellKey, CellSummary],
                   other: dict[CellKey, CellSummary]) -> Iterator[tuple[CellSummary, CellSummary]]:
     """(this fabric's, the other's) summaries of each cell both measured twice or more, trusted."""
     for key, theirs in other.items():
         mine = own.get(key)
-        if mine is not None and mine.n >= 2 and theirs.n >= 2 and mine.trusted and theirs.trusted:
+        if _repeated(mine) and _repeated(theirs):
             yield mine, theirs
 
 
@@ -327,7 +332,7 @@ class Snapshot:
         cell's own samples: a sample of its own never leaves an estimate less certain than none."""
         cell = self.cells.get((key, config_key))
         donor = self.donor_cells.get((key, config_key))
-        if donor is None or donor.n < 2 or not donor.trusted or (cell is not None and cell.n >= MIN_SAMPLES):
+        if not _repeated(donor) or (cell is not None and cell.n >= MIN_SAMPLES):
             donor = None
         spreads = [summary.std_error for summary in (cell, donor) if summary is not None]
         if spreads:  # the model learned from these very cells: do not count them twice
@@ -351,14 +356,8 @@ class Snapshot:
     def _transferred(self, key: ContextKey, near: list[ContextKey], config_key: tuple) -> bool:
         """Measured (twice or more, trusted) in the neighbouring buckets (`near`) or on a fabric
         like this one."""
-        donor = self.donor_cells.get((key, config_key))
-        if donor is not None and donor.n >= 2 and donor.trusted:
-            return True
-        for neighbour in near:
-            cell = self.cells.get((neighbour, config_key))
-            if cell is not None and cell.n >= 2 and cell.trusted:
-                return True
-        return False
+        return _repeated(self.donor_cells.get((key, config_key))) or any(
+            _repeated(self.cells.get((neighbour, config_key))) for neighbour in near)
 
 
 class FabricKnowledge:
